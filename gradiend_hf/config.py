@@ -1,0 +1,152 @@
+"""GradiendConfig: the adapter's configuration, a PEFT config so the same JSON serves PEFT and transformers."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+from peft import PeftConfig
+
+CONFIG_NAME = "adapter_config.json"
+GRADIENT_KINDS = ("factual", "alternative", "diff")
+OBJECTIVES = ("auto", "masked_lm", "causal_lm")
+ENCODER_ACTIVATIONS = ("tanh", "identity", "sigmoid")
+DECODER_ACTIVATIONS = ("identity", "tanh")
+
+
+class GradiendType(str, enum.Enum):
+    """PEFT needs an enum member (it calls `peft_type.value`); PEFT's own enum is closed, so we bring ours."""
+
+    GRADIEND = "GRADIEND"
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"GradiendConfig.{name}={value!r} is not allowed; choose one of {list(allowed)}.")
+
+
+@dataclass
+class GradiendConfig(PeftConfig):
+    """Configuration of a GRADIEND adapter: which gradients it reads, which base weights, and the chosen edit.
+
+    The field help strings double as documentation (`GradiendConfig.help()` prints them).
+    """
+
+    feature_classes: list[str] = field(
+        default=None,
+        metadata={"help": "The two feature classes, in order: the first reads +1 on the feature neuron, the second -1."},
+    )
+    latent_dim: int = field(default=1, metadata={"help": "Size of the bottleneck (1 = one feature neuron)."})
+    encoder_activation: str = field(default="tanh", metadata={"help": f"One of {ENCODER_ACTIVATIONS}."})
+    decoder_activation: str = field(default="identity", metadata={"help": f"One of {DECODER_ACTIVATIONS}."})
+    decoder_bias: bool = field(default=True, metadata={"help": "Learn a decoder bias b_d (the 'debias' direction at h=0)."})
+    source: str = field(
+        default="alternative",
+        metadata={"help": "Gradient the encoder reads: 'factual', 'alternative' or 'diff' (factual - alternative)."},
+    )
+    target: str = field(
+        default="diff", metadata={"help": "Gradient the decoder reconstructs: 'factual', 'alternative' or 'diff'."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions (re.search) over base parameter names to read and edit. None = all backbone "
+            "parameters including embeddings, excluding the LM head and anything tied to it."
+        },
+    )
+    exclude_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Regular expressions of parameter names to leave out of the selection."}
+    )
+    objective: str = field(
+        default="auto",
+        metadata={"help": "'masked_lm', 'causal_lm', or 'auto' (resolved from the base model class when wrapping)."},
+    )
+    init_seed: int = field(default=0, metadata={"help": "Seed of the bottleneck initialisation."})
+    encoder_bias: Optional[list[float]] = field(
+        default=None, metadata={"help": "Trained encoder bias b_e (one value per latent unit); written on save."}
+    )
+    feature_factor: Optional[float] = field(
+        default=None, metadata={"help": "Chosen edit: feature value fed to the decoder (merge_and_unload default)."}
+    )
+    learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Chosen edit: step size of theta + lr * dec(feature_factor)."}
+    )
+    evaluation: Optional[dict] = field(
+        default=None, metadata={"help": "Figures recorded with the chosen edit (metrics, LMS before/after)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.peft_type = GradiendType.GRADIEND
+        super().__post_init__()
+        if self.feature_classes is None:
+            raise ValueError("GradiendConfig needs feature_classes, e.g. GradiendConfig(feature_classes=['female', 'male']).")
+        if isinstance(self.feature_classes, str) or len(self.feature_classes) != 2:
+            raise ValueError(
+                f"feature_classes must be an ordered pair of two class names, got {self.feature_classes!r}; "
+                "the first reads +1 and the second -1."
+            )
+        self.feature_classes = [str(c) for c in self.feature_classes]
+        if self.feature_classes[0] == self.feature_classes[1]:
+            raise ValueError(f"feature_classes must be two different names, got {self.feature_classes!r}.")
+        if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim!r}.")
+        _choice("encoder_activation", self.encoder_activation, ENCODER_ACTIVATIONS)
+        _choice("decoder_activation", self.decoder_activation, DECODER_ACTIVATIONS)
+        _choice("source", self.source, GRADIENT_KINDS)
+        _choice("target", self.target, GRADIENT_KINDS)
+        _choice("objective", self.objective, OBJECTIVES)
+        for name in ("target_parameters", "exclude_parameters"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+        if self.encoder_bias is not None and len(self.encoder_bias) != self.latent_dim:
+            raise ValueError(f"encoder_bias has {len(self.encoder_bias)} values but latent_dim is {self.latent_dim}.")
+        if (self.feature_factor is None) != (self.learning_rate is None):
+            raise ValueError("Set both feature_factor and learning_rate for a stored edit, or neither.")
+
+    # --- JSON round trip -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["peft_type"] = GradiendType.GRADIEND.value
+        if data.get("task_type") is not None:
+            data["task_type"] = str(getattr(data["task_type"], "value", data["task_type"]))
+        return data
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GradiendConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown GradiendConfig keys {unknown}; known keys are {sorted(known)}.")
+        peft_type = data.get("peft_type", GradiendType.GRADIEND.value)
+        if str(getattr(peft_type, "value", peft_type)) != GradiendType.GRADIEND.value:
+            raise ValueError(f"This adapter config has peft_type={peft_type!r}; a GRADIEND adapter has 'GRADIEND'.")
+        data = {k: v for k, v in data.items() if k != "peft_type"}
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "GradiendConfig":  # type: ignore[override]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); the adapter folder is damaged, save it again.") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def help(cls) -> str:
+        """One line per field: the documentation of every option."""
+        own = [f for f in fields(cls) if "help" in f.metadata]
+        return "\n".join(f"{f.name}: {f.metadata['help']}" for f in own)
+
+    def with_updates(self, **changes: Any) -> "GradiendConfig":
+        """A validated copy with some fields changed."""
+        data = self.to_dict()
+        data.update(changes)
+        return GradiendConfig.from_dict(data)

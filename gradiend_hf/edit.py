@@ -1,0 +1,74 @@
+"""An edit of the base model, theta' = theta + learning_rate * dec(feature_factor), and applying it in place."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from .model import GradiendModel
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A chosen rewrite: the feature value fed to the decoder and the step size (plus the figures behind it)."""
+
+    feature_factor: Union[float, Sequence[float]]
+    learning_rate: float
+    goal: Optional[str] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_edit(
+    edit: Optional[Edit], feature_factor: Optional[float], learning_rate: Optional[float], stored: tuple
+) -> tuple[Any, float]:
+    """(feature_factor, learning_rate) from an Edit, keyword arguments, or the edit stored in the config."""
+    if edit is not None:
+        if feature_factor is not None or learning_rate is not None:
+            raise ValueError("Pass either an Edit or feature_factor=/learning_rate=, not both.")
+        return edit.feature_factor, edit.learning_rate
+    if feature_factor is None and learning_rate is None:
+        feature_factor, learning_rate = stored
+        if feature_factor is None:
+            raise ValueError(
+                "No edit given and none stored in the config: pass an Edit (e.g. evaluate_decoder(...).best('balance')) "
+                "or feature_factor= and learning_rate=."
+            )
+    if feature_factor is None or learning_rate is None:
+        raise ValueError("An edit needs both feature_factor and learning_rate.")
+    return feature_factor, float(learning_rate)
+
+
+class InPlaceEditor:
+    """Applies edits to the selected base weights in place and restores them bit-exactly from one backup.
+
+    The backup holds only the selected entries (never a copy of the model); every candidate is computed from the
+    backup, so trying many edits in a row does not accumulate rounding.
+    """
+
+    def __init__(self, model: "GradiendModel") -> None:
+        self.model = model
+        self.backup = {name: model.bottleneck.entries(name, p.detach()).clone() for name, p in model.selected_parameters().items()}
+
+    @torch.no_grad()
+    def apply(self, feature_factor: Any, learning_rate: float) -> None:
+        for name, p in self.model.selected_parameters().items():
+            self.model.write_entries(name, self.backup[name].float() + self.model.edit_delta(name, feature_factor, learning_rate))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name in self.backup:
+            self.model.write_entries(name, self.backup[name])
+
+
+@contextlib.contextmanager
+def applied(model: "GradiendModel", feature_factor: Any, learning_rate: float) -> Iterator["GradiendModel"]:
+    editor = InPlaceEditor(model)
+    try:
+        editor.apply(feature_factor, learning_rate)
+        yield model
+    finally:
+        editor.restore()

@@ -1,0 +1,194 @@
+"""Gradient engine: factual/alternative gradients of the selected base parameters, gathered by hooks.
+
+Each selected parameter gets a post-accumulate-grad hook that copies (the kept entries of) its gradient into a
+preallocated buffer and frees `p.grad` at once, so a gradient never lives twice in memory. Per-row encoder values
+come from forward-mode AD along W_e instead of one backward pass per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .bottleneck import Bottleneck
+from .objective import row_losses
+
+SIDES = ("factual", "alternative")
+MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+def side_inputs(batch: Mapping[str, torch.Tensor], side: str) -> dict[str, torch.Tensor]:
+    return {key: batch[f"{side}_{key}"] for key in MODEL_INPUTS}
+
+
+def shares_input(batch: Mapping[str, torch.Tensor]) -> bool:
+    """True when factual and alternative rows read the same tokens (one forward pass serves both)."""
+    return all(torch.equal(batch[f"factual_{k}"], batch[f"alternative_{k}"]) for k in MODEL_INPUTS)
+
+
+def side_row_losses(
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per-row losses of both sides; a shared input costs one forward pass."""
+    if shares_input(batch):
+        logits = forward(side_inputs(batch, "factual"))
+        return {side: row_losses(logits, batch[f"{side}_labels"]) for side in SIDES}
+    return {side: row_losses(forward(side_inputs(batch, side)), batch[f"{side}_labels"]) for side in SIDES}
+
+
+def check_finite(losses: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(losses).all():
+        raise FloatingPointError(
+            f"The base model's {what} loss is not finite ({losses.detach().cpu().tolist()}): NaN/inf gradients would "
+            "poison the bottleneck. Check the model's dtype (fp16 overflows; use float32 or bfloat16) and the data."
+        )
+
+
+def embedding_padding_rows(model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Selected embedding weights whose `padding_idx` row is excluded from gradients by nn.Embedding's backward."""
+    by_tensor = {id(p): name for name, p in params.items()}
+    rows = {}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and id(module.weight) in by_tensor:
+            rows[by_tensor[id(module.weight)]] = module.padding_idx
+    return rows
+
+
+class GradientEngine:
+    """Computes source/target gradients of one collated batch (one transition) into reusable buffers."""
+
+    def __init__(self, model: nn.Module, bottleneck: Bottleneck) -> None:
+        self.model = model
+        self.bottleneck = bottleneck
+        params = dict(model.named_parameters())
+        self.params = {name: params[name] for name in bottleneck.names}
+        self.padding_rows = embedding_padding_rows(model, self.params)
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self._actions: list[tuple[dict[str, torch.Tensor], str]] = []
+
+    # --- plumbing ----------------------------------------------------------------------------------------------
+    def _buffer(self, kind: str) -> dict[str, torch.Tensor]:
+        if kind not in self.buffers:
+            self.buffers[kind] = {
+                name: torch.empty(self.bottleneck.entry_shape(name), dtype=torch.float32, device=p.device)
+                for name, p in self.params.items()
+            }
+        return self.buffers[kind]
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def gather(param: torch.Tensor) -> None:
+            grad = self.bottleneck.entries(name, param.grad)
+            for buffer, op in self._actions:
+                if op == "copy":
+                    buffer[name].copy_(grad)
+                else:
+                    buffer[name].sub_(grad)
+            param.grad = None
+
+        return gather
+
+    @contextlib.contextmanager
+    def _gathering(self) -> Iterator[None]:
+        """Selected parameters require grad and carry hooks only while gradients are being gathered."""
+        flags = {name: p.requires_grad for name, p in self.params.items()}
+        handles = []
+        try:
+            for name, p in self.params.items():
+                p.requires_grad_(True)
+                p.grad = None
+                handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for name, p in self.params.items():
+                p.requires_grad_(flags[name])
+                p.grad = None
+            self._actions = []
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**inputs).logits
+
+    def _backward(self, loss: torch.Tensor, actions: list[tuple[dict[str, torch.Tensor], str]], retain: bool) -> None:
+        self._actions = actions
+        loss.backward(retain_graph=retain)
+        self._actions = []
+
+    # --- public ------------------------------------------------------------------------------------------------
+    def compute(self, batch: Mapping[str, torch.Tensor], kinds: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+        """Gradients of the batch loss (mean over rows of -log P(word)) for each kind in `kinds`.
+
+        kinds are among 'factual', 'alternative', 'diff' (= factual - alternative). The returned tensors are the
+        engine's buffers: they are overwritten by the next call.
+        """
+        wanted = set(kinds)
+        shared = shares_input(batch)
+        with self._gathering(), torch.enable_grad():
+            if wanted == {"diff"}:
+                losses = side_row_losses(self._forward, batch)
+                for side in SIDES:
+                    check_finite(losses[side], side)
+                loss = losses["factual"].mean() - losses["alternative"].mean()
+                self._backward(loss, [(self._buffer("diff"), "copy")], retain=False)
+                return {"diff": self._buffer("diff")}
+            factual_actions = [(self._buffer(k), "copy") for k in ("factual", "diff") if k in wanted]
+            alternative_actions = [(self._buffer("alternative"), "copy")] if "alternative" in wanted else []
+            if "diff" in wanted:
+                alternative_actions.append((self._buffer("diff"), "sub"))
+            plan = [(side, actions) for side, actions in (("factual", factual_actions), ("alternative", alternative_actions)) if actions]
+            if shared:
+                logits = self._forward(side_inputs(batch, "factual"))
+                for i, (side, actions) in enumerate(plan):
+                    losses = row_losses(logits, batch[f"{side}_labels"])
+                    check_finite(losses, side)
+                    self._backward(losses.mean(), actions, retain=i < len(plan) - 1)
+            else:
+                for side, actions in plan:
+                    losses = row_losses(self._forward(side_inputs(batch, side)), batch[f"{side}_labels"])
+                    check_finite(losses, side)
+                    self._backward(losses.mean(), actions, retain=False)
+        return {kind: self.buffers[kind] for kind in kinds}
+
+    def row_directional_derivatives(
+        self, batch: Mapping[str, torch.Tensor], source: str, tangents: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """<grad of row i's source loss, tangent> for every row i, by one forward-mode pass (torch.func.jvp).
+
+        The source loss of a row is its factual or alternative -log P(word), or their difference for 'diff'.
+        """
+        names = list(tangents)
+        primals = {name: self.params[name].detach() for name in names}
+        tangents = {name: tangents[name].to(primals[name].dtype) for name in names}
+        for name, row in self.padding_rows.items():
+            if name in tangents:  # backward never gives the padding row a gradient; forward mode must agree
+                tangents[name] = tangents[name].clone()
+                tangents[name][row] = 0
+
+        def source_losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            forward = lambda inputs: functional_call(self.model, params, args=(), kwargs=inputs, strict=False).logits
+            losses = side_row_losses(forward, batch)
+            if source == "diff":
+                return losses["factual"] - losses["alternative"]
+            return losses[source]
+
+        # CPU flash/efficient SDPA kernels have no forward-mode derivative; the math kernel does.
+        with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+            losses, derivatives = jvp(source_losses, (primals,), (tangents,))
+        check_finite(losses, source)
+        return derivatives
+
+
+def encode_rows(engine: GradientEngine, batch: Mapping[str, torch.Tensor], source: str) -> torch.Tensor:
+    """Per-row encoder values h_i (rows x latent) of a batch, each as if its gradient were taken alone."""
+    bottleneck = engine.bottleneck
+    columns = []
+    for k in range(bottleneck.latent_dim):
+        tangents = {n: bottleneck.to_full(n, bottleneck.encoder(n)[k].detach()) for n in bottleneck.names}
+        columns.append(engine.row_directional_derivatives(batch, source, tangents))
+    pre = torch.stack(columns, dim=1) + bottleneck.encoder_bias.detach().to(columns[0].device)
+    return bottleneck.activate(pre)

@@ -1,0 +1,292 @@
+"""GradiendModel: a frozen base LM plus a parameter-shaped GRADIEND bottleneck (encode, decode, merge, save, load)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .bottleneck import Bottleneck, FeatureValue
+from .config import CONFIG_NAME, GradiendConfig
+from .edit import Edit, InPlaceEditor, applied, resolve_edit
+from .gradients import GradientEngine, encode_rows
+from .objective import resolve_objective
+from .selection import parameter_dict, select_parameters
+from .serialization import (
+    WEIGHTS_NAME,
+    adapter_key,
+    load_tensors,
+    parse_adapter_key,
+    resolve_adapter_files,
+    save_tensors,
+    write_atomically,
+)
+
+
+@dataclass
+class GradiendOutput(ModelOutput):
+    """The training loss (reconstruction MSE) and the encoder value h of the batch gradient."""
+
+    loss: Optional[torch.Tensor] = None
+    encoded: Optional[torch.Tensor] = None
+
+
+def base_name(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+
+
+class GradiendModel(nn.Module):
+    """Wraps a masked or causal LM. The base stays frozen and in eval mode; only the bottleneck is trainable."""
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: GradiendConfig,
+        parameter_names: Optional[list[str]] = None,
+        indices: Optional[Mapping[str, torch.Tensor]] = None,
+    ) -> None:
+        super().__init__()
+        self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        self._base_training = base_model.training
+        base_model.requires_grad_(False)
+        base_model.eval()
+        names = parameter_names or select_parameters(base_model, config.target_parameters, config.exclude_parameters)
+        self.config = config.with_updates(
+            objective=resolve_objective(base_model, config.objective),
+            base_model_name_or_path=config.base_model_name_or_path or base_name(base_model),
+        )
+        params = parameter_dict(base_model, names)
+        self.base_model = base_model
+        self.bottleneck = Bottleneck(
+            {n: p.shape for n, p in params.items()},
+            latent_dim=config.latent_dim,
+            encoder_activation=config.encoder_activation,
+            decoder_activation=config.decoder_activation,
+            decoder_bias=config.decoder_bias,
+            indices=indices,
+            seed=config.init_seed,
+            device={n: p.device for n, p in params.items()},
+        )
+        if config.encoder_bias is not None:
+            with torch.no_grad():
+                self.bottleneck.encoder_bias.copy_(torch.tensor(config.encoder_bias))
+        self.engine = GradientEngine(base_model, self.bottleneck)
+
+    # --- state -------------------------------------------------------------------------------------------------
+    def _base(self) -> nn.Module:
+        if "base_model" not in self._modules:
+            raise RuntimeError("This GradiendModel has been unloaded or merged; its base model was handed back.")
+        return self._modules["base_model"]
+
+    def selected_parameters(self) -> dict[str, nn.Parameter]:
+        return parameter_dict(self._base(), self.bottleneck.names)
+
+    @property
+    def objective(self) -> str:
+        return self.config.objective
+
+    @property
+    def num_entries(self) -> int:
+        return self.bottleneck.num_entries
+
+    def train(self, mode: bool = True) -> "GradiendModel":
+        """Only the bottleneck trains; the base never leaves eval mode (no dropout in its gradients)."""
+        super().train(mode)
+        if "base_model" in self._modules:
+            self._modules["base_model"].eval()
+        return self
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.bottleneck.parameters())
+        total = sum(p.numel() for p in self._base().parameters())
+        print(
+            f"GRADIEND reads/edits {self.num_entries:,} of {total:,} base weights "
+            f"({100 * self.num_entries / total:.2f}%) in {len(self.bottleneck.names)} tensors; trainable params: {trainable:,}"
+        )
+
+    # --- gradients and the auto-encoder -------------------------------------------------------------------------
+    def gradients(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(source, target) gradients of one collated batch, in bottleneck coordinates (engine buffers)."""
+        source, target = self.config.source, self.config.target
+        grads = self.engine.compute(batch, tuple(dict.fromkeys((source, target))))
+        return grads[source], grads[target]
+
+    def forward(self, **batch: torch.Tensor) -> GradiendOutput:
+        """Training step body: gather the batch's gradients, encode the source, reconstruct the target (MSE)."""
+        source, target = self.gradients(batch)
+        encoded = self.bottleneck.encode(source)
+        if not torch.isfinite(encoded).all():
+            raise FloatingPointError(
+                "The encoder value is not finite: the gathered gradients contain NaN/inf (or the bottleneck diverged; "
+                "lower the learning rate)."
+            )
+        loss = self.bottleneck.reconstruction_loss(encoded, target)
+        return GradiendOutput(loss=loss, encoded=encoded.detach())
+
+    @torch.no_grad()
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """h of the batch gradient (one value per latent unit)."""
+        source, _ = self.gradients(batch)
+        return self.bottleneck.encode(source)
+
+    @torch.no_grad()
+    def encode_rows(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """h of every row's own gradient (rows x latent), by forward-mode AD instead of a backward per row."""
+        return encode_rows(self.engine, batch, self.config.source)
+
+    @torch.no_grad()
+    def decode(self, h: FeatureValue) -> dict[str, torch.Tensor]:
+        """The decoder's parameter-shaped update for a feature value h."""
+        return {n: self.bottleneck.to_full(n, v) for n, v in self.bottleneck.decode(h).items()}
+
+    # --- editing -------------------------------------------------------------------------------------------------
+    def edit_delta(self, name: str, feature_factor: FeatureValue, learning_rate: float) -> torch.Tensor:
+        """lr * dec(ff) for one parameter, on its kept entries, in float32."""
+        h = self.bottleneck.latent(feature_factor)
+        return learning_rate * self.bottleneck.decode_one(name, h).detach().float()
+
+    def write_entries(self, name: str, values: torch.Tensor) -> None:
+        """Overwrite the kept entries of a base parameter in place (scatter for pruned adapters)."""
+        p = self.selected_parameters()[name]
+        idx = self.bottleneck.indices[name]
+        if idx is None:
+            p.data.copy_(values.reshape(p.shape))
+        else:
+            p.data.view(-1).index_copy_(0, idx, values.to(p.dtype))
+
+    def editor(self) -> InPlaceEditor:
+        """An editor for trying many edits in a row (decoder grids): apply(ff, lr) ... restore()."""
+        return InPlaceEditor(self)
+
+    def apply_edit(
+        self, edit: Optional[Edit] = None, *, feature_factor: Optional[FeatureValue] = None, learning_rate: Optional[float] = None
+    ):
+        """Context manager: the base model carries the edit inside the block and is restored bit-exactly after."""
+        ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.config.feature_factor, self.config.learning_rate))
+        return applied(self, ff, lr)
+
+    @torch.no_grad()
+    def merge_and_unload(
+        self, edit: Optional[Edit] = None, *, feature_factor: Optional[FeatureValue] = None, learning_rate: Optional[float] = None
+    ) -> nn.Module:
+        """Apply theta += lr * dec(ff) to the selected parameters in place and return the plain base model.
+
+        Without arguments, the edit stored in the config (feature_factor, learning_rate) is applied. The adapter lets
+        go of the base model; the result loads anywhere with `from_pretrained` once saved.
+        """
+        ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.config.feature_factor, self.config.learning_rate))
+        for name, p in self.selected_parameters().items():
+            current = self.bottleneck.entries(name, p.detach()).float()
+            self.write_entries(name, current + self.edit_delta(name, ff, lr))
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Hand back the base model as it is (untouched unless merged), with its original training flags."""
+        base = self._base()
+        del self._modules["base_model"]
+        self.engine = None
+        for name, p in base.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(name, True))
+        base.train(self._base_training)
+        return base
+
+    # --- save / load ---------------------------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors keyed in PEFT's layout (see serialization.py)."""
+        b = self.bottleneck
+        tensors = {}
+        for name in b.names:
+            tensors[adapter_key(name, "encoder")] = b.encoder(name)
+            tensors[adapter_key(name, "decoder")] = b.decoder(name)
+            if b.has_decoder_bias:
+                tensors[adapter_key(name, "offset")] = b.offset(name)
+            if b.indices[name] is not None:
+                tensors[adapter_key(name, "index")] = b.indices[name]
+        return tensors
+
+    def saved_config(self) -> GradiendConfig:
+        return self.config.with_updates(encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()])
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **card_fields: Any) -> None:
+        """adapter_config.json + adapter_model.safetensors + README.md, written atomically."""
+        from .hub import adapter_card
+
+        config = self.saved_config()
+        tensors = self.adapter_state()
+        write_atomically(
+            save_directory,
+            {
+                WEIGHTS_NAME: lambda path: save_tensors(tensors, path),
+                "README.md": lambda path: adapter_card(config, self.num_entries, **card_fields).save(path),
+                CONFIG_NAME: lambda path: path.write_text(config.to_json_string(), encoding="utf-8"),
+            },
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: nn.Module, path_or_repo_id: Union[str, os.PathLike], revision: Optional[str] = None, **hub_kwargs: Any
+    ) -> "GradiendModel":
+        """Load an adapter (local folder or Hub repo) onto `base_model`, checking that it was made for it."""
+        config_file, weights_file = resolve_adapter_files(path_or_repo_id, revision=revision, **hub_kwargs)
+        config = GradiendConfig.from_json_file(config_file)
+        grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, tensor in load_tensors(weights_file).items():
+            name, kind = parse_adapter_key(key)
+            grouped[name][kind] = tensor
+        check_fits(base_model, config, grouped)
+        indices = {n: t["index"] for n, t in grouped.items() if "index" in t}
+        order = [n for n, _ in base_model.named_parameters() if n in grouped]  # files sort keys; sums need model order
+        model = cls(base_model, config, parameter_names=order, indices=indices)
+        b = model.bottleneck
+        with torch.no_grad():
+            for name, tensors in grouped.items():
+                b.encoder(name).copy_(tensors["encoder"])
+                b.decoder(name).copy_(tensors["decoder"])
+                if b.has_decoder_bias:
+                    b.offset(name).copy_(tensors["offset"])
+        return model
+
+
+def check_fits(base_model: nn.Module, config: GradiendConfig, grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Clear errors when an adapter does not belong to this base model, or its file lacks tensors."""
+    made_for = config.base_model_name_or_path or "an unnamed base model"
+    given = base_name(base_model) or type(base_model).__name__
+    if not grouped:
+        raise ValueError("The adapter file holds no GRADIEND tensors; it is empty or not a GRADIEND adapter.")
+    params = dict(base_model.named_parameters())
+    missing = [n for n in grouped if n not in params]
+    if missing:
+        raise ValueError(
+            f"This adapter was made for {made_for}, but the base model ({given}, {type(base_model).__name__}) has no "
+            f"parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}. Load it onto the base model it was made for."
+        )
+    needed = ["encoder", "decoder"] + (["offset"] if config.decoder_bias else [])
+    for name, tensors in grouped.items():
+        lacking = [k for k in needed if k not in tensors]
+        if lacking:
+            raise ValueError(f"The adapter file lacks the {lacking} tensor(s) of {name}; it is incomplete, save it again.")
+        shape = tuple(params[name].shape)
+        if "index" in tensors:
+            index = tensors["index"]
+            if index.numel() and (index.min() < 0 or index.max() >= params[name].numel()):
+                raise ValueError(f"Pruning indices of {name} exceed its {params[name].numel()} entries in {given}.")
+            expected = (config.latent_dim, index.numel())
+        else:
+            expected = (config.latent_dim, *shape)
+        if tuple(tensors["encoder"].shape) != expected:
+            raise ValueError(
+                f"This adapter was made for {made_for}: its tensor for {name} has shape {tuple(tensors['encoder'].shape)}, "
+                f"but this base model ({given}) needs {expected}. Load it onto a base model of the same size."
+            )
+
+
+def get_gradiend_model(base_model: nn.Module, config: GradiendConfig) -> GradiendModel:
+    """Wrap a transformers masked or causal LM with a fresh GRADIEND bottleneck (PEFT's get_peft_model analogue)."""
+    return GradiendModel(base_model, config)

@@ -1,0 +1,48 @@
+"""The language-modelling objective GRADIEND differentiates: cross-entropy at the feature position(s) only."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MASKED_LM = "masked_lm"
+CAUSAL_LM = "causal_lm"
+IGNORE_INDEX = -100
+
+
+def resolve_objective(model: nn.Module, objective: str = "auto") -> str:
+    """'masked_lm' or 'causal_lm' for a transformers model, from its class (the AutoModel mappings)."""
+    if objective != "auto":
+        return objective
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    name = type(model).__name__
+    if name in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()):
+        return MASKED_LM
+    if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        return CAUSAL_LM
+    if name.endswith("ForMaskedLM"):
+        return MASKED_LM
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return CAUSAL_LM
+    raise ValueError(
+        f"Cannot tell whether {name} is a masked or a causal LM; pass GradiendConfig(objective='masked_lm') "
+        "or objective='causal_lm'."
+    )
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row -log P(target word): the sum of token cross-entropies where `labels` is set.
+
+    `labels` is aligned with `logits` (labels[b, i] is the token that logits[b, i] should predict); the collator
+    already did the causal shift, so nothing is shifted here.
+    """
+    selected = labels != IGNORE_INDEX
+    rows = selected.nonzero(as_tuple=True)[0]
+    token_logits = logits[selected].float()
+    token_nll = torch.nn.functional.cross_entropy(token_logits, labels[selected], reduction="none")
+    per_row = torch.zeros(labels.shape[0], dtype=token_nll.dtype, device=token_nll.device)
+    return per_row.index_add(0, rows, token_nll)

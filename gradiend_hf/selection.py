@@ -1,0 +1,68 @@
+"""Which base parameters a GRADIEND adapter reads and edits."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def output_embedding_parameters(model: nn.Module) -> set[int]:
+    """Storage pointers of the LM head's weights: anything sharing them is tied to the head."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return set()
+    return {p.data_ptr() for p in head.parameters()}
+
+
+def backbone_prefix(model: nn.Module) -> str:
+    """Name prefix of the backbone (`bert.`, `model.`, `transformer.` ...); '' if the model has none."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return prefix + "."
+    return ""
+
+
+def select_parameters(
+    model: nn.Module,
+    target_parameters: Optional[list[str]] = None,
+    exclude_parameters: Optional[list[str]] = None,
+) -> list[str]:
+    """Names of the floating-point base parameters selected by the patterns (regular expressions, `re.search`).
+
+    Without `target_parameters`: every backbone parameter (embeddings included), but neither the LM head nor
+    a parameter tied to it, because an edit there would also move the output layer.
+    """
+    named = list(model.named_parameters())
+    if target_parameters:
+        patterns = [re.compile(p) for p in target_parameters]
+        chosen = [n for n, p in named if any(r.search(n) for r in patterns)]
+    else:
+        prefix = backbone_prefix(model)
+        tied = output_embedding_parameters(model)
+        chosen = [n for n, p in named if n.startswith(prefix) and p.data_ptr() not in tied]
+    if exclude_parameters:
+        patterns = [re.compile(p) for p in exclude_parameters]
+        chosen = [n for n in chosen if not any(r.search(n) for r in patterns)]
+    params = dict(named)
+    chosen = [n for n in chosen if params[n].dtype.is_floating_point]
+    if not chosen:
+        examples = ", ".join(n for n, _ in named[:6])
+        raise ValueError(
+            f"No base parameter matches target_parameters={target_parameters!r} / exclude_parameters="
+            f"{exclude_parameters!r}. Parameter names look like: {examples} ..."
+        )
+    return chosen
+
+
+def count_entries(model: nn.Module, names: list[str]) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in names)
+
+
+def parameter_dict(model: nn.Module, names: list[str]) -> dict[str, torch.nn.Parameter]:
+    params = dict(model.named_parameters())
+    return {n: params[n] for n in names}
