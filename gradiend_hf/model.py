@@ -234,24 +234,43 @@ class GradiendModel(nn.Module):
         cls, base_model: nn.Module, path_or_repo_id: Union[str, os.PathLike], revision: Optional[str] = None, **hub_kwargs: Any
     ) -> "GradiendModel":
         """Load an adapter (local folder or Hub repo) onto `base_model`, checking that it was made for it."""
-        config_file, weights_file = resolve_adapter_files(path_or_repo_id, revision=revision, **hub_kwargs)
-        config = GradiendConfig.from_json_file(config_file)
-        grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        for key, tensor in load_tensors(weights_file).items():
-            name, kind = parse_adapter_key(key)
-            grouped[name][kind] = tensor
+        config, grouped = read_adapter(path_or_repo_id, revision=revision, **hub_kwargs)
         check_fits(base_model, config, grouped)
         indices = {n: t["index"] for n, t in grouped.items() if "index" in t}
         order = [n for n, _ in base_model.named_parameters() if n in grouped]  # files sort keys; sums need model order
         model = cls(base_model, config, parameter_names=order, indices=indices)
-        b = model.bottleneck
-        with torch.no_grad():
-            for name, tensors in grouped.items():
-                b.encoder(name).copy_(tensors["encoder"])
-                b.decoder(name).copy_(tensors["decoder"])
-                if b.has_decoder_bias:
-                    b.offset(name).copy_(tensors["offset"])
+        model.bottleneck_from(grouped)
         return model
+
+    def load_adapter_weights(self, path: Union[str, os.PathLike]) -> None:
+        """Load the trained tensors of a saved adapter (e.g. a checkpoint) into this model's bottleneck."""
+        config, grouped = read_adapter(path)
+        if set(grouped) != set(self.bottleneck.names):
+            raise ValueError(f"The adapter at {path} covers other parameters than this model; it belongs to another run.")
+        check_fits(self._base(), config, grouped)
+        self.bottleneck_from(grouped)
+        with torch.no_grad():
+            self.bottleneck.encoder_bias.copy_(torch.tensor(config.encoder_bias))
+
+    @torch.no_grad()
+    def bottleneck_from(self, grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        b = self.bottleneck
+        for name, tensors in grouped.items():
+            b.encoder(name).copy_(tensors["encoder"])
+            b.decoder(name).copy_(tensors["decoder"])
+            if b.has_decoder_bias:
+                b.offset(name).copy_(tensors["offset"])
+
+
+def read_adapter(path_or_repo_id, revision: Optional[str] = None, **hub_kwargs: Any):
+    """(config, tensors grouped by base parameter name and kind) of a saved adapter."""
+    config_file, weights_file = resolve_adapter_files(path_or_repo_id, revision=revision, **hub_kwargs)
+    config = GradiendConfig.from_json_file(config_file)
+    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in load_tensors(weights_file).items():
+        name, kind = parse_adapter_key(key)
+        grouped[name][kind] = tensor
+    return config, grouped
 
 
 def check_fits(base_model: nn.Module, config: GradiendConfig, grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
