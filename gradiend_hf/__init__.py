@@ -5,6 +5,7 @@ from .config import GradiendConfig, GradiendType
 from .data import GradiendDataCollator
 from .edit import Edit
 from .model import GradiendModel, get_gradiend_model
+from .trainer import GradiendTrainer, GradiendTrainingArguments
 
 __all__ = [
     "Bottleneck",
@@ -12,6 +13,8 @@ __all__ = [
     "GradiendConfig",
     "GradiendDataCollator",
     "GradiendModel",
+    "GradiendTrainer",
+    "GradiendTrainingArguments",
     "GradiendType",
     "get_gradiend_model",
 ]

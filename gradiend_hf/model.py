@@ -58,7 +58,7 @@ class GradiendModel(nn.Module):
         base_model.requires_grad_(False)
         base_model.eval()
         names = parameter_names or select_parameters(base_model, config.target_parameters, config.exclude_parameters)
-        self.config = config.with_updates(
+        self.gradiend_config = config.with_updates(
             objective=resolve_objective(base_model, config.objective),
             base_model_name_or_path=config.base_model_name_or_path or base_name(base_model),
         )
@@ -89,8 +89,13 @@ class GradiendModel(nn.Module):
         return parameter_dict(self._base(), self.bottleneck.names)
 
     @property
+    def config(self):
+        """The base model's transformers config (as on a PeftModel); the adapter's own is `gradiend_config`."""
+        return getattr(self._modules.get("base_model"), "config", None)
+
+    @property
     def objective(self) -> str:
-        return self.config.objective
+        return self.gradiend_config.objective
 
     @property
     def num_entries(self) -> int:
@@ -114,7 +119,7 @@ class GradiendModel(nn.Module):
     # --- gradients and the auto-encoder -------------------------------------------------------------------------
     def gradients(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(source, target) gradients of one collated batch, in bottleneck coordinates (engine buffers)."""
-        source, target = self.config.source, self.config.target
+        source, target = self.gradiend_config.source, self.gradiend_config.target
         grads = self.engine.compute(batch, tuple(dict.fromkeys((source, target))))
         return grads[source], grads[target]
 
@@ -139,7 +144,7 @@ class GradiendModel(nn.Module):
     @torch.no_grad()
     def encode_rows(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """h of every row's own gradient (rows x latent), by forward-mode AD instead of a backward per row."""
-        return encode_rows(self.engine, batch, self.config.source)
+        return encode_rows(self.engine, batch, self.gradiend_config.source)
 
     @torch.no_grad()
     def decode(self, h: FeatureValue) -> dict[str, torch.Tensor]:
@@ -169,7 +174,7 @@ class GradiendModel(nn.Module):
         self, edit: Optional[Edit] = None, *, feature_factor: Optional[FeatureValue] = None, learning_rate: Optional[float] = None
     ):
         """Context manager: the base model carries the edit inside the block and is restored bit-exactly after."""
-        ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.config.feature_factor, self.config.learning_rate))
+        ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
         return applied(self, ff, lr)
 
     @torch.no_grad()
@@ -181,7 +186,7 @@ class GradiendModel(nn.Module):
         Without arguments, the edit stored in the config (feature_factor, learning_rate) is applied. The adapter lets
         go of the base model; the result loads anywhere with `from_pretrained` once saved.
         """
-        ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.config.feature_factor, self.config.learning_rate))
+        ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
         for name, p in self.selected_parameters().items():
             current = self.bottleneck.entries(name, p.detach()).float()
             self.write_entries(name, current + self.edit_delta(name, ff, lr))
@@ -212,7 +217,7 @@ class GradiendModel(nn.Module):
         return tensors
 
     def saved_config(self) -> GradiendConfig:
-        return self.config.with_updates(encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()])
+        return self.gradiend_config.with_updates(encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()])
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **card_fields: Any) -> None:
         """adapter_config.json + adapter_model.safetensors + README.md, written atomically."""

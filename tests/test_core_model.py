@@ -197,7 +197,7 @@ def test_save_load_round_trip_is_exact(tmp_path, kind):
     assert torch.equal(loaded.encode(batch), h)
     assert torch.equal(loaded.encode_rows(batch), h_rows)
     assert all(torch.equal(v, dec[n]) for n, v in loaded.decode(0.5).items())
-    assert loaded.config.to_dict() == gradiend.saved_config().to_dict()
+    assert loaded.gradiend_config.to_dict() == gradiend.saved_config().to_dict()
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "library_name: gradiend_hf" in card and "female" in card
 

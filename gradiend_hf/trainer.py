@@ -1,0 +1,269 @@
+"""GradiendTrainer: a transformers.Trainer that trains only the bottleneck, on gradients gathered from the base."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from .checkpointing import has_optimizer_state, load_optimizer_state, save_optimizer_state
+from .data import GradiendDataCollator
+from .evaluation.encoder import encode_dataset, encoder_metrics
+from .model import GradiendModel
+
+logger = logging.getLogger("gradiend_hf")
+CONVERGENCE_FILE = "convergence.json"
+
+
+@dataclass
+class GradiendTrainingArguments(TrainingArguments):
+    """TrainingArguments with GRADIEND's defaults.
+
+    Meaning of the batch arguments here: `per_device_train_batch_size` = data rows behind one gradient (all of one
+    transition); `gradient_accumulation_steps` = gradients per optimizer step (default 1, as in the paper).
+
+    Changed defaults: learning_rate 1e-5 (use ~1e-4 for decoder-only models), weight_decay 0.01, no gradient clipping,
+    constant schedule,
+    evaluation and checkpoints every 50 steps, best checkpoint by `correlation` (loaded at the end),
+    `remove_unused_columns=False` (rows are not model inputs), `report_to="none"`.
+
+    Added fields:
+        convergence_correlation: |correlation| a run needs to count as converged (0.5).
+        convergence_mean: |mean h| both classes need, with opposite signs, at the best step (0.5).
+        fail_if_not_converged: raise at the end of training when the run did not converge (False: warn).
+        sign_normalisation: after each evaluation, negate the bottleneck (and the optimizer's first moments) when
+            the correlation is negative, so the first feature class reads +1. The flip is an exact symmetry of the
+            model and of AdamW, so it never changes what training does next; it makes `correlation` = |correlation|.
+        max_eval_rows: evaluate on at most this many rows (the first ones) to bound evaluation time.
+    """
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the bottleneck."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping of the bottleneck (0 = none, as in the paper)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler; GRADIEND needs none."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})
+    eval_steps: Optional[float] = field(default=50, metadata={"help": "Evaluate every N steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    metric_for_best_model: Optional[str] = field(default="correlation", metadata={"help": "Best-checkpoint metric."})
+    greater_is_better: Optional[bool] = field(default=True, metadata={"help": "Higher metric is better."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint at the end."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Rows behind one gradient."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Rows per forward-mode encoding pass."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the row columns."})
+    report_to: Any = field(default="none", metadata={"help": "Logging integrations, as in transformers."})
+    convergence_correlation: float = field(default=0.5, metadata={"help": "Converged: |correlation| at least this."})
+    convergence_mean: float = field(default=0.5, metadata={"help": "Converged: both class means |h| at least this."})
+    fail_if_not_converged: bool = field(default=False, metadata={"help": "Raise when training did not converge."})
+    sign_normalisation: bool = field(default=True, metadata={"help": "Keep the first class reading +1."})
+    max_eval_rows: Optional[int] = field(default=None, metadata={"help": "Cap on evaluation rows."})
+
+
+def flip_sign(model: GradiendModel, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Negate encoder and decoder weights and the AdamW first moments that go with them (b_d stays)."""
+    b = model.bottleneck
+    flipped = [b.encoder_bias, *b.encoder_weight.values(), *b.decoder_weight.values()]
+    b.flip_sign()
+    if optimizer is not None:
+        with torch.no_grad():
+            for p in flipped:
+                moment = optimizer.state.get(p, {}).get("exp_avg")
+                if moment is not None:
+                    moment.neg_()
+
+
+class ConvergenceCallback(TrainerCallback, ExportableState):
+    """Tracks the best evaluation and decides at the end whether the run converged (kept in trainer_state.json)."""
+
+    def __init__(self, feature_classes: list[str], best: Optional[dict] = None, history: Optional[list] = None) -> None:
+        self.feature_classes = list(feature_classes)
+        self.best = best
+        self.history = history or []
+
+    def state(self) -> dict:
+        return {"args": {"feature_classes": self.feature_classes, "best": self.best, "history": self.history}, "attributes": {}}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or "eval_correlation" not in metrics:
+            return
+        record = {"step": state.global_step, **{k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}}
+        self.history.append(record)
+        if self.best is None or abs(record["correlation"]) > abs(self.best["correlation"]):
+            self.best = record
+        state.stateful_callbacks[type(self).__name__] = self.state()
+
+    def verdict(self, args: GradiendTrainingArguments) -> dict:
+        """Converged: |corr| >= threshold, both class means |h| >= threshold with opposite signs, best step > 0."""
+        best = self.best or {}
+        first, second = (best.get(f"mean_h_{c}") for c in self.feature_classes)
+        reasons = [] if self.history else ["no evaluation ran (give the trainer an eval_dataset)"]
+        if abs(best.get("correlation", 0.0)) < args.convergence_correlation:
+            reasons.append(f"|correlation| {abs(best.get('correlation', 0.0)):.3f} < {args.convergence_correlation}")
+        if first is None or second is None:
+            reasons.append("a feature class is missing from the evaluation rows")
+        elif min(abs(first), abs(second)) < args.convergence_mean or first * second >= 0:
+            reasons.append(f"class means {first:.3f} / {second:.3f} are not both beyond +-{args.convergence_mean} with opposite signs")
+        if best.get("step", 0) <= 0:
+            reasons.append("the best evaluation is the untrained initialisation (step 0)")
+        return {"converged": not reasons, "reasons": reasons, "best": best, "evaluations": len(self.history)}
+
+
+class GradiendTrainer(Trainer):
+    """Trains a GradiendModel's bottleneck; each step computes the base gradients of one batch of rows.
+
+    Only the bottleneck is optimised (AdamW); checkpoints hold the adapter format plus optimizer state as
+    safetensors/JSON; `evaluate()` logs the correlation of per-row encodings (forward-mode, no backward per row).
+    """
+
+    def __init__(
+        self,
+        model: GradiendModel,
+        args: Optional[GradiendTrainingArguments] = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        data_collator: Optional[GradiendDataCollator] = None,
+        callbacks: Optional[list[TrainerCallback]] = None,
+        **kwargs: Any,
+    ) -> None:
+        from .schema import prepare_rows
+
+        if not isinstance(model, GradiendModel):
+            raise TypeError(f"GradiendTrainer trains a GradiendModel (get_gradiend_model(base, config)), got {type(model).__name__}.")
+        if processing_class is None and data_collator is None:
+            raise ValueError("Pass the base model's tokenizer as processing_class= (it tokenizes the rows).")
+        args = args or GradiendTrainingArguments(output_dir="gradiend_output")
+        classes = model.gradiend_config.feature_classes
+        if train_dataset is not None:
+            train_dataset = prepare_rows(train_dataset, classes, seed=args.seed, tokenizer=processing_class)
+        if eval_dataset is not None:
+            eval_dataset = prepare_rows(eval_dataset, classes, seed=args.seed, tokenizer=processing_class)
+        data_collator = data_collator or GradiendDataCollator(processing_class, model.objective, classes)
+        self.convergence = ConvergenceCallback(classes)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=[self.convergence, *(callbacks or [])],
+            **kwargs,
+        )
+        self.model_accepts_loss_kwargs = False  # so the Trainer averages accumulated gradients itself
+
+    @property
+    def gradiend_model(self) -> GradiendModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    # --- data ------------------------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        """Batches of one transition each, alternating directions, reshuffled per epoch (see sampling.py)."""
+        from .sampling import TransitionBatchSampler
+
+        if self.train_dataset is None:
+            raise ValueError("GradiendTrainer needs a train_dataset to train.")
+        sampler = TransitionBatchSampler.from_dataset(self.train_dataset, batch_size=self._train_batch_size, seed=self.args.seed)
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        return self.accelerator.prepare(loader)
+
+    # --- training ------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """One fused AdamW over the bottleneck tensors (the base model is never optimised)."""
+        if self.optimizer is None:
+            params = [p for p in self.gradiend_model.bottleneck.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(
+                params,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                weight_decay=self.args.weight_decay,
+                fused=all(p.device.type in ("cpu", "cuda") for p in params),
+            )
+        return self.optimizer
+
+    # --- evaluation ------------------------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Per-row encodings of the evaluation rows; logs correlation, ternary accuracy and class means of h."""
+        from .schema import prepare_rows
+
+        model = self.gradiend_model
+        classes = model.gradiend_config.feature_classes
+        dataset = self.eval_dataset if eval_dataset is None else prepare_rows(eval_dataset, classes, tokenizer=self.processing_class)
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (rows of both classes, ideally held out).")
+        if self.args.max_eval_rows is not None:
+            dataset = dataset.select(range(min(self.args.max_eval_rows, len(dataset))))
+        rows = list(dataset)
+        frame = encode_dataset(model, rows, self.data_collator, self.args.per_device_eval_batch_size,
+                               progress=not self.args.disable_tqdm)
+        metrics = encoder_metrics(frame, classes, model.gradiend_config.source)
+        if self.args.sign_normalisation and model.gradiend_config.latent_dim == 1 and metrics["correlation"] < 0:
+            flip_sign(model, self.optimizer)
+            frame["h"] = -frame["h"]
+            metrics = encoder_metrics(frame, classes, model.gradiend_config.source)
+            metrics["sign_flipped"] = 1.0
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def train(self, *args: Any, **kwargs: Any):
+        output = super().train(*args, **kwargs)
+        verdict = self.convergence.verdict(self.args)
+        self.state.stateful_callbacks[type(self.convergence).__name__] = self.convergence.state()
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, CONVERGENCE_FILE), "w", encoding="utf-8") as handle:
+                json.dump(verdict, handle, indent=2)
+            self.save_state()
+        if not verdict["converged"]:
+            message = "GRADIEND training did not converge: " + "; ".join(verdict["reasons"])
+            if self.args.fail_if_not_converged:
+                raise RuntimeError(message + ". Try another seed, more steps, a different learning rate or more data.")
+            logger.warning(message)
+        self.verdict = verdict
+        return output
+
+    # --- checkpoints: adapter format + safetensors/JSON optimizer state, never pickle ---------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        if self.args.should_save:
+            self.gradiend_model.save_pretrained(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.gradiend_model.load_adapter_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("Loading the best GRADIEND checkpoint %s (correlation %s)", self.state.best_model_checkpoint, self.state.best_metric)
+        self.gradiend_model.load_adapter_weights(self.state.best_model_checkpoint)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.args.should_save:
+            save_optimizer_state(self.optimizer, self.lr_scheduler, output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if checkpoint is not None and has_optimizer_state(checkpoint):
+            load_optimizer_state(self.optimizer, self.lr_scheduler, checkpoint)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Nothing to save: the base runs in eval mode and the sampler is seeded per epoch."""
+
+    def _load_rng_state(self, checkpoint: Optional[str]) -> None:
+        """See _save_rng_state."""
