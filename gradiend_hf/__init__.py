@@ -5,6 +5,7 @@ from .config import GradiendConfig, GradiendType
 from .data import GradiendDataCollator
 from .edit import Edit
 from .model import GradiendModel, get_gradiend_model
+from .seeds import SeedSearch, train_seeds
 from .trainer import GradiendTrainer, GradiendTrainingArguments
 
 __all__ = [
@@ -17,5 +18,7 @@ __all__ = [
     "GradiendTrainingArguments",
     "GradiendType",
     "get_gradiend_model",
+    "SeedSearch",
+    "train_seeds",
 ]
 __version__ = "0.1.0"

@@ -183,3 +183,24 @@ def test_bad_data_is_refused_with_a_clear_error(tmp_path):
         GradiendTrainer(model=model, args=args(tmp_path), train_dataset=bad, processing_class=tokenizer_for("gpt2"))
     with pytest.raises(ValueError, match="masked"):
         GradiendTrainer(model=model, args=args(tmp_path), train_dataset=[{"text": "x"}], processing_class=tokenizer_for("gpt2"))
+
+
+def test_train_seeds_stops_once_enough_converged_and_keeps_the_best(tmp_path):
+    from gradiend_hf.seeds import train_seeds
+
+    base = tiny_model("bert")
+    common = dict(train_dataset=feature_rows(CONTEXTS[:5]), eval_dataset=feature_rows(CONTEXTS[5:], seed=1),
+                  processing_class=tokenizer_for("bert"), config=GradiendConfig(feature_classes=CLASSES))
+    quick = train_seeds(base, args=args(tmp_path / "a", learning_rate=1e-2, max_steps=100, eval_steps=25, save_steps=25,
+                                        per_device_train_batch_size=2), seeds=(0, 1, 2), enough=1, **common)
+    assert quick.report["seeds_tried"] == 1 and quick.report["chosen_converged"]
+    report = json.loads((tmp_path / "a" / "run" / "seed_report.json").read_text())
+    assert report == quick.report
+    assert (tmp_path / "a" / "run" / "best" / "adapter_model.safetensors").is_file()
+
+    # none converges (learning rate ~0): all seeds are tried and the best |correlation| is kept, flagged
+    slow = train_seeds(base, args=args(tmp_path / "b", learning_rate=1e-12, max_steps=2, eval_steps=1, save_steps=1),
+                       seeds=(0, 1, 2), enough=1, **common)
+    entries = slow.report["seeds"]
+    assert len(entries) == 3 and not slow.report["chosen_converged"]
+    assert slow.seed == max(entries, key=lambda e: abs(e["correlation"]))["seed"]

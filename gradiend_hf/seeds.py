@@ -1,0 +1,89 @@
+"""Training several seeds and keeping the best convergent one (GRADIEND runs can fail to converge)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+from .config import GradiendConfig
+from .model import GradiendModel
+from .trainer import GradiendTrainer, GradiendTrainingArguments
+
+logger = logging.getLogger("gradiend_hf")
+SEED_REPORT = "seed_report.json"
+
+
+@dataclass(frozen=True)
+class SeedSearch:
+    """The chosen adapter, its seed, and the report of every seed tried (also written as seed_report.json)."""
+
+    model: GradiendModel
+    seed: int
+    report: dict[str, Any]
+
+
+def score(entry: dict[str, Any]) -> tuple:
+    """Convergent runs first, then higher |correlation| at their best evaluation."""
+    return (bool(entry["converged"]), abs(entry["correlation"] or 0.0))
+
+
+def train_seeds(
+    base_model: nn.Module,
+    config: GradiendConfig,
+    args: GradiendTrainingArguments,
+    train_dataset: Any,
+    eval_dataset: Any,
+    processing_class: Any,
+    seeds: Sequence[int] = (0, 1, 2),
+    enough: int = 1,
+    **trainer_kwargs: Any,
+) -> SeedSearch:
+    """Train one adapter per seed (init and data order) until `enough` converged; keep the best.
+
+    Each seed writes its run into `<output_dir>/seed-<seed>`; the best adapter is saved to `<output_dir>/best`.
+    """
+    if enough < 1 or not seeds:
+        raise ValueError("train_seeds needs at least one seed and enough >= 1.")
+    entries, best, best_entry = [], None, None
+    for seed in seeds:
+        run_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"seed-{seed}"), seed=seed)
+        model = GradiendModel(base_model, config.with_updates(init_seed=seed))
+        trainer = GradiendTrainer(model=model, args=run_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                  processing_class=processing_class, **trainer_kwargs)
+        trainer.train()
+        verdict = trainer.verdict
+        entry = {
+            "seed": seed,
+            "converged": verdict["converged"],
+            "correlation": verdict["best"].get("correlation"),
+            "best_step": verdict["best"].get("step"),
+            "class_means": {c: verdict["best"].get(f"mean_h_{c}") for c in config.feature_classes},
+            "reasons": verdict["reasons"],
+            "output_dir": run_args.output_dir,
+        }
+        entries.append(entry)
+        logger.info("seed %s: converged=%s correlation=%s", seed, entry["converged"], entry["correlation"])
+        if best_entry is None or score(entry) > score(best_entry):
+            best, best_entry = trainer.gradiend_model, entry
+        if sum(e["converged"] for e in entries) >= enough:
+            break
+    if not best_entry["converged"]:
+        logger.warning("No seed converged; keeping seed %s with |correlation| %.3f.", best_entry["seed"], abs(best_entry["correlation"] or 0))
+    report = {
+        "chosen_seed": best_entry["seed"],
+        "chosen_converged": best_entry["converged"],
+        "seeds_tried": len(entries),
+        "seeds_converged": sum(e["converged"] for e in entries),
+        "seeds": entries,
+    }
+    if args.should_save:
+        best.save_pretrained(os.path.join(args.output_dir, "best"))
+        with open(os.path.join(args.output_dir, SEED_REPORT), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+    return SeedSearch(model=best, seed=best_entry["seed"], report=report)
