@@ -35,7 +35,7 @@ def assert_gradients_close(got: dict, expected: dict, tolerance: float = 1e-5) -
         assert float((got[n] - expected[n]).norm()) <= tolerance * scale, n
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "albert", "gpt2", "llama"])
 @pytest.mark.parametrize("subset", ["single", "multi"])
 def test_engine_gradients_equal_naive_per_row_backward(kind, subset):
     model, gradiend, collator = wrap(kind)
