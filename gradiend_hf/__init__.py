@@ -4,12 +4,17 @@ from .bottleneck import Bottleneck
 from .config import GradiendConfig, GradiendType
 from .data import GradiendDataCollator
 from .edit import Edit
+from .evaluation import DecoderEvaluation, EncoderEvaluation, evaluate_decoder, evaluate_encoder
 from .model import GradiendModel, get_gradiend_model
 from .seeds import SeedSearch, train_seeds
 from .trainer import GradiendTrainer, GradiendTrainingArguments
 
 __all__ = [
     "Bottleneck",
+    "DecoderEvaluation",
+    "EncoderEvaluation",
+    "evaluate_decoder",
+    "evaluate_encoder",
     "Edit",
     "GradiendConfig",
     "GradiendDataCollator",

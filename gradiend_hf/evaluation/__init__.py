@@ -1,5 +1,16 @@
-"""Evaluating a GRADIEND adapter: the encoder (does h separate the classes?) and, later, the decoder."""
+"""Evaluating a GRADIEND adapter: the encoder (does h separate the classes?) and the decoder (which edit?)."""
 
-from .encoder import encode_dataset, encoder_metrics, row_labels
+from .decoder import DecoderEvaluation, evaluate_decoder, learning_rate_ladder
+from .encoder import EncoderEvaluation, encode_dataset, encoder_metrics, evaluate_encoder, neutral_rows, row_labels
 
-__all__ = ["encode_dataset", "encoder_metrics", "row_labels"]
+__all__ = [
+    "DecoderEvaluation",
+    "EncoderEvaluation",
+    "encode_dataset",
+    "encoder_metrics",
+    "evaluate_decoder",
+    "evaluate_encoder",
+    "learning_rate_ladder",
+    "neutral_rows",
+    "row_labels",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -67,3 +68,98 @@ def encoder_metrics(frame: pd.DataFrame, feature_classes: Sequence[str], source:
             metrics[f"mean_h_{name}"] = float(chosen.mean())
             metrics[f"std_h_{name}"] = float(chosen.std())
     return metrics
+
+
+NEUTRAL = "neutral"
+WORD_PATTERN = r"[A-Za-z]{2,}"
+
+
+def neutral_rows(rows: Sequence[Mapping[str, Any]], count: int, seed: int = 0) -> list[dict]:
+    """Rows whose masked word is a random non-feature word of a data sentence (identity rows: h should be ~0)."""
+    import random
+    import re
+
+    from ..data import MASK
+
+    feature_words = {r[side].lower() for r in rows for side in ("factual", "alternative")}
+    rng = random.Random(seed)
+    out = []
+    for row in rng.sample(list(rows), min(count, len(rows))):
+        text = row["masked"].replace(MASK, row["factual"], 1)
+        spans = [m for m in re.finditer(WORD_PATTERN, text) if m.group().lower() not in feature_words]
+        if not spans:
+            continue
+        span = rng.choice(spans)
+        masked = text[: span.start()] + MASK + text[span.end():]
+        out.append(dict(masked=masked, factual=span.group(), alternative=span.group(), factual_class=NEUTRAL,
+                        alternative_class=NEUTRAL))
+    return out
+
+
+def stats(values: pd.Series) -> dict[str, float]:
+    return {
+        "count": int(values.count()), "mean": float(values.mean()), "std": float(values.std(ddof=0)),
+        "q05": float(values.quantile(0.05)), "q25": float(values.quantile(0.25)), "median": float(values.median()),
+        "q75": float(values.quantile(0.75)), "q95": float(values.quantile(0.95)),
+    }
+
+
+@dataclass(frozen=True)
+class EncoderEvaluation:
+    """How well the feature neuron separates the classes on held-out rows (and stays ~0 on neutral rows)."""
+
+    correlation: float
+    correlation_with_neutral: float
+    binary_accuracy: float
+    ternary_accuracy: float
+    neutral_mean_abs_h: float
+    by_class: pd.DataFrame
+    by_word: pd.DataFrame
+    frame: pd.DataFrame
+
+    def summary(self) -> dict[str, float]:
+        means = {f"mean_h_{k}": float(v) for k, v in self.by_class["mean"].items()}
+        return {"correlation": self.correlation, "correlation_with_neutral": self.correlation_with_neutral,
+                "binary_accuracy": self.binary_accuracy, "ternary_accuracy": self.ternary_accuracy,
+                "neutral_mean_abs_h": self.neutral_mean_abs_h, **means}
+
+
+def summarise(frame: pd.DataFrame, feature_classes: Sequence[str], source: str) -> EncoderEvaluation:
+    """Metrics of an encoded frame (columns of the rows plus `h`), computed from the labels in `row_labels`."""
+    frame = frame.copy()
+    frame["label"] = row_labels(frame, feature_classes, source)
+    names = {1.0: feature_classes[0], -1.0: feature_classes[1], 0.0: NEUTRAL}
+    frame["label_class"] = frame["label"].map(names)
+    word_column = "alternative" if source == "alternative" else "factual"
+    frame["word"] = frame[word_column]
+    h, labels = frame["h"].to_numpy(dtype=float), frame["label"].to_numpy(dtype=float)
+    feature = labels != 0
+    ternary = np.where(h >= 0.5, 1.0, np.where(h <= -0.5, -1.0, 0.0))
+    by_class = pd.DataFrame({c: stats(frame.loc[frame["label_class"] == c, "h"]) for c in frame["label_class"].unique()}).T
+    by_word = pd.DataFrame({w: {"class": g["label_class"].iloc[0], **stats(g["h"])} for w, g in frame.groupby("word")}).T
+    neutral = np.abs(h[~feature])
+    return EncoderEvaluation(
+        correlation=pearson(h[feature], labels[feature]),
+        correlation_with_neutral=pearson(h, labels),
+        binary_accuracy=float((np.sign(h[feature]) == labels[feature]).mean()) if feature.any() else float("nan"),
+        ternary_accuracy=float((ternary == labels).mean()) if len(h) else float("nan"),
+        neutral_mean_abs_h=float(neutral.mean()) if len(neutral) else float("nan"),
+        by_class=by_class,
+        by_word=by_word,
+        frame=frame,
+    )
+
+
+def evaluate_encoder(
+    model, dataset: Any, tokenizer: Any, batch_size: int = 16, neutral: int = 64, seed: int = 0, progress: bool = True
+) -> EncoderEvaluation:
+    """Encode every held-out row (forward-mode, batched) plus `neutral` re-masked non-feature rows; see summarise."""
+    from ..data import GradiendDataCollator
+    from ..schema import prepare_rows
+
+    config = model.gradiend_config
+    rows = list(prepare_rows(dataset, config.feature_classes, seed=seed, tokenizer=tokenizer))
+    rows += neutral_rows(rows, neutral, seed=seed)
+    collate = GradiendDataCollator(tokenizer, model.objective, config.feature_classes)
+    frame = encode_dataset(model, rows, collate, batch_size=batch_size, progress=progress)
+    return summarise(frame, config.feature_classes, config.source)

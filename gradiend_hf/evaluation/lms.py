@@ -1,0 +1,82 @@
+"""Language-modelling score on neutral text: does the edited model still model language?
+
+Masked LMs: accuracy of predicting 15% masked tokens (positions fixed by a seed, so every candidate sees the same).
+Causal LMs: mean next-token NLL with the usual shift (logits at i predict token i+1); LMS = 1 / (1 + NLL), a monotone
+transform, and the perplexity exp(NLL) is reported too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..objective import CAUSAL_LM, IGNORE_INDEX
+
+
+@dataclass
+class LMSBatch:
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor  # aligned with the logits; IGNORE_INDEX where nothing is scored
+
+
+@dataclass(frozen=True)
+class LMSResult:
+    lms: float
+    nll: Optional[float] = None
+    perplexity: Optional[float] = None
+    accuracy: Optional[float] = None
+    tokens: int = 0
+
+
+def lms_batches(
+    tokenizer, texts: Sequence[str], objective: str, batch_size: int = 16, max_length: int = 128,
+    mask_fraction: float = 0.15, seed: int = 0,
+) -> list[LMSBatch]:
+    """Tokenised neutral texts with their scored positions (fixed once, reused for every candidate)."""
+    if not texts:
+        raise ValueError("The language-modelling score needs neutral_texts: sentences without feature words.")
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start : start + batch_size]), padding=True, padding_side="right", truncation=True,
+                        max_length=max_length, return_tensors="pt", return_special_tokens_mask=True)
+        ids, attention = enc["input_ids"], enc["attention_mask"]
+        special = enc.pop("special_tokens_mask").bool() | (attention == 0)
+        if objective == CAUSAL_LM:
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[:, :-1] = ids[:, 1:]
+            labels[:, :-1][attention[:, 1:] == 0] = IGNORE_INDEX
+            out.append(LMSBatch({"input_ids": ids, "attention_mask": attention}, labels))
+            continue
+        if tokenizer.mask_token_id is None:
+            raise ValueError("A masked-LM score needs a tokenizer with a mask token.")
+        chosen = (torch.rand(ids.shape, generator=generator) < mask_fraction) & ~special
+        for row in range(ids.shape[0]):  # every text scores at least one token
+            candidates = (~special[row]).nonzero().flatten()
+            if not chosen[row].any() and len(candidates):
+                chosen[row, candidates[torch.randint(len(candidates), (1,), generator=generator)]] = True
+        labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+        masked = torch.where(chosen, torch.full_like(ids, tokenizer.mask_token_id), ids)
+        out.append(LMSBatch({"input_ids": masked, "attention_mask": attention}, labels))
+    return out
+
+
+@torch.no_grad()
+def language_modelling_score(base_model: torch.nn.Module, batches: Sequence[LMSBatch], objective: str) -> LMSResult:
+    total_nll, correct, count = 0.0, 0, 0
+    for batch in batches:
+        logits = base_model(**batch.inputs).logits
+        scored = batch.labels != IGNORE_INDEX
+        chosen_logits, targets = logits[scored].float(), batch.labels[scored]
+        total_nll += float(torch.nn.functional.cross_entropy(chosen_logits, targets, reduction="sum"))
+        correct += int((chosen_logits.argmax(-1) == targets).sum())
+        count += int(scored.sum())
+    if count == 0:
+        raise ValueError("No token of the neutral texts could be scored; give longer neutral texts.")
+    if objective == CAUSAL_LM:
+        nll = total_nll / count
+        return LMSResult(lms=1.0 / (1.0 + nll), nll=nll, perplexity=math.exp(min(nll, 700.0)), tokens=count)
+    return LMSResult(lms=correct / count, accuracy=correct / count, nll=total_nll / count, tokens=count)

@@ -1,0 +1,68 @@
+"""P(class) at the feature position: the sum over the class's words (and their case variants) of P(word | context).
+
+A word of several tokens counts with the product of its token probabilities (teacher-forced for causal LMs, one mask
+per token for masked LMs). Words whose model inputs coincide (all one-token words of a causal LM; all words of one
+length for a masked LM) share one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..gradients import side_inputs
+from ..objective import row_losses
+
+
+def case_variants(word: str) -> list[str]:
+    """The word as given, lower-case and capitalised (sentence-initial), without duplicates."""
+    return list(dict.fromkeys([word, word.lower(), word[:1].upper() + word[1:]]))
+
+
+def class_words(rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str]) -> dict[str, list[str]]:
+    """Every word the data uses for each class (factual and alternative), with case variants."""
+    words: dict[str, dict[str, None]] = {c: {} for c in feature_classes}
+    for row in rows:
+        for side in ("factual", "alternative"):
+            cls = row[f"{side}_class"]
+            if cls in words:
+                for variant in case_variants(row[side]):
+                    words[cls][variant] = None
+    return {c: list(w) for c, w in words.items()}
+
+
+@dataclass
+class WordBatch:
+    """One forward pass's inputs and, for each word it serves, the labels that pick out that word's tokens."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+
+
+def word_batches(rows: Sequence[Mapping[str, Any]], words: Sequence[str], collate) -> list[WordBatch]:
+    """Tokenise every row once per word and group words whose model inputs are identical."""
+    groups: dict[bytes, WordBatch] = {}
+    for word in words:
+        batch = collate([dict(row, factual=word, alternative=word) for row in rows])
+        inputs = side_inputs(batch, "factual")
+        key = inputs["input_ids"].numpy().tobytes() + bytes(inputs["input_ids"].shape)
+        groups.setdefault(key, WordBatch(inputs, {})).labels[word] = batch["factual_labels"]
+    return list(groups.values())
+
+
+@torch.no_grad()
+def word_probabilities(base_model: torch.nn.Module, batches: Sequence[WordBatch]) -> dict[str, torch.Tensor]:
+    """P(word | context) per row for every word: exp(-sum of the word's token cross-entropies)."""
+    out = {}
+    for batch in batches:
+        logits = base_model(**batch.inputs).logits
+        for word, labels in batch.labels.items():
+            out[word] = torch.exp(-row_losses(logits, labels))
+    return out
+
+
+def class_probabilities(word_probs: Mapping[str, torch.Tensor], words_by_class: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
+    """P(class) per row: the sum over the class's words."""
+    return {c: torch.stack([word_probs[w] for w in ws]).sum(0) for c, ws in words_by_class.items()}

@@ -1,0 +1,187 @@
+"""evaluate_encoder / evaluate_decoder against hand computations (oracle.py and closed forms)."""
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from oracle import row_nll
+from tiny import rows, tiny_model, tokenizer_for
+
+from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model
+from gradiend_hf.evaluation import evaluate_decoder, evaluate_encoder, learning_rate_ladder, neutral_rows
+from gradiend_hf.evaluation.encoder import summarise
+from gradiend_hf.evaluation.lms import language_modelling_score, lms_batches
+from gradiend_hf.evaluation.probabilities import case_variants, class_probabilities, class_words, word_batches, word_probabilities
+
+CLASSES = ["female", "male"]
+NEUTRAL = ["the doctor went home and it was good", "they said the results were bad", "the room was good"]
+
+
+def both_classes():
+    """The tiny rows plus their mirror (male -> female), so both classes have rows."""
+    mirrored = [dict(r, factual=r["alternative"], alternative=r["factual"], factual_class="male", alternative_class="female") for r in rows()]
+    return rows() + mirrored
+
+
+def wrap(kind):
+    model = tiny_model(kind)
+    return model, get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES))
+
+
+# --- encoder metrics -------------------------------------------------------------------------------------------
+def test_encoder_metrics_match_hand_computation():
+    frame = pd.DataFrame([
+        dict(masked="x [MASK]", factual="he", alternative="she", factual_class="male", alternative_class="female", h=0.9),
+        dict(masked="x [MASK]", factual="he", alternative="her", factual_class="male", alternative_class="female", h=0.2),
+        dict(masked="x [MASK]", factual="she", alternative="he", factual_class="female", alternative_class="male", h=-0.7),
+        dict(masked="x [MASK]", factual="her", alternative="his", factual_class="female", alternative_class="male", h=0.1),
+        dict(masked="x [MASK]", factual="the", alternative="the", factual_class="neutral", alternative_class="neutral", h=-0.6),
+    ])
+    result = summarise(frame, CLASSES, "alternative")
+    h = np.array([0.9, 0.2, -0.7, 0.1])
+    y = np.array([1, 1, -1, -1.0])
+    r = ((h - h.mean()) * (y - y.mean())).sum() / math.sqrt(((h - h.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
+    assert result.correlation == pytest.approx(r)
+    assert result.binary_accuracy == pytest.approx(3 / 4)  # 0.1 has the wrong sign
+    assert result.ternary_accuracy == pytest.approx(2 / 5)  # 0.9 -> +1 right, -0.7 -> -1 right, the rest wrong
+    assert result.neutral_mean_abs_h == pytest.approx(0.6)
+    assert result.by_class.loc["female", "mean"] == pytest.approx(0.55)
+    assert result.by_word.loc["his", "mean"] == pytest.approx(0.1)
+    assert result.by_class.loc["male", "median"] == pytest.approx(-0.3)
+
+
+def test_neutral_rows_mask_a_non_feature_word():
+    data = rows()
+    feature_words = {r[s].lower() for r in data for s in ("factual", "alternative")}
+    neutral = neutral_rows(data, 10, seed=3)
+    assert neutral and all(r["factual"] == r["alternative"] and r["factual"].lower() not in feature_words for r in neutral)
+    assert all(r["masked"].count("[MASK]") == 1 for r in neutral)
+    assert neutral == neutral_rows(data, 10, seed=3)
+
+
+def test_evaluate_encoder_uses_the_models_per_row_encodings():
+    _, gradiend = wrap("gpt2")
+    result = evaluate_encoder(gradiend, rows(), tokenizer_for("gpt2"), neutral=4, progress=False)
+    collate = GradiendDataCollator(tokenizer_for("gpt2"), "causal_lm", CLASSES)
+    expected = gradiend.encode_rows(collate(rows()))[:, 0].numpy()
+    np.testing.assert_allclose(result.frame["h"].to_numpy()[:4], expected, rtol=1e-6)
+    assert (result.frame["label_class"] == "neutral").sum() == 4
+
+
+# --- class probabilities ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_class_probabilities_sum_case_variants_and_multiply_tokens(kind):
+    model, gradiend = wrap(kind)
+    tok = tokenizer_for(kind)
+    data = rows()
+    words = class_words(data, CLASSES)
+    assert "She" in words["female"] and "zyxwv" in words["male"]  # case variants and a multi-token word
+    collate = GradiendDataCollator(tok, gradiend.objective, CLASSES)
+    probs = class_probabilities(word_probabilities(model, word_batches(data, [w for ws in words.values() for w in ws], collate)), words)
+    with torch.no_grad():
+        for c in CLASSES:
+            expected = [sum(math.exp(-float(row_nll(model, tok, gradiend.objective, r["masked"], w))) for w in words[c]) for r in data]
+            np.testing.assert_allclose(probs[c].numpy(), expected, rtol=1e-4)
+
+
+def test_case_variants():
+    assert case_variants("she") == ["she", "She"]
+    assert case_variants("He") == ["He", "he"]
+
+
+# --- language-modelling score ----------------------------------------------------------------------------------
+def test_causal_lms_is_the_shifted_mean_nll():
+    model, _ = wrap("llama")
+    tok = tokenizer_for("llama")
+    result = language_modelling_score(model, lms_batches(tok, NEUTRAL, "causal_lm", batch_size=2), "causal_lm")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in NEUTRAL:  # unpadded, one text at a time: logits at i predict token i+1
+            ids = torch.tensor([tok(text)["input_ids"]])
+            logp = model(input_ids=ids).logits[0].log_softmax(-1)
+            total -= sum(float(logp[i, ids[0, i + 1]]) for i in range(ids.shape[1] - 1))
+            count += ids.shape[1] - 1
+    assert result.nll == pytest.approx(total / count, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert result.lms == pytest.approx(1 / (1 + total / count), rel=1e-5)
+    assert result.tokens == count
+
+
+def test_masked_lms_is_the_accuracy_at_fixed_masked_positions():
+    model, _ = wrap("bert")
+    tok = tokenizer_for("bert")
+    batches = lms_batches(tok, NEUTRAL * 4, "masked_lm", batch_size=5, seed=1)
+    again = lms_batches(tok, NEUTRAL * 4, "masked_lm", batch_size=5, seed=1)
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(batches, again))  # fixed by the seed
+    scored = sum(int((b.labels != -100).sum()) for b in batches)
+    real = sum(int(b.inputs["attention_mask"].sum()) - 2 * b.labels.shape[0] for b in batches)
+    assert 0.05 < scored / real < 0.35  # about 15% of the real tokens
+    correct = 0
+    with torch.no_grad():
+        for b in batches:
+            for i in range(b.labels.shape[0]):  # one text at a time, without padding
+                n = int(b.inputs["attention_mask"][i].sum())
+                logits = model(input_ids=b.inputs["input_ids"][i : i + 1, :n]).logits[0]
+                positions = (b.labels[i, :n] != -100).nonzero().flatten()
+                correct += int((logits[positions].argmax(-1) == b.labels[i, positions]).sum())
+    assert language_modelling_score(model, batches, "masked_lm").lms == pytest.approx(correct / scored)
+
+
+# --- the decoder grid ------------------------------------------------------------------------------------------
+def test_learning_rate_ladder():
+    assert learning_rate_ladder() == [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_grid_leaves_the_model_bit_exact_and_its_numbers_are_real(kind):
+    model, gradiend = wrap(kind)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    tok = tokenizer_for(kind)
+    result = evaluate_decoder(gradiend, both_classes(), tok, NEUTRAL, learning_rates=[0.5, 5.0, -5.0], progress=False)
+    assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())
+    assert len(result.grid) == 1 + 3 * 3 and result.grid["is_base"].sum() == 1
+    # oracle: the candidate ff=1, lr=5 merged for real, P(female) on male rows computed row by row by hand
+    row = result.grid[(result.grid.feature_factor == 1.0) & (result.grid.learning_rate == 5.0)].iloc[0]
+    data = both_classes()
+    words = class_words(data, CLASSES)["female"]
+    merged = gradiend.merge_and_unload(feature_factor=1.0, learning_rate=5.0)
+    with torch.no_grad():
+        p = [sum(math.exp(-float(row_nll(merged, tok, gradiend.objective, r["masked"], w))) for w in words)
+             for r in data if r["factual_class"] == "male"]
+    assert len(p) == 4 and row["p_female@male"] == pytest.approx(np.mean(p), rel=1e-4)
+
+
+def test_best_strengthens_its_class_within_the_lms_budget():
+    _, gradiend = wrap("gpt2")
+    result = evaluate_decoder(gradiend, both_classes(), tokenizer_for("gpt2"), NEUTRAL, progress=False)
+    feasible = result.grid[(result.grid.lms >= 0.99 * result.base_lms) & ~result.grid.skipped]
+    for goal in ("female", "male", "-female", "balance"):
+        edit = result.best(goal)
+        column = f"score_{goal}"
+        assert edit.metrics["score"] == pytest.approx(feasible[column].max())
+        assert edit.metrics["lms"] >= 0.99 * edit.metrics["base_lms"]
+    edit = result.best("male")
+    assert edit.metrics["probabilities"]["male"] != edit.metrics["base_probabilities"]["male"]
+    assert result.grid.loc[(result.grid.feature_factor == edit.feature_factor) & (result.grid.learning_rate == edit.learning_rate),
+                           "p_male@female"].iloc[0] > result.grid.loc[result.grid.is_base, "p_male@female"].iloc[0]
+
+
+def test_no_feasible_candidate_returns_the_base_with_a_warning(caplog):
+    _, gradiend = wrap("gpt2")
+    result = evaluate_decoder(gradiend, both_classes(), tokenizer_for("gpt2"), NEUTRAL, learning_rates=[1.0], progress=False)
+    result.lms_ratio = 2.0  # nothing but the base can keep twice the base LMS
+    with caplog.at_level(logging.WARNING, logger="gradiend_hf"):
+        edit = result.best("female")
+    assert edit.learning_rate == 0.0 and "no edit" in caplog.text
+
+
+def test_unknown_goal_is_explained():
+    _, gradiend = wrap("gpt2")
+    result = evaluate_decoder(gradiend, rows(), tokenizer_for("gpt2"), NEUTRAL, learning_rates=[1.0], progress=False)
+    with pytest.raises(ValueError, match="Unknown goal"):
+        result.best("neutral")
+    with pytest.raises(ValueError, match="lack one of the classes"):
+        result.best("female")  # rows() holds only female -> male rows
