@@ -170,6 +170,14 @@ class GradiendModel(nn.Module):
         """An editor for trying many edits in a row (decoder grids): apply(ff, lr) ... restore()."""
         return InPlaceEditor(self)
 
+    def record_edit(self, edit: Edit) -> None:
+        """Store an edit (and its evaluation figures) in the config: `merge_and_unload()` without arguments, the saved
+        adapter, its model card and PEFT loading then use it."""
+        ff = edit.feature_factor if isinstance(edit.feature_factor, (int, float)) else list(edit.feature_factor)
+        self.gradiend_config = self.gradiend_config.with_updates(
+            feature_factor=ff, learning_rate=edit.learning_rate, evaluation=dict(edit.metrics) or self.gradiend_config.evaluation
+        )
+
     def apply_edit(
         self, edit: Optional[Edit] = None, *, feature_factor: Optional[FeatureValue] = None, learning_rate: Optional[float] = None
     ):
@@ -187,6 +195,7 @@ class GradiendModel(nn.Module):
         go of the base model; the result loads anywhere with `from_pretrained` once saved.
         """
         ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
+        self.record_edit(edit if edit is not None else Edit(feature_factor=ff, learning_rate=lr))
         for name, p in self.selected_parameters().items():
             current = self.bottleneck.entries(name, p.detach()).float()
             self.write_entries(name, current + self.edit_delta(name, ff, lr))
@@ -265,6 +274,23 @@ class GradiendModel(nn.Module):
             b.decoder(name).copy_(tensors["decoder"])
             if b.has_decoder_bias:
                 b.offset(name).copy_(tensors["offset"])
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        commit_message: Optional[str] = None,
+        **card_fields: Any,
+    ):
+        """Upload this adapter (the save_pretrained files and its card) to a Hub repo; see `hub.push_adapter`."""
+        from .hub import push_adapter
+
+        return push_adapter(
+            self, repo_id, private=private, token=token, revision=revision, commit_message=commit_message, **card_fields
+        )
 
 
 def read_adapter(path_or_repo_id, revision: Optional[str] = None, **hub_kwargs: Any):

@@ -68,3 +68,26 @@ class TransitionBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return sum(math.ceil(len(indices) / self.batch_size) for indices in self.groups.values())
+
+
+class ProcessBatches(Sampler[list[int]]):
+    """One process's share of a batch sampler's batches when several processes train: batch i goes to process
+    i % num_processes, whole; the first batches repeat (whole) until every process has the same number.
+
+    accelerate's own sharding would cut and refill a short last batch of a transition with rows of the next batches,
+    mixing transitions in one gradient, and can leave the processes with different numbers of batches.
+    """
+
+    def __init__(self, batch_sampler: Any, num_processes: int, process_index: int) -> None:
+        self.batch_sampler, self.num_processes, self.process_index = batch_sampler, num_processes, process_index
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batch_sampler) / self.num_processes)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = list(self.batch_sampler)
+        batches += [batches[i % len(batches)] for i in range(len(self) * self.num_processes - len(batches))]
+        yield from batches[self.process_index :: self.num_processes]

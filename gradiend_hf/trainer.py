@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
@@ -59,6 +60,9 @@ class GradiendTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Rows behind one gradient."})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Rows per forward-mode encoding pass."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the row columns."})
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False, metadata={"help": "Multi-process: every bottleneck tensor is used in every step, so DDP need not search."}
+    )
     report_to: Any = field(default="none", metadata={"help": "Logging integrations, as in transformers."})
     convergence_correlation: float = field(default=0.5, metadata={"help": "Converged: |correlation| at least this."})
     convergence_mean: float = field(default=0.5, metadata={"help": "Converged: both class means |h| at least this."})
@@ -159,6 +163,13 @@ class GradiendTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = False  # so the Trainer averages accumulated gradients itself
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size != launched:
+            raise RuntimeError(
+                f"Launched as {launched} processes, but the training arguments set up {self.args.world_size}: every "
+                "process would train alone on all the data and write the same checkpoints. Without a GPU, pass "
+                "use_cpu=True to the training arguments (or export ACCELERATE_USE_CPU=true) to train on the CPU."
+            )
 
     @property
     def gradiend_model(self) -> GradiendModel:
@@ -167,17 +178,23 @@ class GradiendTrainer(Trainer):
     # --- data ------------------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
         """Batches of one transition each, alternating directions, reshuffled per epoch (see sampling.py)."""
-        from .sampling import TransitionBatchSampler
+        from .sampling import ProcessBatches, TransitionBatchSampler
 
         if self.train_dataset is None:
             raise ValueError("GradiendTrainer needs a train_dataset to train.")
         sampler = TransitionBatchSampler.from_dataset(self.train_dataset, batch_size=self._train_batch_size, seed=self.args.seed)
+        processes = self.accelerator.num_processes
+        if processes > 1:
+            sampler = ProcessBatches(sampler, processes, self.accelerator.process_index)
         loader = DataLoader(
             self.train_dataset,
             batch_sampler=sampler,
             collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
         )
+        if processes > 1:  # already this process's share: accelerate must only move the batches to the device
+            return prepare_data_loader(loader, self.accelerator.device, num_processes=1, process_index=0,
+                                       put_on_device=self.accelerator.device_placement)
         return self.accelerator.prepare(loader)
 
     # --- training ------------------------------------------------------------------------------------------------

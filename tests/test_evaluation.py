@@ -185,3 +185,13 @@ def test_unknown_goal_is_explained():
         result.best("neutral")
     with pytest.raises(ValueError, match="lack one of the classes"):
         result.best("female")  # rows() holds only female -> male rows
+
+
+def test_merging_an_edit_records_it_with_its_figures(tmp_path):
+    _, gradiend = wrap("gpt2")
+    result = evaluate_decoder(gradiend, both_classes(), tokenizer_for("gpt2"), NEUTRAL, learning_rates=[1.0, 10.0], progress=False)
+    edit = result.best("balance")
+    gradiend.merge_and_unload(edit)
+    config = gradiend.gradiend_config
+    assert (config.feature_factor, config.learning_rate) == (edit.feature_factor, edit.learning_rate)
+    assert config.evaluation["goal"] == "balance" and config.evaluation["base_lms"] == result.base_lms

@@ -1,0 +1,115 @@
+"""Figures people look at: training convergence, encoder distributions, and the decoder grid with the chosen edits.
+
+Every function returns a matplotlib Figure (object API, no global pyplot state) and saves a PNG when given a path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .edit import Edit
+from .evaluation.decoder import DecoderEvaluation
+from .evaluation.encoder import NEUTRAL, EncoderEvaluation
+
+PathLike = Union[str, Path, None]
+COLOURS = ["#c0392b", "#2471a3", "#7f8c8d", "#27ae60", "#8e44ad"]
+
+
+def _save(figure: Figure, path: PathLike) -> Figure:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=130, bbox_inches="tight")
+    return figure
+
+
+def plot_training(log_history: Sequence[Mapping], feature_classes: Sequence[str], path: PathLike = None) -> Figure:
+    """Correlation and per-class mean h over steps (evaluations), and the training loss (trainer.state.log_history)."""
+    evals = pd.DataFrame([r for r in log_history if "eval_correlation" in r])
+    losses = pd.DataFrame([r for r in log_history if "loss" in r and "step" in r])
+    figure = Figure(figsize=(11, 4))
+    left, right = figure.subplots(1, 2)
+    if len(evals):
+        left.plot(evals["step"], evals["eval_correlation"], "k-o", label="correlation", markersize=4)
+        for colour, c in zip(COLOURS, feature_classes):
+            if f"eval_mean_h_{c}" in evals:
+                left.plot(evals["step"], evals[f"eval_mean_h_{c}"], "-s", color=colour, label=f"mean h ({c})", markersize=3)
+        best = evals.loc[evals["eval_correlation"].abs().idxmax()]
+        left.axvline(best["step"], color="grey", linestyle=":", label=f"best step {int(best['step'])}")
+    left.axhline(0, color="lightgrey", linewidth=0.8)
+    left.set(xlabel="step", ylabel="value", title="Encoder on validation rows", ylim=(-1.05, 1.05))
+    left.legend(fontsize=8, loc="lower right")
+    if len(losses):
+        right.plot(losses["step"], losses["loss"], color="#34495e")
+        right.set_yscale("log")
+    right.set(xlabel="step", ylabel="reconstruction MSE", title="Training loss")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_encoder(evaluation: EncoderEvaluation, feature_classes: Sequence[str], path: PathLike = None) -> Figure:
+    """Distribution of the feature neuron h per class (and neutral rows): should sit near +1, -1 and 0."""
+    frame = evaluation.frame
+    groups = [c for c in [*feature_classes, NEUTRAL] if (frame["label_class"] == c).any()]
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
+    bins = np.linspace(-1, 1, 41)
+    for colour, group in zip(COLOURS, groups):
+        values = frame.loc[frame["label_class"] == group, "h"]
+        axis.hist(values, bins=bins, alpha=0.55, color=colour, label=f"{group} (n={len(values)}, mean {values.mean():+.2f})")
+    axis.set(xlabel="feature neuron h", ylabel="rows",
+             title=f"Encoder: correlation {evaluation.correlation:.3f}, neutral mean |h| {evaluation.neutral_mean_abs_h:.2f}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_decoder(evaluation: DecoderEvaluation, edits: Optional[Iterable[Edit]] = None, path: PathLike = None) -> Figure:
+    """P(class) (log scale) and LMS across the learning-rate grid, one panel per feature factor, chosen edits starred."""
+    grid = evaluation.grid[~evaluation.grid["skipped"] & ~evaluation.grid["is_base"]]
+    base = evaluation.grid[evaluation.grid["is_base"]].iloc[0]
+    factors = sorted(grid["feature_factor"].unique(), reverse=True)
+    figure = Figure(figsize=(4.6 * max(len(factors), 1), 4.4))
+    axes = np.atleast_1d(figure.subplots(1, max(len(factors), 1), sharey=True))
+    ratios = grid["lms"] / evaluation.base_lms
+    lms_low = min(evaluation.lms_ratio - 0.02, float(ratios.min()) - 0.01) if len(ratios) else 0.9
+    goals: dict[tuple, list[str]] = {}
+    for edit in edits or []:
+        if edit.learning_rate != 0:
+            goals.setdefault((edit.feature_factor, edit.learning_rate), []).append(edit.goal or "edit")
+    handles = []
+    for i, (axis, ff) in enumerate(zip(axes, factors)):
+        part = grid[grid["feature_factor"] == ff].sort_values("learning_rate")
+        for colour, c in zip(COLOURS, evaluation.feature_classes):
+            handles += axis.plot(part["learning_rate"], part[f"p_{c}"], "-o", color=colour, markersize=3, label=f"P({c})")
+            axis.axhline(base[f"p_{c}"], color=colour, linestyle=":", linewidth=0.9)
+        axis.set_xscale("symlog", linthresh=1e-3)
+        axis.set_yscale("log")
+        axis.set(xlabel="learning rate", title=f"feature factor {ff:+g}")
+        lms_axis = axis.twinx()
+        handles += lms_axis.plot(part["learning_rate"], part["lms"] / evaluation.base_lms, "--", color="black",
+                                 linewidth=1, label="LMS / base LMS")
+        lms_axis.axhline(evaluation.lms_ratio, color="grey", linestyle="-.", linewidth=0.8)
+        lms_axis.set_ylim(lms_low, 1.01 + 0.02 * (1 - lms_low))
+        if i == len(factors) - 1:
+            lms_axis.set_ylabel(f"LMS / base LMS (dash-dot: {evaluation.lms_ratio})")
+        else:
+            lms_axis.set_yticklabels([])
+        for (edit_ff, lr), names in goals.items():
+            hit = part[part["learning_rate"] == lr]
+            if edit_ff != ff or hit.empty:
+                continue
+            for colour, c in zip(COLOURS, evaluation.feature_classes):
+                axis.plot(hit["learning_rate"], hit[f"p_{c}"], "*", color=colour, markersize=15, markeredgecolor="black")
+            axis.annotate(", ".join(names), (lr, float(hit[[f"p_{c}" for c in evaluation.feature_classes]].max(axis=1).iloc[0])),
+                          textcoords="offset points", xytext=(-10, 10), fontsize=8, ha="right")
+    axes[0].set_ylabel("mean P(class) at the feature position")
+    unique = {h.get_label(): h for h in handles}
+    figure.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), fontsize=8, frameon=False)
+    figure.suptitle("Decoder grid (dotted: base model; stars: chosen edits)", fontsize=10)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    return _save(figure, path)

@@ -1,0 +1,332 @@
+"""Model cards and Hub pushes: the Hub calls are recorded into a fake hub folder (no network) and loaded back.
+
+The recorder replaces `HfApi.create_repo` / `create_branch` / `upload_folder` (what `push_adapter`/`push_merged` call)
+and `huggingface_hub.hf_hub_download` (what `serialization.resolve_adapter_files` calls for a repo id). Files live in
+`<fake hub>/<user>/<repo>/<revision>/`; a new branch starts from main, as on the Hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.hf_api import CommitInfo
+from tiny import rows, tiny_model, tokenizer_for
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from gradiend_hf import Edit, GradiendConfig, GradiendDataCollator, GradiendModel, get_gradiend_model
+from gradiend_hf.hub import NOT_EVALUATED, adapter_card, merged_card, push_merged
+from gradiend_hf.serialization import WEIGHTS_NAME
+
+CLASSES = ["female", "male"]
+ADAPTER_FILES = {"adapter_config.json", WEIGHTS_NAME, "README.md"}
+EVALUATION = {
+    "goal": "balance",
+    "feature_factor": -0.25,
+    "learning_rate": 0.0125,
+    "lms": 0.8123,
+    "base_lms": 0.8456,
+    "perplexity": 41.7,
+    "base_perplexity": 40.2,
+    "probabilities": {"female": 0.4321, "male": 0.4012},
+    "base_probabilities": {"female": 0.1234, "male": 0.6543},
+    "encoder_correlation": 0.9312,
+    "training_rows": 12345,
+    "training_data": "English Wikipedia sentences with gendered names, masked",
+}
+FIGURES = ["0.8123", "0.8456", "41.7", "40.2", "0.4321", "0.4012", "0.1234", "0.6543", "0.9312", "12,345"]
+
+
+@dataclass
+class FakeHub:
+    root: Path
+    cache: Path
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    uploads: list[dict[str, Any]] = field(default_factory=list)
+
+    def folder(self, repo_id: str, revision: Optional[str] = None) -> Path:
+        return self.root / repo_id / (revision or "main")
+
+    def names(self, name: str) -> list[dict[str, Any]]:
+        return [kwargs for call, kwargs in self.calls if call == name]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> FakeHub:
+    fake = FakeHub(root=tmp_path / "fake-hub", cache=tmp_path / "hf-cache")
+
+    def create_repo(self, repo_id, **kwargs):
+        fake.calls.append(("create_repo", dict(repo_id=repo_id, **kwargs)))
+        if fake.folder(repo_id).exists() and not kwargs.get("exist_ok"):
+            raise AssertionError("create_repo without exist_ok on an existing repo fails on the Hub")
+        fake.folder(repo_id).mkdir(parents=True, exist_ok=True)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_branch(self, repo_id, *, branch, **kwargs):
+        fake.calls.append(("create_branch", dict(repo_id=repo_id, branch=branch, **kwargs)))
+        assert fake.folder(repo_id).exists(), "branch of a repo that was never created"
+        if not fake.folder(repo_id, branch).exists():
+            shutil.copytree(fake.folder(repo_id), fake.folder(repo_id, branch))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        fake.calls.append(("upload_folder", dict(repo_id=repo_id, folder_path=folder_path, **kwargs)))
+        target = fake.folder(repo_id, kwargs.get("revision"))
+        assert target.exists(), f"upload to {repo_id}@{kwargs.get('revision')}, which does not exist on the fake hub"
+        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+        for name, content in files.items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(content)
+        fake.uploads.append(dict(repo_id=repo_id, revision=kwargs.get("revision"), files=files))
+        oid = hashlib.sha1(b"".join(files[n] for n in sorted(files))).hexdigest()
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
+            commit_message=kwargs.get("commit_message") or "",
+            commit_description="",
+            oid=oid,
+        )
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("an unrecorded Hub call was made")
+
+    def hf_hub_download(repo_id, filename, *, revision=None, cache_dir=None, **kwargs):
+        fake.calls.append(("hf_hub_download", dict(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir, **kwargs)))
+        source = fake.folder(repo_id, revision) / filename
+        if not source.is_file():
+            raise EntryNotFoundError(f"{filename} not found in {repo_id}@{revision or 'main'}")
+        snapshot = Path(cache_dir or fake.cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / (revision or "main")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, snapshot / filename)
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    for name in ("create_commit", "upload_file"):
+        monkeypatch.setattr(HfApi, name, refuse)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", hf_hub_download)
+    return fake
+
+
+def wrap(kind="gpt2", seed=0, **config):
+    model = tiny_model(kind)
+    gradiend = get_gradiend_model(
+        model, GradiendConfig(feature_classes=CLASSES, base_model_name_or_path=f"tiny/{kind}", init_seed=seed, **config)
+    )
+    with torch.no_grad():
+        gradiend.bottleneck.encoder_bias.fill_(0.0123 * (seed + 1))
+    return model, gradiend
+
+
+def outputs(gradiend, kind):
+    batch = GradiendDataCollator(tokenizer_for(kind), gradiend.objective, CLASSES)(rows())
+    return gradiend.encode(batch), gradiend.encode_rows(batch), gradiend.decode(0.5), gradiend.decode(-1.0)
+
+
+def assert_same_outputs(a, b):
+    for x, y in zip(a, b):
+        if isinstance(x, dict):
+            assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
+        else:
+            assert torch.equal(x, y)
+
+
+# --- pushing an adapter -----------------------------------------------------------------------------------------
+def test_push_to_hub_uploads_exactly_the_adapter_files_and_card(hub, tmp_path):
+    _, gradiend = wrap("gpt2")
+    commit = gradiend.push_to_hub("user/gradiend-gpt2", private=True, token="hf_secret")
+
+    create = hub.names("create_repo")
+    assert [c["repo_id"] for c in create] == ["user/gradiend-gpt2"]
+    assert create[0]["exist_ok"] is True and create[0]["private"] is True and create[0]["token"] == "hf_secret"
+    assert not hub.names("create_branch")
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "user/gradiend-gpt2" and upload["revision"] is None
+    assert set(upload["files"]) == ADAPTER_FILES
+    assert hub.names("upload_folder")[0]["token"] == "hf_secret"
+    assert "female vs male" in hub.names("upload_folder")[0]["commit_message"]
+    assert commit.oid and commit.commit_url.startswith("https://huggingface.co/user/gradiend-gpt2/commit/")
+
+    # The uploaded files are byte for byte what save_pretrained writes (with the repo id in the card).
+    gradiend.save_pretrained(tmp_path / "local", repo_id="user/gradiend-gpt2")
+    for name in ADAPTER_FILES:
+        assert upload["files"][name] == (tmp_path / "local" / name).read_bytes(), name
+    card = upload["files"]["README.md"].decode()
+    assert 'GradiendModel.from_pretrained(base, "user/gradiend-gpt2")' in card
+    assert ModelCard(card).data.library_name == "gradiend_hf"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_saved_and_pushed_adapters_load_back_to_identical_outputs(hub, tmp_path, kind):
+    _, gradiend = wrap(kind)
+    expected = outputs(gradiend, kind)
+    gradiend.save_pretrained(tmp_path / "saved")
+    gradiend.push_to_hub("user/repo")
+    assert not Path("user/repo").exists()  # the repo id cannot be mistaken for a local folder
+
+    saved = GradiendModel.from_pretrained(tiny_model(kind), tmp_path / "saved")
+    assert not hub.names("hf_hub_download")
+    pushed = GradiendModel.from_pretrained(tiny_model(kind), "user/repo", token="hf_secret", cache_dir=hub.cache)
+    downloads = hub.names("hf_hub_download")
+    assert sorted(d["filename"] for d in downloads) == ["adapter_config.json", WEIGHTS_NAME]
+    assert all(d["repo_id"] == "user/repo" and d["revision"] is None for d in downloads)
+    assert all(d["token"] == "hf_secret" and d["cache_dir"] == hub.cache for d in downloads)
+
+    assert_same_outputs(outputs(saved, kind), expected)
+    assert_same_outputs(outputs(pushed, kind), expected)
+    assert pushed.gradiend_config.to_dict() == saved.gradiend_config.to_dict() == gradiend.saved_config().to_dict()
+
+
+def test_a_revision_is_pushed_to_its_branch_and_loaded_from_it(hub):
+    _, first = wrap("gpt2", seed=1)
+    _, second = wrap("gpt2", seed=2)
+    first.push_to_hub("user/repo")
+    second.push_to_hub("user/repo", revision="v2", commit_message="second seed")
+    assert [b["branch"] for b in hub.names("create_branch")] == ["v2"]
+    assert [(u["repo_id"], u["revision"]) for u in hub.uploads] == [("user/repo", None), ("user/repo", "v2")]
+    assert hub.names("upload_folder")[1]["commit_message"] == "second seed"
+
+    main = GradiendModel.from_pretrained(tiny_model("gpt2"), "user/repo")
+    v2 = GradiendModel.from_pretrained(tiny_model("gpt2"), "user/repo", revision="v2")
+    assert {d["revision"] for d in hub.names("hf_hub_download")} == {None, "v2"}
+    assert_same_outputs(outputs(main, "gpt2"), outputs(first, "gpt2"))
+    assert_same_outputs(outputs(v2, "gpt2"), outputs(second, "gpt2"))
+    with pytest.raises(EntryNotFoundError):
+        GradiendModel.from_pretrained(tiny_model("gpt2"), "user/repo", revision="no-such-branch")
+
+
+# --- pushing a merged model -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, auto, with_tokenizer", [("gpt2", AutoModelForCausalLM, True), ("bert", AutoModelForMaskedLM, False)])
+def test_push_merged_uploads_a_plain_transformers_model_with_our_card(hub, tmp_path, kind, auto, with_tokenizer):
+    _, gradiend = wrap(kind)
+    config = gradiend.gradiend_config
+    edit = Edit(feature_factor=-0.25, learning_rate=0.0125, goal="balance")
+    merged = gradiend.merge_and_unload(edit)
+    tokenizer = tokenizer_for(kind) if with_tokenizer else None
+    push_merged(merged, "user/merged", config, tokenizer, edit=edit, token="hf_secret")
+
+    merged.save_pretrained(tmp_path / "model-files")
+    expected = {p.name for p in (tmp_path / "model-files").iterdir()} | {"README.md"}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp_path / "tokenizer-files")
+        expected |= {p.name for p in (tmp_path / "tokenizer-files").iterdir()}
+    assert {"config.json", "model.safetensors"} <= expected
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "user/merged" and set(upload["files"]) == expected
+    assert hub.names("create_repo")[0]["repo_id"] == "user/merged"
+
+    card = ModelCard(upload["files"]["README.md"].decode())
+    assert card.data.library_name == "transformers" and card.data.base_model == f"tiny/{kind}"
+    assert {"gradiend", "feature:female", "feature:male", "debiased"} <= set(card.data.tags)
+    assert f"{auto.__name__}.from_pretrained(\"user/merged\")" in card.text
+    assert "feature_factor = -0.25, learning_rate = 0.0125" in card.text
+
+    folder = hub.folder("user/merged")
+    reloaded = auto.from_pretrained(folder).eval()
+    assert type(reloaded) is type(merged)
+    ids = tokenizer_for(kind)(["the nurse said that she was in her room"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**ids).logits, merged(**ids).logits)
+    if tokenizer is not None:
+        assert AutoTokenizer.from_pretrained(folder)("the nurse said")["input_ids"] == tokenizer("the nurse said")["input_ids"]
+    else:
+        assert 'AutoTokenizer.from_pretrained("tiny/bert")' in card.text
+
+
+def test_push_merged_refuses_an_unmerged_adapter(hub):
+    _, gradiend = wrap("gpt2", feature_factor=1.0, learning_rate=0.1)
+    with pytest.raises(TypeError, match="merge_and_unload"):
+        push_merged(gradiend, "user/merged", gradiend.gradiend_config)
+    assert not hub.calls
+
+
+# --- cards ------------------------------------------------------------------------------------------------------
+def evaluated_config(**changes):
+    return GradiendConfig(
+        feature_classes=CLASSES,
+        base_model_name_or_path="HuggingFaceTB/SmolLM2-135M",
+        objective="causal_lm",
+        feature_factor=-0.25,
+        learning_rate=0.0125,
+        evaluation=dict(EVALUATION),
+        **changes,
+    )
+
+
+def test_adapter_card_renders_every_field_when_evaluated():
+    card = adapter_card(evaluated_config(), 1_234_567, repo_id="user/repo", license="mit")
+    again = ModelCard(str(card))  # what the Hub parses from README.md
+    assert again.data.library_name == "gradiend_hf"
+    assert again.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert again.data.license == "mit"
+    assert {"gradiend", "feature:female", "feature:male"} <= set(again.data.tags)
+    text = card.text
+    for figure in FIGURES + ["1,234,567", "-0.25", "0.0125", EVALUATION["training_data"]]:
+        assert figure in text, figure
+    assert "| language modelling score (LMS) | 0.8456 | 0.8123 | -0.0333 |" in text
+    assert "| P(female) | 0.1234 | 0.4321 | +0.3087 |" in text
+    assert 'balance "female" and "male"' in text
+    assert '+1 for "female"' in text and '-1 for "male"' in text
+    assert 'GradiendModel.from_pretrained(base, "user/repo")' in text and "AutoModelForCausalLM" in text
+    assert NOT_EVALUATED not in text.lower() and "Not recorded" not in text and "{{" not in text
+
+
+def test_merged_card_renders_every_field_when_evaluated():
+    card = merged_card(evaluated_config(), repo_id="user/merged")
+    again = ModelCard(str(card))
+    assert again.data.library_name == "transformers"
+    assert again.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert again.data.license == "apache-2.0" and again.data.pipeline_tag == "text-generation"
+    assert {"gradiend", "feature:female", "feature:male", "debiased"} <= set(again.data.tags)
+    text = card.text
+    for figure in FIGURES + ["-0.25", "0.0125", EVALUATION["training_data"]]:
+        assert figure in text, figure
+    assert "theta + learning_rate * dec(feature_factor)" in text
+    assert 'AutoModelForCausalLM.from_pretrained("user/merged")' in text and "gradiend_hf` is not needed" in text
+    assert NOT_EVALUATED not in text.lower() and "Not recorded" not in text and "{{" not in text
+
+
+def test_cards_say_not_evaluated_when_figures_are_missing():
+    bare = GradiendConfig(feature_classes=CLASSES)
+    card = adapter_card(bare, 10)
+    assert ModelCard(str(card)).data.tags[0] == "gradiend"
+    assert card.text.count(NOT_EVALUATED) >= 2 and "Not evaluated" in card.text and "Not recorded." in card.text
+    assert "merge_and_unload(feature_factor=1.0, learning_rate=1e-3)" in card.text
+
+    partial = GradiendConfig(feature_classes=CLASSES, feature_factor=1.0, learning_rate=0.5, evaluation={"lms": 0.75})
+    text = adapter_card(partial, 10).text
+    assert "| language modelling score (LMS) | not evaluated | 0.75 |  |" in text
+    assert "| perplexity | not evaluated | not evaluated |  |" in text
+    assert "| P(female) | not evaluated | not evaluated |  |" in text
+
+    merged = merged_card(partial.with_updates(evaluation=None), edit=Edit(feature_factor=1.0, learning_rate=0.5, goal="female"))
+    assert "edited" in ModelCard(str(merged)).data.tags and "Not evaluated" in merged.text
+    assert 'strengthen "female"' in merged.text
+    with pytest.raises(ValueError, match="needs the merged edit"):
+        merged_card(bare)
+
+
+def test_explicit_card_fields_and_another_edit():
+    config = evaluated_config()
+    text = adapter_card(config, 10, training_data="my rows", encoder_correlation=0.5).text
+    assert "my rows (12,345 rows)" in text and "0.5\n" in text and "0.9312" not in text
+    # Figures measured for another edit are not shown for this one; edit-independent ones (base model) still are.
+    other = merged_card(config, edit=Edit(feature_factor=1.0, learning_rate=0.5, goal="-male")).text
+    assert 'weaken "male"' in other and "0.8123" not in other and "0.4321" not in other
+    assert "| language modelling score (LMS) | 0.8456 | not evaluated |  |" in other and "0.9312" in other
+
+
+def test_large_and_tiny_figures_stay_readable():
+    config = evaluated_config().with_updates(evaluation={**EVALUATION, "base_perplexity": 9000.0, "perplexity": 12345.6})
+    text = adapter_card(config, 10).text
+    assert "| perplexity | 9000 | 12,346 | +3346 |" in text
+    config = config.with_updates(evaluation={**EVALUATION, "probabilities": {"female": 1.234e-05, "male": 0.5}})
+    assert "| P(female) | 0.1234 | 1.234e-05 | -0.1234 |" in adapter_card(config, 10).text
