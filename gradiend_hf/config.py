@@ -131,7 +131,7 @@ class GradiendConfig(PeftConfig):
         return cls(**data)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "GradiendConfig":  # type: ignore[override]
+    def from_file(cls, path: str | os.PathLike) -> "GradiendConfig":
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)

