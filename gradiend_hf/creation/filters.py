@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from ..schema import match_case  # noqa: F401  (re-exported: casing rules live with the schema)
 from .spacy_pipeline import Token
 
 Values = Union[str, Iterable[str], None]
@@ -174,7 +175,8 @@ def aligned_classes(table: Mapping[str, Sequence[Union[str, TokenRule]]], pair: 
     first, second = pair
     if len(entries[first]) != len(entries[second]):
         raise ValueError(f"aligned lists differ in length: {first!r} has {len(entries[first])} entries, "
-                         f"{second!r} has {len(entries[second])}; entry i of one class must match entry i of the other.")
+                         f"{second!r} has {len(entries[second])}; entry i of one class must match entry i of the "
+                         "other.")
     classes = []
     for name, other in ((first, second), (second, first)):
         rules = []
@@ -194,15 +196,6 @@ def word_pattern(words: Iterable[str]) -> Optional[re.Pattern]:
     return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in unique) + r")(?!\w)", re.IGNORECASE)
 
 
-def match_case(word: str, like: str) -> str:
-    """`word` cased like `like`: "SHE" -> upper, "She" -> capitalised, otherwise as given."""
-    if len(like) > 1 and like.isupper():
-        return word.upper()
-    if like[:1].isupper():
-        return word[:1].upper() + word[1:]
-    return word
-
-
 @dataclass(frozen=True)
 class Match:
     """A token that belongs to a feature class, with the rule that put it there."""
@@ -212,11 +205,42 @@ class Match:
     rule: TokenRule
 
 
+class Matcher:
+    """Finds the tokens each class claims; rules are indexed by word, so a token is tried only against its own."""
+
+    def __init__(self, classes: Sequence[FeatureClass]) -> None:
+        self.classes = list(classes)
+        self.by_word: list[dict[str, list[TokenRule]]] = []
+        self.wordless: list[list[tuple[int, TokenRule]]] = []
+        for c in self.classes:
+            index: dict[str, list[tuple[int, TokenRule]]] = {}
+            for order, rule in enumerate(c.rules):
+                for word in rule.words:
+                    index.setdefault(word, []).append((order, rule))
+            free = [(order, rule) for order, rule in enumerate(c.rules) if not rule.words]
+            # rules in their original order: word rules of this word merged with the word-less rules
+            self.by_word.append({w: [r for _, r in sorted(v + free, key=lambda x: x[0])] for w, v in index.items()})
+            self.wordless.append(free)
+
+    def __call__(self, tokens: Sequence[Token]) -> list[Match]:
+        """Tokens claimed by exactly one class (a token claimed by two classes is ambiguous and skipped)."""
+        out = []
+        for i, token in enumerate(tokens):
+            word = token.text.lower()
+            hits = []
+            for c, by_word, free in zip(self.classes, self.by_word, self.wordless):
+                rules = by_word.get(word)
+                if rules is None:
+                    rules = [rule for _, rule in free]
+                for rule in rules:
+                    if rule.matches(tokens, i):
+                        hits.append((c.name, rule))
+                        break
+            if len(hits) == 1:
+                out.append(Match(token, hits[0][0], hits[0][1]))
+        return out
+
+
 def find_matches(tokens: Sequence[Token], classes: Sequence[FeatureClass]) -> list[Match]:
     """Tokens claimed by exactly one class (a token claimed by two classes is ambiguous and skipped)."""
-    out = []
-    for i, token in enumerate(tokens):
-        hits = [(c.name, rule) for c in classes if (rule := c.match(tokens, i)) is not None]
-        if len(hits) == 1:
-            out.append(Match(token, hits[0][0], hits[0][1]))
-    return out
+    return Matcher(classes)(tokens)

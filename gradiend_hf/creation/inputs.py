@@ -6,7 +6,7 @@ import bz2
 import gzip
 import os
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Iterable, Union
 
 import datasets
 import pandas as pd

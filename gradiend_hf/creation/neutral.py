@@ -36,7 +36,7 @@ def neutral_sentences(
     if annotate is None:
         raise ValueError("exclude_rules need spaCy annotations: pass annotate= (e.g. DataCreator.annotate).")
     out: list[str] = []
-    chunk = max(64, 2 * limit) if limit is not None else len(candidates)
+    chunk = max(64, 2 * limit) if limit is not None else max(1, len(candidates))
     for start in range(0, len(candidates), chunk):
         for sentence in annotate(candidates[start:start + chunk]):
             tokens = sentence.tokens

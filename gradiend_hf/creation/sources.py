@@ -34,7 +34,8 @@ def gensim_data_file(name: str) -> Path:
     """A file of gensim's test data (Wikipedia dump, Lee corpus)."""
     path = package_folder("gensim", "pip install --no-deps gensim") / "test" / "test_data" / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed gensim; reinstall with `pip install --no-deps gensim`.")
+        raise FileNotFoundError(f"{path} is missing from the installed gensim; reinstall with "
+                                "`pip install --no-deps gensim`.")
     return path
 
 
@@ -72,7 +73,7 @@ def _link(match: re.Match) -> str:
 
 
 def wiki_to_text(markup: str) -> str:
-    """Plain prose paragraphs (separated by blank lines) from MediaWiki markup: a small cleaner, good enough for sentence mining.
+    """Plain prose paragraphs (separated by blank lines) from MediaWiki markup: a small cleaner for sentence mining.
 
     Drops templates, tables, references, comments, files/categories, headings, list markers and the reference
     sections at the end; keeps link labels and the text of inline HTML; removes bold/italic quotes.
@@ -160,7 +161,8 @@ def first_names(gender: str, top: Optional[int] = None) -> list[str]:
         raise ValueError(f"gender must be one of {list(NAME_FILES)}, got {gender!r}.")
     path = package_folder("names", "pip install --no-deps names") / NAME_FILES[gender]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed names; reinstall with `pip install --no-deps names`.")
+        raise FileNotFoundError(f"{path} is missing from the installed names; reinstall with "
+                                "`pip install --no-deps names`.")
     out: list[str] = []
     with open(path, encoding="utf-8") as handle:
         for line in handle:

@@ -194,9 +194,11 @@ def annotate(
     disabled = _disabled(pipeline, lemma, ner, dep)
     enabled = [name for name in pipeline.pipe_names if name not in disabled]
     if dep and "parser" not in enabled:
-        raise ValueError(f"a filter uses dependency labels but the pipeline has no parser (components: {pipeline.pipe_names}).")
+        raise ValueError("a filter uses dependency labels but the pipeline has no parser "
+                         f"(components: {pipeline.pipe_names}).")
     if ner and "ner" not in enabled:
-        raise ValueError(f"named entities are needed but the pipeline has no 'ner' (components: {pipeline.pipe_names}).")
+        raise ValueError("named entities are needed but the pipeline has no 'ner' "
+                         f"(components: {pipeline.pipe_names}).")
     unique = list(dict.fromkeys(sentences))
     folder = cache_mod.cache_dir(cache)
     key = cache_mod.cache_key("annotations", pipeline=pipeline_identity(pipeline), pipes=enabled,
