@@ -113,3 +113,107 @@ def plot_decoder(evaluation: DecoderEvaluation, edits: Optional[Iterable[Edit]] 
     figure.suptitle("Decoder grid (dotted: base model; stars: chosen edits)", fontsize=10)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(figure, path)
+
+
+# --- comparison figures (gradiend_hf.comparison) ------------------------------------------------------------------------
+from matplotlib import colormaps  # noqa: E402
+
+from .comparison import FeatureLocation, Overlap  # noqa: E402
+
+MODULE_COLOURS = {"attention": "#2471a3", "mlp": "#c0392b", "embeddings": "#27ae60", "norm": "#8e44ad", "other": "#7f8c8d"}
+
+
+def _heatmap(figure: Figure, axis, frame: pd.DataFrame, vmin: float, vmax: float, cmap: str, title: str,
+             fmt: str = "{:.2f}", zero: Optional[str] = None):
+    """imshow of a labelled frame with every cell's number written in it (NaN cells grey, marked '–')."""
+    values = frame.to_numpy(dtype=float)
+    image = axis.imshow(values, vmin=vmin, vmax=vmax, cmap=colormaps[cmap].with_extremes(bad="#e5e5e5"), aspect="auto")
+    long_labels = max((len(str(c)) for c in frame.columns), default=0) > 4
+    axis.set_xticks(range(values.shape[1]), [str(c) for c in frame.columns], rotation=35 if long_labels else 0,
+                    ha="right" if long_labels else "center", fontsize=8)
+    axis.set_yticks(range(values.shape[0]), [str(i) for i in frame.index], fontsize=8)
+    box = axis.get_position()  # cell size in points decides the font size of the numbers
+    cell_width = 72 * box.width * figure.get_figwidth() / max(values.shape[1], 1)
+    cell_height = 72 * box.height * figure.get_figheight() / max(values.shape[0], 1)
+    size = max(5.5, min(10.0, cell_width / 3.6, cell_height * 0.5))
+    for (i, j), value in np.ndenumerate(values):
+        if np.isnan(value):
+            text, colour = "–", "black"
+        else:
+            red, green, blue, _ = image.cmap(image.norm(value))
+            colour = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+            text = zero if zero is not None and value == 0 else fmt.format(value)
+            if text.startswith("-") and not any(c in "123456789" for c in text):
+                text = text[1:]  # '-0.00' reads as a sign where there is none
+        axis.text(j, i, text, ha="center", va="center", fontsize=size, color=colour)
+    axis.set_title(title, fontsize=10)
+    colourbar = figure.colorbar(image, ax=axis, shrink=0.85)
+    if "%" in fmt:
+        colourbar.ax.yaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
+    return image
+
+
+def _matrix_size(n: int, panels: int = 1) -> tuple[float, float]:
+    side = max(3.2, 0.75 * n + 1.6)
+    return (side * 1.25 * panels, side)
+
+
+def plot_overlap(matrix: Union[Overlap, pd.DataFrame], path: PathLike = None, title: Optional[str] = None) -> Figure:
+    """Heatmap(s) of top-k overlap with the value in every cell: an `Overlap` draws |A∩B|/min and Jaccard side by
+    side, a single DataFrame draws just that matrix (0 to 1)."""
+    if isinstance(matrix, Overlap):
+        frames = [(matrix.overlap, "|A∩B| / min(|A|, |B|)"), (matrix.jaccard, "Jaccard |A∩B| / |A∪B|")]
+        k = f"{matrix.k:g}" if isinstance(matrix.k, float) else str(matrix.k)
+        title = title or f"Top-k overlap ({matrix.by}, k = {k}; sizes {', '.join(str(int(s)) for s in matrix.sizes)})"
+    else:
+        frames = [(matrix, "overlap")]
+    figure = Figure(figsize=_matrix_size(len(frames[0][0]), len(frames)))
+    axes = np.atleast_1d(figure.subplots(1, len(frames)))
+    for axis, (frame, name) in zip(axes, frames):
+        _heatmap(figure, axis, frame, 0.0, 1.0, "viridis", name)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_cosine(matrix: pd.DataFrame, path: PathLike = None, title: str = "Cosine similarity of decoder vectors") -> Figure:
+    """Heatmap of a `decoder_cosine` matrix (-1 to 1, diverging colours) with the value in every cell."""
+    figure = Figure(figsize=_matrix_size(len(matrix)))
+    _heatmap(figure, figure.subplots(), matrix, -1.0, 1.0, "RdBu_r", title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_feature_location(location: Union[FeatureLocation, pd.DataFrame], path: PathLike = None,
+                          title: Optional[str] = None) -> Figure:
+    """Where a feature lives: share of weight mass per layer as bars stacked by module type (left) and the
+    layer x module-type table as an annotated heatmap (right). Takes a `FeatureLocation` or its `.table`."""
+    table = location.table if isinstance(location, FeatureLocation) else location
+    if title is None and isinstance(location, FeatureLocation):
+        title = f"Where the feature lives: share of {'|w|' if location.measure == 'abs' else 'w²'} mass ({location.by})"
+    rows = len(table.index)
+    figure = Figure(figsize=(12, max(3.2, 0.34 * rows + 1.8)))
+    bars, heat = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.15]})
+    positions = np.arange(rows)
+    left = np.zeros(rows)
+    for module in table.columns:
+        shares = table[module].to_numpy(dtype=float)
+        bars.barh(positions, shares, left=left, color=MODULE_COLOURS.get(module, "#34495e"), height=0.75,
+                  label=f"{module} ({shares.sum():.1%})")
+        left += shares
+    for y, total in zip(positions, left):
+        bars.text(total, y, f" {total:.1%}", va="center", fontsize=7)
+    bars.set_yticks(positions, [str(i) for i in table.index], fontsize=8)
+    bars.set_ylim(rows - 0.5, -0.5)
+    bars.set_xlim(0, max(float(left.max()) * 1.2, 0.05) if rows else 1)
+    bars.xaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
+    bars.set(xlabel="share of mass", title="Per layer (stacked by module type)")
+    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.5 / max(figure.get_figheight() - 1.5, 1.0)),
+                ncol=len(table.columns), frameon=False)
+    _heatmap(figure, heat, table, 0.0, max(float(np.nanmax(table.to_numpy(dtype=float))) if table.size else 1.0, 1e-12),
+             "YlOrRd", "Layer x module type", fmt="{:.1%}", zero="·")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from .comparison import seed_stability
 from .config import GradiendConfig
 from .model import GradiendModel
 from .trainer import GradiendTrainer, GradiendTrainingArguments
@@ -46,7 +47,9 @@ def train_seeds(
 ) -> SeedSearch:
     """Train one adapter per seed (init and data order) until `enough` converged; keep the best.
 
-    Each seed writes its run into `<output_dir>/seed-<seed>`; the best adapter is saved to `<output_dir>/best`.
+    Each seed writes its run into `<output_dir>/seed-<seed>` (with the seed's best adapter at its top level); the best
+    adapter is saved to `<output_dir>/best`. The report's "stability" entry (see `comparison.seed_stability`) holds the
+    pairwise top-1% overlap and decoder cosine among the trained seeds.
     """
     if enough < 1 or not seeds:
         raise ValueError("train_seeds needs at least one seed and enough >= 1.")
@@ -57,6 +60,8 @@ def train_seeds(
         trainer = GradiendTrainer(model=model, args=run_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                   processing_class=processing_class, **trainer_kwargs)
         trainer.train()
+        if run_args.should_save:  # the seed's best adapter, for the stability summary and later comparisons
+            trainer.gradiend_model.save_pretrained(run_args.output_dir)
         verdict = trainer.verdict
         entry = {
             "seed": seed,
@@ -81,6 +86,9 @@ def train_seeds(
         "seeds_tried": len(entries),
         "seeds_converged": sum(e["converged"] for e in entries),
         "seeds": entries,
+        # pairwise top-k overlap and decoder cosine among the trained seeds (read back from their run dirs)
+        "stability": seed_stability({e["seed"]: e["output_dir"] for e in entries},
+                                    converged={e["seed"]: e["converged"] for e in entries}) if args.should_save else None,
     }
     if args.should_save:
         best.save_pretrained(os.path.join(args.output_dir, "best"))
