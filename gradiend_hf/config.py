@@ -6,7 +6,7 @@ import enum
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from peft import PeftConfig
 
@@ -15,6 +15,7 @@ GRADIENT_KINDS = ("factual", "alternative", "diff")
 OBJECTIVES = ("auto", "masked_lm", "causal_lm")
 ENCODER_ACTIVATIONS = ("tanh", "identity", "sigmoid")
 DECODER_ACTIVATIONS = ("identity", "tanh")
+POST_PRUNE_CRITERIA = ("decoder", "encoder", "decoder_bias", "decoder_sum")
 
 
 class GradiendType(str, enum.Enum):
@@ -77,6 +78,30 @@ class GradiendConfig(PeftConfig):
     evaluation: Optional[dict] = field(
         default=None, metadata={"help": "Figures recorded with the chosen edit (metrics, LMS before/after)."}
     )
+    pre_prune: Optional[Union[float, int]] = field(
+        default=None,
+        metadata={
+            "help": "Pre-pruning (GradiendTrainer, before training): keep this fraction (0 < x <= 1) or count (int >= 1) "
+            "of the selected entries with the largest |mean gradient| of the source over `pre_prune_rows` training rows "
+            "stratified by transition (see gradiend_hf.pruning.pre_prune). None = no pre-pruning."
+        },
+    )
+    pre_prune_rows: int = field(default=32, metadata={"help": "Training rows pre-pruning estimates the importance from."})
+    post_prune: Optional[Union[float, int]] = field(
+        default=None,
+        metadata={
+            "help": "Post-pruning (GradiendTrainer, after the best checkpoint is loaded): keep this fraction or count of "
+            "the adapter's entries by `post_prune_by` (see gradiend_hf.pruning.post_prune). None = no post-pruning."
+        },
+    )
+    post_prune_by: str = field(
+        default="decoder",
+        metadata={"help": f"Post-pruning criterion, one of {POST_PRUNE_CRITERIA}: |W_d|, |W_e|, |b_d| or |W_d + b_d|."},
+    )
+    pruning: Optional[list] = field(
+        default=None,
+        metadata={"help": "Record of the pruning steps applied (method, keep, kept, total, ...), in order; written by pruning."},
+    )
 
     def __post_init__(self) -> None:
         self.peft_type = GradiendType.GRADIEND
@@ -104,6 +129,17 @@ class GradiendConfig(PeftConfig):
                 setattr(self, name, [value])
         if self.encoder_bias is not None and len(self.encoder_bias) != self.latent_dim:
             raise ValueError(f"encoder_bias has {len(self.encoder_bias)} values but latent_dim is {self.latent_dim}.")
+        for name in ("pre_prune", "post_prune"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}={value!r} must be a fraction (0 < x <= 1), a count (int >= 1) or None.")
+            if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0.0 < value <= 1.0):
+                raise ValueError(f"{name}={value!r} must be a fraction (0 < x <= 1), a count (int >= 1) or None.")
+        if isinstance(self.pre_prune_rows, bool) or not isinstance(self.pre_prune_rows, int) or self.pre_prune_rows < 1:
+            raise ValueError(f"pre_prune_rows must be a positive integer, got {self.pre_prune_rows!r}.")
+        _choice("post_prune_by", self.post_prune_by, POST_PRUNE_CRITERIA)
         if (self.feature_factor is None) != (self.learning_rate is None):
             raise ValueError("Set both feature_factor and learning_rate for a stored edit, or neither.")
 

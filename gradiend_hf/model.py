@@ -289,6 +289,10 @@ class GradiendModel(nn.Module):
         if set(grouped) != set(self.bottleneck.names):
             raise ValueError(f"The adapter at {path} covers other parameters than this model; it belongs to another run.")
         check_fits(self._base(), config, grouped)
+        for name, tensors in grouped.items():
+            mine, saved = self.bottleneck.indices[name], tensors.get("index")
+            if (mine is None) != (saved is None) or (mine is not None and not torch.equal(mine.cpu(), saved.cpu())):
+                raise ValueError(f"The adapter at {path} keeps other entries of {name} than this model (pruning differs).")
         self.bottleneck_from(grouped)
         with torch.no_grad():
             self.bottleneck.encoder_bias.copy_(torch.tensor(config.encoder_bias))

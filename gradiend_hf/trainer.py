@@ -18,6 +18,7 @@ from .checkpointing import has_optimizer_state, load_optimizer_state, save_optim
 from .data import GradiendDataCollator
 from .evaluation.encoder import encode_dataset, encoder_metrics
 from .model import GradiendModel
+from .pruning import maybe_post_prune, maybe_pre_prune
 
 logger = logging.getLogger("gradiend_hf")
 CONVERGENCE_FILE = "convergence.json"
@@ -151,6 +152,7 @@ class GradiendTrainer(Trainer):
         if eval_dataset is not None:
             eval_dataset = prepare_rows(eval_dataset, classes, seed=args.seed, tokenizer=processing_class)
         data_collator = data_collator or GradiendDataCollator(processing_class, model.objective, classes)
+        model = maybe_pre_prune(model, train_dataset, data_collator, args.per_device_train_batch_size, args.seed)
         self.convergence = ConvergenceCallback(classes)
         super().__init__(
             model=model,
@@ -244,6 +246,7 @@ class GradiendTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any):
         output = super().train(*args, **kwargs)
+        maybe_post_prune(self.gradiend_model)
         verdict = self.convergence.verdict(self.args)
         self.state.stateful_callbacks[type(self.convergence).__name__] = self.convergence.state()
         if self.args.should_save:
