@@ -15,17 +15,10 @@ from gradiend_hf.sampling import TransitionBatchSampler
 from gradiend_hf.selection import select_parameters
 from gradiend_hf.serialization import WEIGHTS_NAME
 from gradiend_hf.trainer import GradiendTrainer, GradiendTrainingArguments
+from test_trainer import CONTEXTS as TRAINER_CONTEXTS, WORDS  # the same learnable feature
 
 CLASSES = ["female", "male"]
-CONTEXTS = [
-    "the nurse said that [MASK] was in the room",
-    "[MASK] said the results were good",
-    "the doctor said that [MASK] went home",
-    "and then [MASK] went home",
-    "they said [MASK] was good",
-    "the results were bad and [MASK] went home",
-]
-WORDS = {"female": ["she", "her"], "male": ["he", "his"]}
+CONTEXTS = TRAINER_CONTEXTS[:6]
 SIGN = {"female": 1.0, "male": -1.0}
 
 
