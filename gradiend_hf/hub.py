@@ -231,7 +231,7 @@ def merged_card(
 
 
 # --- pushing -----------------------------------------------------------------------------------------------------
-def _upload(
+def upload_folder(
     folder: Path,
     repo_id: str,
     *,
@@ -240,7 +240,9 @@ def _upload(
     revision: Optional[str],
     commit_message: str,
 ) -> "CommitInfo":
-    """create_repo (exist_ok) [+ create_branch for a revision] + upload_folder: one commit with the folder's files."""
+    """create_repo (exist_ok) [+ create_branch for a revision] + upload_folder: one commit with the folder's files.
+
+    Used for adapters, merged models and `gradiend-hf push` of a run's folder (already holding its card)."""
     api = HfApi(token=token)
     api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     if revision is not None and revision != "main":
@@ -276,7 +278,7 @@ def push_adapter(
     with tempfile.TemporaryDirectory(prefix="gradiend-push-") as tmp:
         folder = Path(tmp) / "adapter"
         model.save_pretrained(folder, **card_fields)
-        return _upload(
+        return upload_folder(
             folder,
             repo_id,
             private=private,
@@ -336,7 +338,7 @@ def push_merged(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         card.save(folder / "README.md")  # last: ours, whatever save_pretrained wrote
-        return _upload(
+        return upload_folder(
             folder,
             repo_id,
             private=private,

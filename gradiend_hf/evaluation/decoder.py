@@ -127,17 +127,18 @@ def evaluate_decoder(
     rows = list(prepare_rows(dataset, classes, seed=seed, tokenizer=tokenizer))
     rows = rows[:max_rows] if max_rows else rows
     factual = torch.tensor([classes.index(r["factual_class"]) for r in rows])
-    collate = GradiendDataCollator(tokenizer, model.objective, classes)
-    words = class_words(rows, classes)
+    objective = getattr(model, "lm_objective", model.objective)  # the real LM head, also for the auxiliary objective
+    collate = GradiendDataCollator(tokenizer, objective, classes)
+    words = class_words(rows, classes, tokenizer)
     chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     prepared = [word_batches(chunk, [w for ws in words.values() for w in ws], collate) for chunk in chunks]
-    neutral = lms_batches(tokenizer, list(neutral_texts), model.objective, batch_size=batch_size, seed=seed)
+    neutral = lms_batches(tokenizer, list(neutral_texts), objective, batch_size=batch_size, seed=seed)
     base_model = model._base()
 
     def measure(ff: float, lr: float, is_base: bool) -> dict[str, Any]:
         per_row = [class_probabilities(word_probabilities(base_model, batches), words) for batches in prepared]
         probs = {c: torch.cat([p[c] for p in per_row]) for c in classes}
-        lms = language_modelling_score(base_model, neutral, model.objective)
+        lms = language_modelling_score(base_model, neutral, objective)
         record = {"feature_factor": ff, "learning_rate": lr, "is_base": is_base, "skipped": False,
                   "lms": lms.lms, "perplexity": lms.perplexity, "accuracy": lms.accuracy}
         for c in classes:

@@ -21,8 +21,20 @@ def case_variants(word: str) -> list[str]:
     return list(dict.fromkeys([word, word.lower(), word[:1].upper() + word[1:]]))
 
 
-def class_words(rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str]) -> dict[str, list[str]]:
-    """Every word the data uses for each class (factual and alternative), with case variants."""
+def distinct_spellings(words: Sequence[str], tokenizer: Any) -> list[str]:
+    """The words the tokenizer tells apart: an uncased tokenizer reads "She" as "she", which must count only once."""
+    seen, kept = set(), []
+    for word in words:
+        key = tuple(tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (word, " " + word))
+        if key not in seen:
+            seen.add(key)
+            kept.append(word)
+    return kept
+
+
+def class_words(rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str], tokenizer: Any = None) -> dict[str, list[str]]:
+    """Every word the data uses for each class (factual and alternative), with case variants (those the tokenizer
+    tells apart, when one is given)."""
     words: dict[str, dict[str, None]] = {c: {} for c in feature_classes}
     for row in rows:
         for side in ("factual", "alternative"):
@@ -30,7 +42,9 @@ def class_words(rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str
             if cls in words:
                 for variant in case_variants(row[side]):
                     words[cls][variant] = None
-    return {c: list(w) for c, w in words.items()}
+    if tokenizer is None:
+        return {c: list(w) for c, w in words.items()}
+    return {c: distinct_spellings(list(w), tokenizer) for c, w in words.items()}
 
 
 @dataclass

@@ -1,0 +1,81 @@
+"""P(class) in contexts that do not decide the class: where a debiasing ("balance") edit should show.
+
+Held-out rows say which class is right ("Mary said that [MASK] ..."), so they measure whether the model still knows
+the feature. A *neutral context* ("The doctor said that [MASK] would be late.") has no right answer; a model that
+prefers one class there is biased, and the balance edit should bring the two probabilities together. The same
+probability code as the decoder grid is used (class words with case variants, multi-token words as products).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data import MASK, GradiendDataCollator
+from .probabilities import class_probabilities, word_batches, word_probabilities
+
+# Person references that carry no grammatical or lexical gender, and frames whose masked slot is a subject pronoun.
+NEUTRAL_SUBJECTS = (
+    "The person", "The doctor", "The nurse", "The teacher", "The engineer", "The student", "The lawyer",
+    "The secretary", "The manager", "The cook", "The pilot", "The cashier", "The scientist", "The dancer",
+    "My neighbour", "My friend", "The child", "The customer", "The driver", "The writer",
+)
+NEUTRAL_FRAMES = (
+    "{subject} said that {mask} would be late today.",
+    "{subject} called because {mask} needed some help.",
+    "{subject} told me that {mask} had finished the report.",
+    "When {subject_lower} arrived, {mask} was very tired.",
+    "I asked {subject_lower} whether {mask} wanted coffee.",
+    "{subject} smiled because {mask} liked the idea.",
+)
+
+
+def gender_neutral_contexts(subjects: Sequence[str] = NEUTRAL_SUBJECTS, frames: Sequence[str] = NEUTRAL_FRAMES) -> list[str]:
+    """Masked sentences about a person of unknown gender (subject x frame), e.g. 'The nurse said that [MASK] ...'."""
+    return [frame.format(subject=s, subject_lower=s[:1].lower() + s[1:], mask=MASK) for s, frame in itertools.product(subjects, frames)]
+
+
+@torch.no_grad()
+def context_probabilities(
+    base_model: torch.nn.Module,
+    tokenizer: Any,
+    objective: str,
+    contexts: Sequence[str],
+    words_by_class: Mapping[str, Sequence[str]],
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """One row per context: P(class) for every class (sum over its words) at the [MASK]."""
+    classes = list(words_by_class)
+    if len(classes) < 2:
+        raise ValueError(f"words_by_class needs at least two classes, got {classes}.")
+    for context in contexts:
+        if context.count(MASK) != 1:
+            raise ValueError(f"a neutral context needs exactly one {MASK}: {context!r}.")
+    collate = GradiendDataCollator(tokenizer, objective, classes)
+    words = [w for ws in words_by_class.values() for w in ws]
+    parts = []
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start : start + batch_size]
+        rows = [dict(masked=c, factual=words[0], alternative=words[0], factual_class=classes[0],
+                     alternative_class=classes[1]) for c in chunk]
+        probs = class_probabilities(word_probabilities(base_model, word_batches(rows, words, collate)), words_by_class)
+        parts.append(pd.DataFrame({c: probs[c].double().numpy() for c in classes}))
+    frame = pd.concat(parts, ignore_index=True)
+    frame.insert(0, "context", list(contexts))
+    return frame
+
+
+def summarise_contexts(frame: pd.DataFrame, classes: Sequence[str]) -> dict[str, float]:
+    """Mean P(class), their ratio (first / second class) and the mean |log ratio| per context (0 = balanced)."""
+    a, b = classes
+    ratio = frame[a].mean() / frame[b].mean()
+    return {
+        f"p_{a}": float(frame[a].mean()),
+        f"p_{b}": float(frame[b].mean()),
+        "ratio": float(ratio),
+        "mean_abs_log_ratio": float(np.abs(np.log(frame[a] / frame[b])).mean()),
+    }

@@ -1,0 +1,303 @@
+"""The steps of a GRADIEND run, each reading and writing one run folder (see RunFolder), so they can run separately
+(`gradiend-hf train`, then `evaluate`, then `rewrite`) or in one go (`gradiend-hf run` / `demo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import datasets
+import pandas as pd
+
+from .edit import Edit
+from .job import JobConfig, JobConfigError
+
+logger = logging.getLogger("gradiend_hf")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where each step puts its output inside one run folder."""
+
+    root: Path
+
+    @property
+    def job(self) -> Path: return self.root / "job.yaml"
+    @property
+    def data(self) -> Path: return self.root / "data"
+    @property
+    def training(self) -> Path: return self.root / "training"
+    @property
+    def adapter(self) -> Path: return self.root / "adapter"
+    @property
+    def plots(self) -> Path: return self.root / "plots"
+    @property
+    def results(self) -> Path: return self.root / "results"
+    @property
+    def report(self) -> Path: return self.root / "report.md"
+
+    def model(self, goal: str) -> Path:
+        return self.root / "models" / goal.replace("-", "weaken-")
+
+    def read_json(self, name: str) -> Any:
+        path = self.results / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the step that writes it first (train, then evaluate).")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.results.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.results / name, json.dumps(value, indent=2, default=float))
+
+    def load_job(self) -> JobConfig:
+        if not self.job.is_file():
+            raise FileNotFoundError(f"{self.root} is not a run folder (no job.yaml): run `gradiend-hf train <job file>` first.")
+        return JobConfig.from_file(self.job)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def timed(run: RunFolder, phase: str) -> Iterator[None]:
+    """Adds the phase's wall time (seconds) to results/timings.json."""
+    start = time.perf_counter()
+    yield
+    path = run.results / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[phase] = round(time.perf_counter() - start, 1)
+    run.write_json("timings.json", timings)
+
+
+# --- inputs --------------------------------------------------------------------------------------------------------
+def load_base(job: JobConfig):
+    """(model, tokenizer) of the job's base model; weights are read from safetensors only (never pickle)."""
+    if job.model == "smollm2":
+        from .offline import load_smollm2
+
+        return load_smollm2()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    kind = job.model_class
+    if kind == "auto":
+        architectures = AutoConfig.from_pretrained(job.model).architectures or []
+        kind = "masked_lm" if any(a.endswith("ForMaskedLM") for a in architectures) else "causal_lm"
+    auto = AutoModelForMaskedLM if kind == "masked_lm" else AutoModelForCausalLM
+    model = auto.from_pretrained(job.model, use_safetensors=True)
+    return model.eval(), AutoTokenizer.from_pretrained(job.model)
+
+
+def read_rows(path: Union[str, Path]) -> datasets.Dataset:
+    """Rows from .jsonl/.json/.csv/.parquet; a .txt file gives one `text` per non-empty line (neutral text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobConfigError(f"data file {path} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return datasets.Dataset.from_dict({"text": lines})
+    readers = {".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json, ".csv": pd.read_csv,
+               ".parquet": pd.read_parquet}
+    if suffix not in readers:
+        raise JobConfigError(f"data file {path}: use .jsonl, .json, .csv, .parquet (rows) or .txt (neutral text).")
+    return datasets.Dataset.from_pandas(readers[suffix](path), preserve_index=False)
+
+
+def build_data(job: JobConfig) -> datasets.DatasetDict:
+    """The job's splits: a built-in recipe over offline text, or the given row files."""
+    spec = job.data
+    if spec.recipe is None:
+        splits = {name: read_rows(getattr(spec, name)) for name in ("train", "validation", "test", "neutral")
+                  if getattr(spec, name) is not None}
+        return datasets.DatasetDict(splits)
+    from . import creation
+
+    text = {"wikipedia": creation.wikipedia_texts, "news": creation.news_texts}.get(spec.text) if isinstance(spec.text, str) else None
+    source = text() if text is not None else spec.text
+    try:
+        return getattr(creation, spec.recipe)(source, **spec.options)
+    except TypeError as error:
+        raise JobConfigError(f"data.options do not fit recipe {spec.recipe!r}: {error}") from error
+
+
+def load_data(run: RunFolder) -> datasets.DatasetDict:
+    if not run.data.is_dir():
+        raise FileNotFoundError(f"{run.data} is missing: run `gradiend-hf train` for this run folder first.")
+    return datasets.load_from_disk(str(run.data))
+
+
+def describe_data(job: JobConfig, data: datasets.DatasetDict) -> str:
+    counts = ", ".join(f"{name} {len(split):,}" for name, split in data.items())
+    origin = f"recipe `{job.data.recipe}` on {job.data.text}" if job.data.recipe else "row files"
+    return f"{origin} ({counts})"
+
+
+# --- steps -----------------------------------------------------------------------------------------------------------
+def train(job: JobConfig, run: RunFolder, base, tokenizer, data: datasets.DatasetDict):
+    """Train one adapter per seed (keeping the best convergent one), save it to run/adapter, plot training."""
+    from .plotting import plot_training
+    from .seeds import train_seeds
+
+    args = job.training_arguments(run.training)
+    with timed(run, "training"):
+        search = train_seeds(base, job.adapter_config(), args, data["train"], data["validation"], tokenizer,
+                             seeds=job.seeds)
+    model = search.model
+    if args.should_save:
+        model.save_pretrained(run.adapter, training_data=describe_data(job, data))
+        state = json.loads((run.training / f"seed-{search.seed}" / "trainer_state.json").read_text())
+        run.plots.mkdir(parents=True, exist_ok=True)
+        plot_training(state["log_history"], model.gradiend_config.feature_classes, run.plots / "training.png")
+        run.write_json("training.json", {**search.report, "selected_entries": model.num_entries,
+                                         "steps": state.get("global_step")})
+    return model
+
+
+def prepare(job: JobConfig, run: RunFolder) -> datasets.DatasetDict:
+    """Write job.yaml and the data splits into the run folder (the later steps read them from there)."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    job.save(run.job)
+    with timed(run, "data"):
+        data = build_data(job)
+        missing = [s for s in ("train", "validation", "test") if s not in data]
+        if missing:
+            raise JobConfigError(f"the data has no {', '.join(missing)} split(s); splits found: {list(data)}.")
+        data.save_to_disk(str(run.data))
+    return data
+
+
+def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.DatasetDict) -> dict[str, Any]:
+    """Encoder on held-out rows, the decoder grid, one edit per goal, P(class) in neutral contexts; plots + results."""
+    from .evaluation import evaluate_decoder, evaluate_encoder
+    from .evaluation.contexts import context_probabilities, gender_neutral_contexts, summarise_contexts
+    from .evaluation.probabilities import class_words
+    from .hub import adapter_card
+    from .plotting import plot_decoder, plot_encoder
+
+    spec, classes = job.evaluation, model.gradiend_config.feature_classes
+    if "neutral" not in data or len(data["neutral"]) == 0:
+        raise JobConfigError("the data has no neutral texts (split 'neutral'), which the language-modelling score needs: "
+                             "give data.neutral: <texts.txt> or use a recipe with neutral > 0.")
+    test = data["test"].shuffle(seed=0)
+    run.plots.mkdir(parents=True, exist_ok=True)
+    with timed(run, "encoder evaluation"):
+        encoder_rows = test if spec.encoder_rows is None else test.select(range(min(spec.encoder_rows, len(test))))
+        encoder = evaluate_encoder(model, encoder_rows, tokenizer)
+        plot_encoder(encoder, classes, run.plots / "encoder.png")
+        encoder.frame.to_csv(run.results / "encoder_rows.csv", index=False)
+    with timed(run, "decoder grid"):
+        decoder = evaluate_decoder(model, test.select(range(min(spec.decoder_rows, len(test)))), tokenizer,
+                                   neutral_texts=data["neutral"]["text"][: spec.neutral_texts],
+                                   feature_factors=spec.feature_factors, learning_rates=spec.learning_rates,
+                                   lms_ratio=spec.lms_ratio)
+        edits = {goal: decoder.best(goal) for goal in job.goals}
+        plot_decoder(decoder, edits.values(), run.plots / "decoder.png")
+        decoder.grid.to_csv(run.results / "decoder_grid.csv", index=False)
+    contexts = None
+    if spec.neutral_contexts is not None:
+        with timed(run, "neutral contexts"):
+            texts = gender_neutral_contexts() if spec.neutral_contexts == "gender" else list(spec.neutral_contexts)
+            words = class_words(list(test), classes, tokenizer)
+            frames = {"base": context_probabilities(model._base(), tokenizer, model.objective, texts, words)}
+            for goal, edit in edits.items():
+                with model.apply_edit(edit):
+                    frames[goal] = context_probabilities(model._base(), tokenizer, model.objective, texts, words)
+            pd.concat([f.assign(model=name) for name, f in frames.items()]).to_csv(run.results / "contexts.csv", index=False)
+            contexts = {name: summarise_contexts(f, classes) for name, f in frames.items()}
+    results = {
+        "encoder": {**encoder.summary(), "rows": int(len(encoder_rows))},
+        "edits": {goal: edit_record(edit) for goal, edit in edits.items()},
+        "contexts": contexts,
+        "decoder_rows": int(min(spec.decoder_rows, len(test))),
+        "neutral_texts": int(min(spec.neutral_texts, len(data["neutral"]))),
+        "candidates": int((~decoder.grid["skipped"]).sum()),
+    }
+    run.write_json("evaluation.json", results)
+    if run.adapter.is_dir():  # the adapter's card now shows the held-out encoder correlation
+        adapter_card(model.gradiend_config, model.num_entries, training_data=describe_data(job, data),
+                     encoder_correlation=encoder.correlation).save(run.adapter / "README.md")
+    return results
+
+
+def edit_record(edit: Edit) -> dict[str, Any]:
+    return {"feature_factor": edit.feature_factor, "learning_rate": edit.learning_rate, "goal": edit.goal,
+            "metrics": edit.metrics}
+
+
+def edit_from_record(record: dict[str, Any]) -> Edit:
+    return Edit(feature_factor=record["feature_factor"], learning_rate=record["learning_rate"], goal=record["goal"],
+                metrics=record.get("metrics") or {})
+
+
+def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: Optional[Path] = None,
+            data_text: Optional[str] = None, encoder_correlation: Optional[float] = None) -> Path:
+    """Merge `edit` into the base (in place; the adapter lets go of it) and save a plain transformers model + card."""
+    from .hub import merged_card
+
+    out = Path(out) if out is not None else run.model(edit.goal or "custom")
+    config = model.gradiend_config
+    with timed(run, f"rewrite ({edit.goal or 'custom'})"):
+        merged = model.merge_and_unload(edit)
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        merged_card(model.gradiend_config.with_updates(objective=config.objective), edit=edit, with_tokenizer=True,
+                    training_data=data_text, encoder_correlation=encoder_correlation).save(out / "README.md")
+    return out
+
+
+def check_reload(job: JobConfig, run: RunFolder, folder: Path, tokenizer, classes: list[str]) -> Optional[dict]:
+    """Load the saved plain model with transformers alone and recompute P(class) in the neutral contexts."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from .evaluation.contexts import context_probabilities, gender_neutral_contexts, summarise_contexts
+    from .evaluation.probabilities import class_words
+    from .objective import resolve_objective
+
+    spec = job.evaluation
+    if spec.neutral_contexts is None:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(folder) if _is_causal(folder) else AutoModelForMaskedLM.from_pretrained(folder)
+    texts = gender_neutral_contexts() if spec.neutral_contexts == "gender" else list(spec.neutral_contexts)
+    words = class_words(list(load_data(run)["test"]), classes, tokenizer)
+    frame = context_probabilities(model.eval(), tokenizer, resolve_objective(model), texts, words)
+    return summarise_contexts(frame, classes)
+
+
+def _is_causal(folder: Path) -> bool:
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    return not any(a.endswith("ForMaskedLM") for a in architectures)
+
+
+def run_all(job: JobConfig, report: bool = True) -> Path:
+    """data -> training -> evaluation -> rewrite (the job's goal) -> reload check -> report.md; returns the report."""
+    from .report import write_report
+
+    run = RunFolder(Path(job.output_dir))
+    start = time.perf_counter()
+    data = prepare(job, run)
+    with timed(run, "load model"):
+        base, tokenizer = load_base(job)
+    model = train(job, run, base, tokenizer, data)
+    results = evaluate(job, run, model, tokenizer, data)
+    edit = edit_from_record(results["edits"][job.rewrite])
+    folder = rewrite(job, run, model, tokenizer, edit, data_text=describe_data(job, data),
+                     encoder_correlation=results["encoder"]["correlation"])
+    del base, model
+    with timed(run, "reload check"):
+        run.write_json("reload.json", {"folder": str(folder), "contexts": check_reload(job, run, folder, tokenizer,
+                                                                                       job.adapter_config().feature_classes)})
+    timings = run.read_json("timings.json")
+    timings["total"] = round(time.perf_counter() - start, 1)
+    run.write_json("timings.json", timings)
+    return write_report(run) if report else run.root

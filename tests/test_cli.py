@@ -1,0 +1,165 @@
+"""`gradiend-hf` on tiny models: every subcommand, the run folder, the report, the saved model, and bad job files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from fakehub import hub  # noqa: F401 (fixture)
+from test_trainer import CONTEXTS, feature_rows
+from tiny import tiny_model, tokenizer_for
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from gradiend_hf import GradiendModel
+from gradiend_hf.cli import main
+from gradiend_hf.job import JobConfig, JobConfigError, demo_job
+
+ROOT = Path(__file__).resolve().parents[1]
+NEUTRAL = ["the results were good and they went home", "it was in the room", "the nurse and the doctor went home",
+           "they said it was bad"]
+PROBES = ["the doctor said that [MASK] went home", "[MASK] was in the room"]
+
+
+def write_job(tmp_path: Path, kind: str = "bert", **changes) -> Path:
+    """A tiny model folder, row files and a job file using them."""
+    model_dir = tmp_path / "base"
+    tiny_model(kind).save_pretrained(model_dir)
+    tokenizer_for(kind).save_pretrained(model_dir)
+    files = {}
+    for split, rows in (("train", feature_rows(CONTEXTS[:5])), ("validation", feature_rows(CONTEXTS[5:], seed=1)),
+                        ("test", feature_rows(CONTEXTS[5:], seed=2))):
+        files[split] = tmp_path / f"{split}.jsonl"
+        pd.DataFrame(rows).to_json(files[split], orient="records", lines=True)
+    files["neutral"] = tmp_path / "neutral.txt"
+    files["neutral"].write_text("\n".join(NEUTRAL) + "\n")
+    job = {
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "run"),
+        "data": {name: str(path) for name, path in files.items()},
+        "seeds": [1],
+        "gradiend": {"feature_classes": ["female", "male"]},
+        "training": {"learning_rate": 1e-2, "max_steps": 100, "eval_steps": 25, "save_steps": 25, "logging_steps": 10,
+                     "per_device_train_batch_size": 2, "disable_tqdm": True},
+        "evaluation": {"decoder_rows": 8, "neutral_texts": 4, "learning_rates": [0.01, 0.1, 1.0],
+                       "neutral_contexts": PROBES, "lms_ratio": 0.9},
+    }
+    for key, value in changes.items():
+        job[key] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def class_probability_by_hand(model, tokenizer, context: str, words: list[str]) -> float:
+    """Oracle: softmax at the [MASK] of a masked LM, summed over one-token words."""
+    ids = tokenizer(context.replace("[MASK]", tokenizer.mask_token), return_tensors="pt")
+    position = (ids["input_ids"][0] == tokenizer.mask_token_id).nonzero().item()
+    with torch.no_grad():
+        probs = model(**ids).logits[0, position].softmax(-1)
+    return sum(float(probs[tokenizer.convert_tokens_to_ids(w)]) for w in words)
+
+
+def test_run_writes_the_whole_run_folder_and_the_saved_model_reproduces_the_report(tmp_path, capsys):
+    job = write_job(tmp_path)
+    assert main(["run", str(job)]) == 0
+    run = tmp_path / "run"
+    assert f"report: {run / 'report.md'}" in capsys.readouterr().out
+    for name in ("job.yaml", "adapter/adapter_config.json", "adapter/README.md", "plots/training.png", "plots/encoder.png",
+                 "plots/decoder.png", "results/evaluation.json", "results/decoder_grid.csv", "results/contexts.csv",
+                 "models/balance/config.json", "models/balance/README.md", "report.md"):
+        assert (run / name).is_file(), name
+    evaluation = json.loads((run / "results" / "evaluation.json").read_text())
+    assert evaluation["encoder"]["correlation"] >= 0.9  # the learnable feature of the trainer tests
+    assert set(evaluation["edits"]) == {"balance", "female", "male"}
+    report = (run / "report.md").read_text()
+    assert f"{evaluation['encoder']['correlation']:.4f}" in report and "| holds |" in report
+
+    # the saved model is plain transformers and reproduces the neutral-context probabilities of its edit
+    merged = AutoModelForMaskedLM.from_pretrained(run / "models" / "balance")
+    tokenizer = AutoTokenizer.from_pretrained(run / "models" / "balance")
+    contexts = pd.read_csv(run / "results" / "contexts.csv")
+    words = {"female": ["she", "her"], "male": ["he", "his"]}
+    for context in PROBES:
+        row = contexts[(contexts["model"] == "balance") & (contexts["context"] == context)].iloc[0]
+        for cls, ws in words.items():
+            assert class_probability_by_hand(merged, tokenizer, context, ws) == pytest.approx(row[cls], rel=1e-4)
+    reload = json.loads((run / "results" / "reload.json").read_text())
+    assert reload["contexts"]["p_female"] == pytest.approx(evaluation["contexts"]["balance"]["p_female"], rel=1e-5)
+
+
+def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, hub, capsys):
+    job = write_job(tmp_path, kind="gpt2")
+    run = tmp_path / "run"
+    assert main(["train", str(job), "--set", "training.max_steps=30"]) == 0
+    assert (run / "adapter" / "adapter_config.json").is_file() and not (run / "results" / "evaluation.json").exists()
+    assert json.loads((run / "results" / "training.json").read_text())["steps"] == 30
+    assert main(["evaluate", str(run)]) == 0
+    assert (run / "report.md").is_file()
+    evaluation = json.loads((run / "results" / "evaluation.json").read_text())
+    male = evaluation["edits"]["male"]
+    assert main(["rewrite", str(run), "--goal", "male", "--output", str(tmp_path / "male")]) == 0
+    # the rewritten model equals the adapter's edit applied by hand
+    base = tiny_model("gpt2")
+    adapter = GradiendModel.from_pretrained(base, run / "adapter")
+    expected = adapter.merge_and_unload(feature_factor=male["feature_factor"], learning_rate=male["learning_rate"])
+    rewritten = AutoModelForCausalLM.from_pretrained(tmp_path / "male")
+    for (name, p), (_, q) in zip(expected.named_parameters(), rewritten.named_parameters()):
+        assert torch.equal(p, q), name
+    assert main(["push", str(run / "adapter"), "user/tiny-adapter"]) == 0
+    assert main(["push", str(tmp_path / "male"), "user/tiny-male", "--revision", "v1"]) == 0
+    adapter_upload, model_upload = hub.uploads
+    assert set(adapter_upload["files"]) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(model_upload["files"])
+    assert model_upload["revision"] == "v1"
+    # the pushed adapter loads back through the Hub path to the same encoder
+    loaded = GradiendModel.from_pretrained(tiny_model("gpt2"), "user/tiny-adapter")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.bottleneck.parameters(),
+                                                 GradiendModel.from_pretrained(tiny_model("gpt2"), run / "adapter").bottleneck.parameters()))
+    assert "pushed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trainer": {}}, "Unknown key 'trainer' in the job file. Did you mean 'training'?"),
+    ({"training": {"learning_rat": 1e-3}}, "Unknown key 'learning_rat' in training. Did you mean 'learning_rate'?"),
+    ({"gradiend": {"feature_classes": ["a", "b"], "source": "gradient"}}, "source"),
+    ({"data": {"recipe": "english_genders"}}, "data.recipe is 'english_genders'; allowed values: english_gender_names"),
+    ({"data": {"recipe": "english_gender_names", "text": "wikipedio"}}, "data.text is 'wikipedio'"),
+    ({"evaluation": {"goals": ["female", "blance"]}}, "evaluation.goals has 'blance'"),
+    ({"model_class": "seq2seq"}, "model_class is 'seq2seq'; allowed values: auto, causal_lm, masked_lm"),
+])
+def test_a_bad_job_file_fails_at_once_naming_the_key_and_the_fix(tmp_path, capsys, change, message):
+    job = write_job(tmp_path, **change)
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_bad_overrides_and_missing_steps_are_explained(tmp_path, capsys):
+    job = write_job(tmp_path)
+    assert main(["run", str(job), "--set", "training.max_steps"]) == 2
+    assert "write it as section.key=value" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    assert "gradiend-hf train" in capsys.readouterr().err
+
+
+def test_job_files_round_trip_and_the_shipped_demo_config_is_the_embedded_demo(tmp_path):
+    demo = demo_job()
+    demo.save(tmp_path / "demo.yaml")
+    assert JobConfig.from_file(tmp_path / "demo.yaml") == demo
+    shipped = JobConfig.from_file(ROOT / "examples" / "configs" / "demo_smollm2.yaml")
+    assert shipped == demo
+    (tmp_path / "job.toml").write_text("model = 'x'")
+    with pytest.raises(JobConfigError, match="use a .yaml, .yml or .json file"):
+        JobConfig.from_file(tmp_path / "job.toml")
+
+
+def test_python_dash_m_is_the_same_command():
+    done = subprocess.run([sys.executable, "-m", "gradiend_hf", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "train" in done.stdout and "rewrite" in done.stdout and "demo" in done.stdout
