@@ -12,7 +12,7 @@ from peft import PeftConfig
 
 CONFIG_NAME = "adapter_config.json"
 GRADIENT_KINDS = ("factual", "alternative", "diff")
-OBJECTIVES = ("auto", "masked_lm", "causal_lm")
+OBJECTIVES = ("auto", "masked_lm", "causal_lm", "auxiliary_mlm")
 ENCODER_ACTIVATIONS = ("tanh", "identity", "sigmoid")
 DECODER_ACTIVATIONS = ("identity", "tanh")
 POST_PRUNE_CRITERIA = ("decoder", "encoder", "decoder_bias", "decoder_sum")
@@ -63,7 +63,11 @@ class GradiendConfig(PeftConfig):
     )
     objective: str = field(
         default="auto",
-        metadata={"help": "'masked_lm', 'causal_lm', or 'auto' (resolved from the base model class when wrapping)."},
+        metadata={
+            "help": "'masked_lm', 'causal_lm', or 'auto' (resolved from the base model class when wrapping); "
+            "'auxiliary_mlm' for a causal LM whose gradients come from an auxiliary masked-prediction head that also "
+            "reads the text after [MASK] (see gradiend_hf.aux_head; evaluation and rewriting still use the LM head)."
+        },
     )
     init_seed: int = field(default=0, metadata={"help": "Seed of the bottleneck initialisation."})
     encoder_bias: Optional[list[float]] = field(

@@ -3,7 +3,8 @@
 A row: `masked` (text with one "[MASK]"), `factual` (the word that was there), `alternative` (a word of the other
 class), `factual_class`, `alternative_class`. The collator turns rows into, for each side (factual, alternative),
 `input_ids`, `attention_mask` and `labels` aligned with the logits (the causal shift is already applied), padded to
-the longest row of the batch.
+the longest row of the batch. For the auxiliary objective (causal LM + aux_head.py) the input is left context + one
+added mask token (AUXILIARY_MASK_ID) + right context, and `labels` is one class index per row.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .objective import CAUSAL_LM, IGNORE_INDEX, MASKED_LM
+from .objective import AUXILIARY_MASK_ID, AUXILIARY_MLM, CAUSAL_LM, IGNORE_INDEX, MASKED_LM
 
 MASK = "[MASK]"
 REQUIRED_COLUMNS = ("masked", "factual", "alternative", "factual_class", "alternative_class")
@@ -80,6 +81,9 @@ class GradiendDataCollator:
 
     Masked LM: left context + k mask tokens (k = tokens of that side's word) + right context; labels at the masks.
     Causal LM: left context + all but the last word token; label j sits on the position that predicts token j.
+    Auxiliary (objective='auxiliary_mlm'): left context + one AUXILIARY_MASK_ID + right context for both sides (one
+    forward pass serves both); labels are rows x 1 holding the side's class index in `feature_classes` (-100 for a
+    class outside the pair, e.g. neutral rows: no loss, no gradient).
     """
 
     tokenizer: Any
@@ -88,8 +92,15 @@ class GradiendDataCollator:
     specials: SpecialTokens = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.objective not in (MASKED_LM, CAUSAL_LM):
-            raise ValueError(f"objective must be {MASKED_LM!r} or {CAUSAL_LM!r}, got {self.objective!r}.")
+        if self.objective not in (MASKED_LM, CAUSAL_LM, AUXILIARY_MLM):
+            raise ValueError(
+                f"objective must be {MASKED_LM!r}, {CAUSAL_LM!r} or {AUXILIARY_MLM!r}, got {self.objective!r}."
+            )
+        if self.objective == AUXILIARY_MLM and not self.feature_classes:
+            raise ValueError(
+                "The auxiliary objective labels rows by feature class: pass feature_classes, e.g. "
+                "GradiendDataCollator(tokenizer, 'auxiliary_mlm', ['female', 'male'])."
+            )
         if self.objective == MASKED_LM and self.tokenizer.mask_token_id is None:
             raise ValueError(
                 f"{type(self.tokenizer).__name__} has no mask token, so it cannot serve a masked LM objective; use "
@@ -136,6 +147,19 @@ class GradiendDataCollator:
             "labels": pad(labels, IGNORE_INDEX),
         }
 
+    def auxiliary_side(self, lefts: list[list[int]], rights: list[list[int]], classes: list[Any]) -> dict[str, torch.Tensor]:
+        inputs = []
+        for left, right in zip(lefts, rights):
+            prefix = self.specials.head + left
+            ids = (prefix or self.start_ids()) + [AUXILIARY_MASK_ID] + right + self.specials.tail
+            inputs.append(ids)
+        labels = [[i if i >= 0 else IGNORE_INDEX] for i in map(self.class_index, classes)]
+        return {
+            "input_ids": pad(inputs, self.pad_id),
+            "attention_mask": pad([[1] * len(s) for s in inputs], 0),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+
     def class_index(self, name: Any) -> int:
         if self.feature_classes is None or name not in self.feature_classes:
             return -1
@@ -148,6 +172,14 @@ class GradiendDataCollator:
         lefts, rights = zip(*(split_masked(r["masked"]) for r in rows))
         right_ids = self.tokenizer(list(rights), add_special_tokens=False)["input_ids"]
         batch: dict[str, torch.Tensor] = {}
+        if self.objective == AUXILIARY_MLM:
+            left_ids = self.tokenizer([left.rstrip() for left in lefts], add_special_tokens=False)["input_ids"]
+            for side in ("factual", "alternative"):
+                classes = [r[f"{side}_class"] for r in rows]
+                for key, value in self.auxiliary_side(left_ids, right_ids, classes).items():
+                    batch[f"{side}_{key}"] = value
+                batch[f"{side}_class"] = torch.tensor([self.class_index(c) for c in classes])
+            return batch
         for side in ("factual", "alternative"):
             left_ids, words = word_tokens(self.tokenizer, list(lefts), [r[side] for r in rows])
             for key, value in self.side(left_ids, right_ids, words).items():

@@ -16,7 +16,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .bottleneck import Bottleneck
-from .objective import row_losses
+from .objective import AUXILIARY_MASK_ID, row_losses
 
 SIDES = ("factual", "alternative")
 MODEL_INPUTS = ("input_ids", "attention_mask")
@@ -59,12 +59,36 @@ def embedding_padding_rows(model: nn.Module, params: Mapping[str, torch.Tensor])
     return rows
 
 
-class GradientEngine:
-    """Computes source/target gradients of one collated batch (one transition) into reusable buffers."""
+def check_no_auxiliary_mask(inputs: Mapping[str, torch.Tensor]) -> None:
+    """Auxiliary-objective inputs hold an id the base vocabulary lacks: say so instead of an index error."""
+    if bool((inputs["input_ids"] == AUXILIARY_MASK_ID).any()):
+        raise ValueError(
+            "These inputs were collated for objective='auxiliary_mlm' (they hold the added mask token), but no auxiliary "
+            "head is attached to this gradient computation. Wrap the base with get_gradiend_model(base, config, "
+            "auxiliary_head=head); pre-pruning does not support the auxiliary objective yet (use target_parameters)."
+        )
 
-    def __init__(self, model: nn.Module, bottleneck: Bottleneck) -> None:
+
+def logits_of(output) -> torch.Tensor:
+    """A transformers output's `.logits`, or the tensor an objective module (aux_head.AuxiliaryObjective) returns."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+class GradientEngine:
+    """Computes source/target gradients of one collated batch (one transition) into reusable buffers.
+
+    With an `auxiliary_head` (aux_head.py), the loss is the head's -log P(class | left + mask + right context) instead
+    of the LM head's; gradients still flow into the selected base parameters only (the head is a frozen constant).
+    """
+
+    def __init__(self, model: nn.Module, bottleneck: Bottleneck, auxiliary_head: Optional[nn.Module] = None) -> None:
         self.model = model
         self.bottleneck = bottleneck
+        self.objective_module, self.prefix = model, ""
+        if auxiliary_head is not None:
+            from .aux_head import AuxiliaryObjective
+
+            self.objective_module, self.prefix = AuxiliaryObjective(model, auxiliary_head), "base."
         params = dict(model.named_parameters())
         self.params = {name: params[name] for name in bottleneck.names}
         self.padding_rows = embedding_padding_rows(model, self.params)
@@ -112,7 +136,9 @@ class GradientEngine:
             self._actions = []
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**inputs).logits
+        if not self.prefix:
+            check_no_auxiliary_mask(inputs)
+        return logits_of(self.objective_module(**inputs))
 
     def _backward(self, loss: torch.Tensor, actions: list[tuple[dict[str, torch.Tensor], str]], retain: bool) -> None:
         self._actions = actions
@@ -170,7 +196,8 @@ class GradientEngine:
                 tangents[name][row] = 0
 
         def source_losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            forward = lambda inputs: functional_call(self.model, params, args=(), kwargs=inputs, strict=False).logits
+            named = {self.prefix + name: value for name, value in params.items()}
+            forward = lambda inputs: logits_of(functional_call(self.objective_module, named, args=(), kwargs=inputs, strict=False))
             losses = side_row_losses(forward, batch)
             if source == "diff":
                 return losses["factual"] - losses["alternative"]

@@ -16,7 +16,7 @@ from .bottleneck import Bottleneck, FeatureValue
 from .config import CONFIG_NAME, GradiendConfig
 from .edit import Edit, InPlaceEditor, Scratch, applied, resolve_edit
 from .gradients import GradientEngine, encode_rows
-from .objective import resolve_objective
+from .objective import AUXILIARY_MLM, CAUSAL_LM, lm_objective, resolve_objective
 from .selection import parameter_dict, select_parameters
 from .serialization import (
     WEIGHTS_NAME,
@@ -51,8 +51,10 @@ class GradiendModel(nn.Module):
         config: GradiendConfig,
         parameter_names: Optional[list[str]] = None,
         indices: Optional[Mapping[str, torch.Tensor]] = None,
+        auxiliary_head: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
+        check_auxiliary(base_model, config, auxiliary_head)
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         self._base_training = base_model.training
         base_model.requires_grad_(False)
@@ -77,7 +79,11 @@ class GradiendModel(nn.Module):
         if config.encoder_bias is not None:
             with torch.no_grad():
                 self.bottleneck.encoder_bias.copy_(torch.tensor(config.encoder_bias))
-        self.engine = GradientEngine(base_model, self.bottleneck)
+        self.auxiliary_head = auxiliary_head
+        if auxiliary_head is not None:
+            auxiliary_head.requires_grad_(False)  # only gradients flow through it; GRADIEND never trains or edits it
+            auxiliary_head.eval()
+        self.engine = GradientEngine(base_model, self.bottleneck, auxiliary_head)
 
     # --- state -------------------------------------------------------------------------------------------------
     def _base(self) -> nn.Module:
@@ -102,6 +108,12 @@ class GradiendModel(nn.Module):
         return self.gradiend_config.objective
 
     @property
+    def lm_objective(self) -> str:
+        """The objective of the base's own LM head, used by evaluation, LMS and rewriting ('causal_lm' for the
+        auxiliary objective, whose head only shapes the gradients)."""
+        return lm_objective(self.gradiend_config.objective)
+
+    @property
     def num_entries(self) -> int:
         return self.bottleneck.num_entries
 
@@ -110,6 +122,8 @@ class GradiendModel(nn.Module):
         super().train(mode)
         if "base_model" in self._modules:
             self._modules["base_model"].eval()
+        if self.auxiliary_head is not None:
+            self.auxiliary_head.eval()
         return self
 
     def print_trainable_parameters(self) -> None:
@@ -261,9 +275,14 @@ class GradiendModel(nn.Module):
 
         config = self.saved_config()
         tensors = self.adapter_state()
+        head = self.auxiliary_head
+        head_files = {} if head is None else {name: (lambda path: None) for name in AUXILIARY_FILES}
+        if head is not None:  # both head files are written by one call; the second entry only moves it into place
+            head_files[AUXILIARY_FILES[0]] = lambda path: head.write_files(path.parent)
         write_atomically(
             save_directory,
             {
+                **head_files,
                 WEIGHTS_NAME: lambda path: save_tensors(tensors, path),
                 "README.md": lambda path: adapter_card(config, self.num_entries, **card_fields).save(path),
                 CONFIG_NAME: lambda path: path.write_text(config.to_json_string(), encoding="utf-8"),
@@ -272,14 +291,27 @@ class GradiendModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, base_model: nn.Module, path_or_repo_id: Union[str, os.PathLike], revision: Optional[str] = None, **hub_kwargs: Any
+        cls,
+        base_model: nn.Module,
+        path_or_repo_id: Union[str, os.PathLike],
+        revision: Optional[str] = None,
+        auxiliary_head: Optional[nn.Module] = None,
+        **hub_kwargs: Any,
     ) -> "GradiendModel":
-        """Load an adapter (local folder or Hub repo) onto `base_model`, checking that it was made for it."""
+        """Load an adapter (local folder or Hub repo) onto `base_model`, checking that it was made for it.
+
+        An adapter trained with objective='auxiliary_mlm' also loads its auxiliary head from a local folder (or pass
+        `auxiliary_head=`); the head is only needed for gradients and encodings, not for merging."""
         config, grouped = read_adapter(path_or_repo_id, revision=revision, **hub_kwargs)
         check_fits(base_model, config, grouped)
         indices = {n: t["index"] for n, t in grouped.items() if "index" in t}
         order = [n for n, _ in base_model.named_parameters() if n in grouped]  # files sort keys; sums need model order
-        model = cls(base_model, config, parameter_names=order, indices=indices)
+        if config.objective == AUXILIARY_MLM and auxiliary_head is None:
+            from .aux_head import AuxiliaryMaskedHead
+
+            auxiliary_head = AuxiliaryMaskedHead.from_pretrained(path_or_repo_id)
+            auxiliary_head.to(base_model.get_input_embeddings().weight.device)
+        model = cls(base_model, config, parameter_names=order, indices=indices, auxiliary_head=auxiliary_head)
         model.bottleneck_from(grouped)
         return model
 
@@ -322,6 +354,33 @@ class GradiendModel(nn.Module):
         return push_adapter(
             self, repo_id, private=private, token=token, revision=revision, commit_message=commit_message, **card_fields
         )
+
+
+AUXILIARY_FILES = ("auxiliary_head.safetensors", "auxiliary_head_config.json")  # = aux_head.HEAD_*_NAME
+
+
+def check_auxiliary(base_model: nn.Module, config: GradiendConfig, head: Optional[nn.Module]) -> None:
+    """The auxiliary objective needs a causal base and a head for its class pair; other objectives take no head."""
+    if config.objective != AUXILIARY_MLM:
+        if head is not None:
+            raise ValueError(
+                f"An auxiliary_head was given, but the config's objective is {config.objective!r}; set "
+                "GradiendConfig(objective='auxiliary_mlm') to take gradients through it."
+            )
+        return
+    if resolve_objective(base_model) != CAUSAL_LM:
+        raise ValueError(
+            f"objective='auxiliary_mlm' is for causal LMs; {type(base_model).__name__} is a masked LM, which sees the "
+            "right context already: use objective='masked_lm'."
+        )
+    if head is None:
+        raise ValueError(
+            "objective='auxiliary_mlm' needs an auxiliary head: head = gradiend_hf.aux_head.train_auxiliary_head(base, "
+            "tokenizer, train_rows, feature_classes), then get_gradiend_model(base, config, auxiliary_head=head)."
+        )
+    from .aux_head import check_head_fits
+
+    check_head_fits(base_model, head, config.feature_classes)
 
 
 def read_adapter(path_or_repo_id, revision: Optional[str] = None, **hub_kwargs: Any):
@@ -368,6 +427,10 @@ def check_fits(base_model: nn.Module, config: GradiendConfig, grouped: Mapping[s
             )
 
 
-def get_gradiend_model(base_model: nn.Module, config: GradiendConfig) -> GradiendModel:
-    """Wrap a transformers masked or causal LM with a fresh GRADIEND bottleneck (PEFT's get_peft_model analogue)."""
-    return GradiendModel(base_model, config)
+def get_gradiend_model(
+    base_model: nn.Module, config: GradiendConfig, auxiliary_head: Optional[nn.Module] = None
+) -> GradiendModel:
+    """Wrap a transformers masked or causal LM with a fresh GRADIEND bottleneck (PEFT's get_peft_model analogue).
+
+    auxiliary_head: for GradiendConfig(objective='auxiliary_mlm'), the trained head (gradiend_hf.aux_head)."""
+    return GradiendModel(base_model, config, auxiliary_head=auxiliary_head)

@@ -7,11 +7,20 @@ from torch import nn
 
 MASKED_LM = "masked_lm"
 CAUSAL_LM = "causal_lm"
+AUXILIARY_MLM = "auxiliary_mlm"  # causal LM + auxiliary masked-prediction head (aux_head.py): both sides of the mask count
 IGNORE_INDEX = -100
+AUXILIARY_MASK_ID = -1  # input id of the added mask token; its embedding row lives in the auxiliary head, not the base
+
+
+def lm_objective(objective: str) -> str:
+    """The objective of the model's own LM head (evaluation, LMS, rewriting): the auxiliary head is only for gradients."""
+    return CAUSAL_LM if objective == AUXILIARY_MLM else objective
 
 
 def resolve_objective(model: nn.Module, objective: str = "auto") -> str:
-    """'masked_lm' or 'causal_lm' for a transformers model, from its class (the AutoModel mappings)."""
+    """'masked_lm' or 'causal_lm' for a transformers model, from its class (the AutoModel mappings).
+
+    An explicit objective ('masked_lm', 'causal_lm', 'auxiliary_mlm') is returned as given."""
     if objective != "auto":
         return objective
     from transformers.models.auto.modeling_auto import (
