@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -51,11 +52,14 @@ def _raw(path: str) -> dict[str, Any]:
 
 # --- subcommands -----------------------------------------------------------------------------------------------------
 def cmd_train(args) -> None:
+    import torch
     from accelerate import PartialState
 
     from .pipeline import RunFolder, build_data, load_base, prepare, timed, train
 
     job = read_job(args.job, args.set, args.output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        job.training.setdefault("use_cpu", True)  # launched as several processes on a CPU-only machine: gloo on the CPU
     run = RunFolder(Path(job.output_dir))
     main = PartialState().is_main_process
     data = prepare(job, run) if main else build_data(job)  # every process builds the same rows; one writes them

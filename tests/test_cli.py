@@ -16,7 +16,7 @@ from test_trainer import CONTEXTS, feature_rows
 from tiny import tiny_model, tokenizer_for
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from gradiend_hf import GradiendModel
+from gradiend_hf import GradiendConfig, GradiendModel, get_gradiend_model
 from gradiend_hf.cli import main
 from gradiend_hf.job import JobConfig, JobConfigError, demo_job
 
@@ -163,3 +163,25 @@ def test_job_files_round_trip_and_the_shipped_demo_config_is_the_embedded_demo(t
 def test_python_dash_m_is_the_same_command():
     done = subprocess.run([sys.executable, "-m", "gradiend_hf", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "train" in done.stdout and "rewrite" in done.stdout and "demo" in done.stdout
+
+
+def test_train_under_accelerate_launch_with_two_processes_equals_one_process_accumulating(tmp_path):
+    """The CLI's train under `accelerate launch` (2 CPU processes): one run folder, written once, and the adapter of
+    2 processes x 1 batch equals the adapter of 1 process accumulating 2 batches (the trainer tests' oracle)."""
+    from test_multiprocess import CONFIG, free_port, run
+
+    job = write_job(tmp_path, kind="gpt2", training={"learning_rate": 1e-2, "max_steps": 4, "eval_steps": 2,
+                                                     "save_steps": 2, "per_device_train_batch_size": 2,
+                                                     "disable_tqdm": True})
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--main_process_port",
+         str(free_port()), "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "two")])
+    run([sys.executable, "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "one"),
+         "--set", "training.gradient_accumulation_steps=2"])
+    two = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "two" / "adapter")
+    one = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "one" / "adapter")
+    untrained = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=["female", "male"], init_seed=1))
+    for a, b, init in zip(two.bottleneck.parameters(), one.bottleneck.parameters(), untrained.bottleneck.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # summation order differs (Adam amplifies it near g=0); 4 steps move ~4e-2
+        assert not torch.allclose(a, init, atol=1e-3)
+    assert json.loads((tmp_path / "two" / "results" / "training.json").read_text())["steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "two" / "training" / "seed-1").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
