@@ -1,4 +1,4 @@
-# One entry point for a fresh machine: `make demo` runs the main job, `make test` installs everything and runs the tests.
+# One entry point for a fresh machine: `make demo` runs the main job (gradiend-hf demo), `make test` installs everything and runs the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) examples/smoke_smollm2.py --out runs/smoke
+	$(VENV)/bin/gradiend-hf demo --output-dir runs/demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

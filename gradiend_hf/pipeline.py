@@ -180,7 +180,8 @@ def prepare(job: JobConfig, run: RunFolder) -> datasets.DatasetDict:
 def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.DatasetDict) -> dict[str, Any]:
     """Encoder on held-out rows, the decoder grid, one edit per goal, P(class) in neutral contexts; plots + results."""
     from .evaluation import evaluate_decoder, evaluate_encoder
-    from .evaluation.contexts import context_probabilities, gender_neutral_contexts, summarise_contexts
+    from .evaluation.contexts import (balance_in_contexts, context_probabilities, gender_neutral_contexts,
+                                      summarise_contexts)
     from .evaluation.probabilities import class_words
     from .hub import adapter_card
     from .plotting import plot_decoder, plot_encoder
@@ -202,19 +203,22 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
                                    feature_factors=spec.feature_factors, learning_rates=spec.learning_rates,
                                    lms_ratio=spec.lms_ratio)
         edits = {goal: decoder.best(goal) for goal in job.goals}
-        plot_decoder(decoder, edits.values(), run.plots / "decoder.png")
         decoder.grid.to_csv(run.results / "decoder_grid.csv", index=False)
     contexts = None
     if spec.neutral_contexts is not None:
         with timed(run, "neutral contexts"):
             texts = gender_neutral_contexts() if spec.neutral_contexts == "gender" else list(spec.neutral_contexts)
             words = class_words(list(test), classes, tokenizer)
+            if "balance" in edits:  # debiasing is judged where the text leaves the class open
+                edits["balance"], table = balance_in_contexts(model, decoder, tokenizer, texts, words)
+                table.to_csv(run.results / "balance_in_contexts.csv", index=False)
             frames = {"base": context_probabilities(model._base(), tokenizer, model.objective, texts, words)}
             for goal, edit in edits.items():
                 with model.apply_edit(edit):
                     frames[goal] = context_probabilities(model._base(), tokenizer, model.objective, texts, words)
             pd.concat([f.assign(model=name) for name, f in frames.items()]).to_csv(run.results / "contexts.csv", index=False)
             contexts = {name: summarise_contexts(f, classes) for name, f in frames.items()}
+    plot_decoder(decoder, edits.values(), run.plots / "decoder.png")
     results = {
         "encoder": {**encoder.summary(), "rows": int(len(encoder_rows))},
         "edits": {goal: edit_record(edit) for goal, edit in edits.items()},

@@ -106,8 +106,13 @@ def write_report(run) -> Path:
                      f"P({b}) base": m["base_probabilities"][b], f"P({b})": m["probabilities"][b],
                      "LMS base": m["base_lms"], "LMS": m["lms"], "perplexity base": m.get("base_perplexity"),
                      "perplexity": m.get("perplexity")})
-    lines += ["## Edits chosen on held-out rows", "",
-              "P(class) is the mean over held-out rows of the summed probability of the class's words at the mask.", "",
+    balance = evaluation["edits"].get("balance", {}).get("metrics", {})
+    where = (f"The balance edit is chosen in the neutral contexts below (closest P({a})/P({b}) to 1 among candidates "
+             "that keep the LMS and 90% of the classes' probability mass); the others on held-out rows."
+             if balance.get("selected_in") == "neutral contexts" else "All edits are chosen on held-out rows.")
+    lines += ["## Edits", "",
+              "P(class) is the mean over held-out rows of the summed probability of the class's words at the mask. "
+              + where, "",
               _table(pd.DataFrame(rows)), "", "![decoder grid](plots/decoder.png)", ""]
 
     contexts = evaluation.get("contexts")

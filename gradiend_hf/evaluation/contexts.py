@@ -9,6 +9,7 @@ probability code as the decoder grid is used (class words with case variants, mu
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 
 from ..data import MASK, GradiendDataCollator
 from .probabilities import class_probabilities, word_batches, word_probabilities
+
+logger = logging.getLogger("gradiend_hf")
 
 # Person references that carry no grammatical or lexical gender, and frames whose masked slot is a subject pronoun.
 NEUTRAL_SUBJECTS = (
@@ -79,3 +82,56 @@ def summarise_contexts(frame: pd.DataFrame, classes: Sequence[str]) -> dict[str,
         "ratio": float(ratio),
         "mean_abs_log_ratio": float(np.abs(np.log(frame[a] / frame[b])).mean()),
     }
+
+
+def balance_in_contexts(
+    model,
+    evaluation,
+    tokenizer: Any,
+    contexts: Sequence[str],
+    words_by_class: Mapping[str, Sequence[str]],
+    keep_mass: float = 0.9,
+) -> tuple[Any, pd.DataFrame]:
+    """The debiasing edit judged where it matters: in neutral contexts.
+
+    Among the grid's candidates that keep the language-modelling score (evaluation.feasible()), the one whose
+    P(a)/P(b) in the neutral contexts is closest to 1 (smallest mean |log ratio|), provided both classes together
+    keep at least `keep_mass` of the base's probability (an edit must not "balance" by removing the words).
+    Returns (Edit, one row per candidate scored); the base model (no edit) when nothing is more balanced.
+    """
+    from ..edit import Edit
+
+    classes = list(words_by_class)
+    base_model = model._base()
+    scored = []
+    editor = model.editor()
+    try:
+        for _, row in evaluation.feasible().iterrows():
+            if row["is_base"]:
+                editor.restore()
+            else:
+                editor.apply(float(row["feature_factor"]), float(row["learning_rate"]))
+            frame = context_probabilities(base_model, tokenizer, model.objective, contexts, words_by_class)
+            scored.append({"feature_factor": float(row["feature_factor"]), "learning_rate": float(row["learning_rate"]),
+                           "is_base": bool(row["is_base"]), "lms": float(row["lms"]), **summarise_contexts(frame, classes),
+                           "mass": float((frame[classes[0]] + frame[classes[1]]).mean())})
+    finally:
+        editor.restore()
+    table = pd.DataFrame(scored)
+    base = table[table["is_base"]].iloc[0]
+    allowed = table[table["mass"] >= keep_mass * base["mass"]]
+    chosen = allowed.loc[allowed["mean_abs_log_ratio"].idxmin()]
+    if chosen["is_base"]:
+        logger.warning("No candidate that keeps LMS >= %.2f x base is more balanced in the neutral contexts than the "
+                       "base; the balance edit is the base model (no edit).", evaluation.lms_ratio)
+    grid = evaluation.grid
+    match = grid[(grid["feature_factor"] == chosen["feature_factor"]) & (grid["learning_rate"] == chosen["learning_rate"])
+                 & (grid["is_base"] == chosen["is_base"])].iloc[0]
+    metrics = evaluation.figures(match, "balance")
+    metrics.update(selected_in="neutral contexts", contexts=len(contexts),
+                   context_abs_log_ratio=float(chosen["mean_abs_log_ratio"]),
+                   base_context_abs_log_ratio=float(base["mean_abs_log_ratio"]),
+                   context_ratio=float(chosen["ratio"]), base_context_ratio=float(base["ratio"]))
+    edit = Edit(feature_factor=float(chosen["feature_factor"]), learning_rate=float(chosen["learning_rate"]),
+                goal="balance", metrics=metrics)
+    return edit, table
