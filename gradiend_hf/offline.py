@@ -314,15 +314,21 @@ def load_rxnmapper_albert(cache_dir: Optional[PathLike] = None):
     conversion. The tokenizer splits reaction SMILES like rxnmapper ("CC(=O)Cl>>..." -> C C ( = O ) Cl >> ...) and
     has a [MASK] token, so "c1ccc([MASK])cc1" asks for a substituent atom.
     """
-    import torch
-    from transformers import AlbertForMaskedLM, AutoTokenizer
+    from transformers import AlbertForMaskedLM
 
-    path = rxnmapper_path(cache_dir)
-    model = AlbertForMaskedLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-    model.config._name_or_path = RXN_NAME
+    return load_cached(AlbertForMaskedLM, rxnmapper_path(cache_dir), RXN_NAME)
+
+
+def load_cached(model_class, path: Path, name: str):
+    """(model in eval mode, tokenizer) of a cached folder, from safetensors only, both named after their origin."""
+    import torch
+    from transformers import AutoTokenizer
+
+    model = model_class.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+    model.config._name_or_path = name
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.name_or_path = RXN_NAME
+    tokenizer.name_or_path = name
     return model, tokenizer
 
 
@@ -545,13 +551,6 @@ def load_minilm_mlm(cache_dir: Optional[PathLike] = None, progress: bool = True)
     The first call trains the head (a few minutes, with progress bars) and caches the result; later calls load the
     safetensors folder. Uncased English (the tokenizer lower-cases).
     """
-    import torch
-    from transformers import AutoTokenizer, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
-    path = minilm_mlm_path(cache_dir, progress=progress)
-    model = BertForMaskedLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-    model.config._name_or_path = MINILM_NAME
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.name_or_path = MINILM_NAME
-    return model, tokenizer
+    return load_cached(BertForMaskedLM, minilm_mlm_path(cache_dir, progress=progress), MINILM_NAME)
