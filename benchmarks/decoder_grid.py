@@ -1,10 +1,14 @@
 """Decoder grid: in-place apply/revert (evaluate_decoder) vs a deep copy of the model per candidate.
 
 Same 17 candidates (the base + feature factors +1/-1 x 8 learning rates), same rows and neutral texts, on the real
-SmolLM2-135M, for two parameter selections: all backbone weights (the default) and layers 12-15 attention+MLP.
-Each variant runs in its own process so that peak memory is its own. Checks that both give the same numbers, then prints a markdown table and writes JSON.
+SmolLM2-135M (30 layers), for three parameter selections: all backbone weights (the default), layers 12-15 and the top
+layers 26-29 (attention+MLP). The in-place grid computes only the layers from the first edited one on (prefix replay)
+and the logits it scores, so its speed-up grows with the depth at which the selection starts; the deep copy is the
+naive approach (copy, write the edit, plain full forward passes). Each variant runs in its own process so that peak
+memory is its own. Checks that both give the same numbers, then prints a markdown table and writes JSON.
 
 Run: .venv/bin/python benchmarks/decoder_grid.py [--out benchmarks/results/decoder_grid.json]
+(on a shared machine: OMP_NUM_THREADS=1 nice -n 19 ...; the ratios are measured side by side)
 """
 
 from __future__ import annotations
@@ -44,7 +48,11 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-SELECTIONS = {"all backbone": None, "layers 12-15": [r"model\.layers\.1[2-5]\.(self_attn|mlp)\."]}
+SELECTIONS = {
+    "all backbone": None,
+    "layers 12-15": [r"model\.layers\.1[2-5]\.(self_attn|mlp)\."],
+    "layers 26-29": [r"model\.layers\.2[6-9]\.(self_attn|mlp)\."],
+}
 
 
 def run(variant: str, selection: str) -> dict:
@@ -89,28 +97,35 @@ def main() -> None:
     parser.add_argument("--variant", choices=["inplace", "deepcopy"])
     parser.add_argument("--selection", choices=list(SELECTIONS), default="all backbone")
     parser.add_argument("--out", default="benchmarks/results/decoder_grid.json")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per variant, alternating; the fastest counts")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run(args.variant, args.selection)))
         return
-    results = []
-    print(f"SmolLM2-135M, 17 candidates, {len(rows())} rows, {len(NEUTRAL)} neutral texts, {torch.get_num_threads()} threads\n")
+    results, worst = [], 0.0
+    print(f"SmolLM2-135M, 17 candidates, {len(rows())} rows, {len(NEUTRAL)} neutral texts, {torch.get_num_threads()} threads, "
+          f"best of {args.repeat} alternating runs\n")
     print("| selection | selected weights | in-place s | deep-copy s | speed-up | in-place extra MB | deep-copy extra MB |")
     print("|---|---|---|---|---|---|---|")
     for selection in SELECTIONS:
-        pair = {}
-        for variant in ("inplace", "deepcopy"):
-            command = [sys.executable, __file__, "--variant", variant, "--selection", selection]
-            out = subprocess.run(command, capture_output=True, text=True, check=True)
-            pair[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        pair: dict = {}
+        for _ in range(args.repeat):  # alternating, so that a busy spell of the machine hits both variants
+            for variant in ("inplace", "deepcopy"):
+                command = [sys.executable, __file__, "--variant", variant, "--selection", selection]
+                out = subprocess.run(command, capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                if variant not in pair or result["seconds"] < pair[variant]["seconds"]:
+                    pair[variant] = result
         fast, slow = pair["inplace"], pair["deepcopy"]
         fast_numbers = {(r[0], r[1]): r[2:] for r in fast["numbers"]}
         for ff, lr, *values in slow["numbers"]:  # the fast path must compute the same numbers
-            torch.testing.assert_close(torch.tensor(fast_numbers[(ff, lr)]), torch.tensor(values), rtol=1e-4, atol=1e-7)
+            got, want = torch.tensor(fast_numbers[(ff, lr)]), torch.tensor(values)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+            worst = max(worst, float(((got - want).abs() / want.abs().clamp_min(1e-30)).max()))
         print(f"| {selection} | {fast['selected_weights']:,} | {fast['seconds']:.1f} | {slow['seconds']:.1f} | "
               f"{slow['seconds'] / fast['seconds']:.2f}x | {fast['peak_extra_mb']:.0f} | {slow['peak_extra_mb']:.0f} |")
         results.append({k: {x: v for x, v in r.items() if x != "numbers"} for k, r in pair.items()})
-    print("\nnumbers of both variants agree (rtol 1e-4)")
+    print(f"\nnumbers of both variants agree (largest relative difference {worst:.1e})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 

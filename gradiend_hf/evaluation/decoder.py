@@ -1,6 +1,8 @@
 """Choosing the edit: a grid of candidates theta + lr * dec(ff), each scored for the feature and for language modelling.
 
-Every candidate is applied in place from one backup of the selected weights and reverted exactly (no model copies).
+Every candidate is applied in place from one backup of the selected weights and reverted exactly (no model copies),
+and scored with replay.GridForward: only the layers from the first edited one on and only the scored logits are
+computed (the numbers of plain forward passes).
 Selection: the best feature metric among candidates whose LMS >= lms_ratio * base LMS; the base itself is always a
 candidate, so when no edit keeps the language ability, the answer is "no edit" (with a warning).
 """
@@ -17,8 +19,10 @@ from tqdm.auto import tqdm
 
 from ..data import GradiendDataCollator
 from ..edit import Edit
+from ..objective import CAUSAL_LM
 from .lms import language_modelling_score, lms_batches
 from .probabilities import class_probabilities, class_words, word_batches, word_probabilities
+from .replay import GridForward
 
 logger = logging.getLogger("gradiend_hf")
 DEFAULT_FEATURE_FACTORS = (1.0, -1.0, 0.0)
@@ -134,11 +138,13 @@ def evaluate_decoder(
     prepared = [word_batches(chunk, [w for ws in words.values() for w in ws], collate) for chunk in chunks]
     neutral = lms_batches(tokenizer, list(neutral_texts), objective, batch_size=batch_size, seed=seed)
     base_model = model._base()
+    # the base runs first: it records what the first edited layer receives, the candidates start from there
+    forward = GridForward(base_model, model.selected_parameters().values(), causal=objective == CAUSAL_LM)
 
     def measure(ff: float, lr: float, is_base: bool) -> dict[str, Any]:
-        per_row = [class_probabilities(word_probabilities(base_model, batches), words) for batches in prepared]
+        per_row = [class_probabilities(word_probabilities(base_model, batches, forward), words) for batches in prepared]
         probs = {c: torch.cat([p[c] for p in per_row]) for c in classes}
-        lms = language_modelling_score(base_model, neutral, objective)
+        lms = language_modelling_score(base_model, neutral, objective, forward)
         record = {"feature_factor": ff, "learning_rate": lr, "is_base": is_base, "skipped": False,
                   "lms": lms.lms, "perplexity": lms.perplexity, "accuracy": lms.accuracy}
         for c in classes:
@@ -151,11 +157,11 @@ def evaluate_decoder(
 
     factors = list(DEFAULT_FEATURE_FACTORS if feature_factors is None else feature_factors)
     rates = learning_rate_ladder() if learning_rates is None else list(learning_rates)
-    records = [measure(0.0, 0.0, True)]
-    base_lms = records[0]["lms"]
     editor = model.editor()
     bar = tqdm(total=len(factors) * len(rates), desc="decoder grid", disable=not progress)
     try:
+        records = [measure(0.0, 0.0, True)]
+        base_lms = records[0]["lms"]
         for ff in factors:
             for sign in (1, -1):  # walk each ladder outwards from small steps, per sign
                 ladder = sorted((r for r in rates if (r > 0) == (sign > 0) and r != 0), key=abs)
@@ -170,6 +176,7 @@ def evaluate_decoder(
                     given_up = records[-1]["lms"] < LMS_GIVE_UP * base_lms
     finally:
         editor.restore()
+        forward.close()
         bar.close()
     grid = score_columns(pd.DataFrame(records), classes)
     return DecoderEvaluation(grid=grid, feature_classes=list(classes), lms_ratio=lms_ratio, base_lms=base_lms)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from ..objective import CAUSAL_LM, IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from .replay import GridForward
 
 
 @dataclass
@@ -35,9 +38,14 @@ def lms_batches(
     tokenizer, texts: Sequence[str], objective: str, batch_size: int = 16, max_length: int = 128,
     mask_fraction: float = 0.15, seed: int = 0,
 ) -> list[LMSBatch]:
-    """Tokenised neutral texts with their scored positions (fixed once, reused for every candidate)."""
+    """Tokenised neutral texts with their scored positions (fixed once, reused for every candidate).
+
+    Texts are batched in order of length (the score sums over tokens, so the order does not matter), which keeps
+    padding, i.e. wasted compute, small."""
     if not texts:
         raise ValueError("The language-modelling score needs neutral_texts: sentences without feature words.")
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    texts = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
     generator = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, len(texts), batch_size):
@@ -65,12 +73,18 @@ def lms_batches(
 
 
 @torch.no_grad()
-def language_modelling_score(base_model: torch.nn.Module, batches: Sequence[LMSBatch], objective: str) -> LMSResult:
+def language_modelling_score(
+    base_model: torch.nn.Module, batches: Sequence[LMSBatch], objective: str, forward: Optional["GridForward"] = None
+) -> LMSResult:
+    """The score over all batches; with a GridForward (decoder grids) only the scored positions' logits are computed."""
     total_nll, correct, count = 0.0, 0, 0
     for batch in batches:
-        logits = base_model(**batch.inputs).logits
         scored = batch.labels != IGNORE_INDEX
-        chosen_logits, targets = logits[scored].float(), batch.labels[scored]
+        if forward is None:
+            chosen_logits = base_model(**batch.inputs).logits[scored].float()
+        else:
+            chosen_logits = forward.logits(id(batch), batch.inputs, scored).float()
+        targets = batch.labels[scored]
         total_nll += float(torch.nn.functional.cross_entropy(chosen_logits, targets, reduction="sum"))
         correct += int((chosen_logits.argmax(-1) == targets).sum())
         count += int(scored.sum())

@@ -8,12 +8,15 @@ length for a masked LM) share one forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
 from ..gradients import side_inputs
-from ..objective import row_losses
+from ..objective import IGNORE_INDEX, row_losses
+
+if TYPE_CHECKING:
+    from .replay import GridForward
 
 
 def case_variants(word: str) -> list[str]:
@@ -67,14 +70,33 @@ def word_batches(rows: Sequence[Mapping[str, Any]], words: Sequence[str], collat
 
 
 @torch.no_grad()
-def word_probabilities(base_model: torch.nn.Module, batches: Sequence[WordBatch]) -> dict[str, torch.Tensor]:
-    """P(word | context) per row for every word: exp(-sum of the word's token cross-entropies)."""
+def word_probabilities(
+    base_model: torch.nn.Module, batches: Sequence[WordBatch], forward: Optional["GridForward"] = None
+) -> dict[str, torch.Tensor]:
+    """P(word | context) per row for every word: exp(-sum of the word's token cross-entropies).
+
+    With a GridForward (decoder grids), only the logits at the words' positions are computed (same numbers)."""
     out = {}
     for batch in batches:
-        logits = base_model(**batch.inputs).logits
+        if forward is None:
+            logits = base_model(**batch.inputs).logits
+            for word, labels in batch.labels.items():
+                out[word] = torch.exp(-row_losses(logits, labels))
+            continue
+        positions = torch.stack([labels != IGNORE_INDEX for labels in batch.labels.values()]).any(0)
+        logits = forward.logits(id(batch), batch.inputs, positions)
+        rows = positions.nonzero(as_tuple=True)[0]
         for word, labels in batch.labels.items():
-            out[word] = torch.exp(-row_losses(logits, labels))
+            out[word] = torch.exp(-gathered_row_losses(logits, labels[positions], rows, labels.shape[0]))
     return out
+
+
+def gathered_row_losses(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """row_losses on gathered positions: logits (N, vocab), labels (N,) and the row of each position (N,)."""
+    selected = labels != IGNORE_INDEX
+    token_nll = torch.nn.functional.cross_entropy(logits[selected].float(), labels[selected], reduction="none")
+    per_row = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device)
+    return per_row.index_add(0, rows[selected], token_nll)
 
 
 def class_probabilities(word_probs: Mapping[str, torch.Tensor], words_by_class: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
