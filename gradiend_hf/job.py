@@ -101,6 +101,16 @@ class EvaluationSpec:
             if getattr(self, name) < 1:
                 raise JobConfigError(f"evaluation.{name} must be at least 1, got {getattr(self, name)}.")
 
+    def context_texts(self) -> Optional[list[str]]:
+        """The neutral contexts to measure P(class) in (None: not configured)."""
+        if self.neutral_contexts is None:
+            return None
+        if self.neutral_contexts == "gender":
+            from .evaluation.contexts import gender_neutral_contexts
+
+            return gender_neutral_contexts()
+        return list(self.neutral_contexts)
+
 
 @dataclass
 class JobConfig:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -87,15 +86,20 @@ def load_base(job: JobConfig):
         from .offline import load_smollm2
 
         return load_smollm2()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    kind = job.model_class
-    if kind == "auto":
-        architectures = AutoConfig.from_pretrained(job.model).architectures or []
-        kind = "masked_lm" if any(a.endswith("ForMaskedLM") for a in architectures) else "causal_lm"
-    auto = AutoModelForMaskedLM if kind == "masked_lm" else AutoModelForCausalLM
-    model = auto.from_pretrained(job.model, use_safetensors=True)
+    model = auto_model_class(job.model, job.model_class).from_pretrained(job.model, use_safetensors=True)
     return model.eval(), AutoTokenizer.from_pretrained(job.model)
+
+
+def auto_model_class(path: Union[str, Path], model_class: str = "auto"):
+    """AutoModelForMaskedLM or AutoModelForCausalLM; 'auto' reads the architectures of the model's config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if model_class == "auto":
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+        model_class = "masked_lm" if any(a.endswith("ForMaskedLM") for a in architectures) else "causal_lm"
+    return AutoModelForMaskedLM if model_class == "masked_lm" else AutoModelForCausalLM
 
 
 def read_rows(path: Union[str, Path]) -> datasets.Dataset:
@@ -180,8 +184,7 @@ def prepare(job: JobConfig, run: RunFolder) -> datasets.DatasetDict:
 def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.DatasetDict) -> dict[str, Any]:
     """Encoder on held-out rows, the decoder grid, one edit per goal, P(class) in neutral contexts; plots + results."""
     from .evaluation import evaluate_decoder, evaluate_encoder
-    from .evaluation.contexts import (balance_in_contexts, context_probabilities, gender_neutral_contexts,
-                                      summarise_contexts)
+    from .evaluation.contexts import balance_in_contexts, context_probabilities, summarise_contexts
     from .evaluation.probabilities import class_words
     from .hub import adapter_card
     from .plotting import plot_decoder, plot_encoder
@@ -207,7 +210,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
     contexts = None
     if spec.neutral_contexts is not None:
         with timed(run, "neutral contexts"):
-            texts = gender_neutral_contexts() if spec.neutral_contexts == "gender" else list(spec.neutral_contexts)
+            texts = spec.context_texts()
             words = class_words(list(test), classes, tokenizer)
             if "balance" in edits:  # debiasing is judged where the text leaves the class open
                 edits["balance"], table = balance_in_contexts(model, decoder, tokenizer, texts, words)
@@ -262,25 +265,17 @@ def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: O
 
 def check_reload(job: JobConfig, run: RunFolder, folder: Path, tokenizer, classes: list[str]) -> Optional[dict]:
     """Load the saved plain model with transformers alone and recompute P(class) in the neutral contexts."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    from .evaluation.contexts import context_probabilities, gender_neutral_contexts, summarise_contexts
+    from .evaluation.contexts import context_probabilities, summarise_contexts
     from .evaluation.probabilities import class_words
     from .objective import resolve_objective
 
-    spec = job.evaluation
-    if spec.neutral_contexts is None:
+    texts = job.evaluation.context_texts()
+    if texts is None:
         return None
-    model = AutoModelForCausalLM.from_pretrained(folder) if _is_causal(folder) else AutoModelForMaskedLM.from_pretrained(folder)
-    texts = gender_neutral_contexts() if spec.neutral_contexts == "gender" else list(spec.neutral_contexts)
+    model = auto_model_class(folder).from_pretrained(folder, use_safetensors=True).eval()
     words = class_words(list(load_data(run)["test"]), classes, tokenizer)
-    frame = context_probabilities(model.eval(), tokenizer, resolve_objective(model), texts, words)
+    frame = context_probabilities(model, tokenizer, resolve_objective(model), texts, words)
     return summarise_contexts(frame, classes)
-
-
-def _is_causal(folder: Path) -> bool:
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    return not any(a.endswith("ForMaskedLM") for a in architectures)
 
 
 def run_all(job: JobConfig, report: bool = True) -> Path:
