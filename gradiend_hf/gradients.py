@@ -74,6 +74,47 @@ def logits_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
+Action = Callable[[str, torch.Tensor], None]  # (parameter name, its gradient entries) -> None, called as each arrives
+
+
+def copy_into(buffer: dict[str, torch.Tensor]) -> Action:
+    return lambda name, grad: buffer[name].copy_(grad)
+
+
+def subtract_from(buffer: dict[str, torch.Tensor]) -> Action:
+    return lambda name, grad: buffer[name].sub_(grad)
+
+
+class BackwardPasses:
+    """Backward passes over the side losses of one batch. A shared input's forward pass runs once and its graph is
+    kept until the pass marked `last`; side 'diff' is one pass over mean factual - mean alternative loss."""
+
+    def __init__(self, engine: "GradientEngine", batch: Mapping[str, torch.Tensor]) -> None:
+        self.engine, self.batch = engine, batch
+        self.shared = shares_input(batch)
+        self.logits: Optional[torch.Tensor] = None
+
+    def _losses(self, side: str) -> torch.Tensor:
+        if self.shared:
+            if self.logits is None:
+                self.logits = self.engine._forward(side_inputs(self.batch, "factual"))
+            logits = self.logits
+        else:
+            logits = self.engine._forward(side_inputs(self.batch, side))
+        losses = row_losses(logits, self.batch[f"{side}_labels"])
+        check_finite(losses, side)
+        return losses
+
+    def __call__(self, side: str, actions: list[Action], last: bool) -> None:
+        if side == "diff":
+            loss = self._losses("factual").mean() - self._losses("alternative").mean()
+        else:
+            loss = self._losses(side).mean()
+        self.engine._backward(loss, actions, retain=self.shared and not last)
+        if last:
+            self.logits = None
+
+
 class GradientEngine:
     """Computes source/target gradients of one collated batch (one transition) into reusable buffers.
 
@@ -93,10 +134,11 @@ class GradientEngine:
         self.params = {name: params[name] for name in bottleneck.names}
         self.padding_rows = embedding_padding_rows(model, self.params)
         self.buffers: dict[str, dict[str, torch.Tensor]] = {}
-        self._actions: list[tuple[dict[str, torch.Tensor], str]] = []
+        self._actions: list[Action] = []
 
     # --- plumbing ----------------------------------------------------------------------------------------------
     def _buffer(self, kind: str) -> dict[str, torch.Tensor]:
+        """A float32 buffer per selected parameter, allocated once and reused by every step (no page faults per step)."""
         if kind not in self.buffers:
             self.buffers[kind] = {
                 name: torch.empty(self.bottleneck.entry_shape(name), dtype=torch.float32, device=p.device)
@@ -107,11 +149,8 @@ class GradientEngine:
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def gather(param: torch.Tensor) -> None:
             grad = self.bottleneck.entries(name, param.grad)
-            for buffer, op in self._actions:
-                if op == "copy":
-                    buffer[name].copy_(grad)
-                else:
-                    buffer[name].sub_(grad)
+            for action in self._actions:
+                action(name, grad)
             param.grad = None
 
         return gather
@@ -140,10 +179,17 @@ class GradientEngine:
             check_no_auxiliary_mask(inputs)
         return logits_of(self.objective_module(**inputs))
 
-    def _backward(self, loss: torch.Tensor, actions: list[tuple[dict[str, torch.Tensor], str]], retain: bool) -> None:
+    def _backward(self, loss: torch.Tensor, actions: list[Action], retain: bool) -> None:
         self._actions = actions
         loss.backward(retain_graph=retain)
         self._actions = []
+
+    @contextlib.contextmanager
+    def passes(self, batch: Mapping[str, torch.Tensor]) -> Iterator["BackwardPasses"]:
+        """`with engine.passes(batch) as backward: backward(side, actions, last)`: backward passes of one batch whose
+        per-parameter gradients are handed to `actions` as they arrive (and freed right after)."""
+        with self._gathering(), torch.enable_grad():
+            yield BackwardPasses(self, batch)
 
     # --- public ------------------------------------------------------------------------------------------------
     def compute(self, batch: Mapping[str, torch.Tensor], kinds: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
@@ -153,31 +199,17 @@ class GradientEngine:
         engine's buffers: they are overwritten by the next call.
         """
         wanted = set(kinds)
-        shared = shares_input(batch)
-        with self._gathering(), torch.enable_grad():
-            if wanted == {"diff"}:
-                losses = side_row_losses(self._forward, batch)
-                for side in SIDES:
-                    check_finite(losses[side], side)
-                loss = losses["factual"].mean() - losses["alternative"].mean()
-                self._backward(loss, [(self._buffer("diff"), "copy")], retain=False)
-                return {"diff": self._buffer("diff")}
-            factual_actions = [(self._buffer(k), "copy") for k in ("factual", "diff") if k in wanted]
-            alternative_actions = [(self._buffer("alternative"), "copy")] if "alternative" in wanted else []
+        if wanted == {"diff"}:
+            plan = [("diff", [copy_into(self._buffer("diff"))])]
+        else:
+            factual_actions = [copy_into(self._buffer(k)) for k in ("factual", "diff") if k in wanted]
+            alternative_actions = [copy_into(self._buffer("alternative"))] if "alternative" in wanted else []
             if "diff" in wanted:
-                alternative_actions.append((self._buffer("diff"), "sub"))
+                alternative_actions.append(subtract_from(self._buffer("diff")))
             plan = [(side, actions) for side, actions in (("factual", factual_actions), ("alternative", alternative_actions)) if actions]
-            if shared:
-                logits = self._forward(side_inputs(batch, "factual"))
-                for i, (side, actions) in enumerate(plan):
-                    losses = row_losses(logits, batch[f"{side}_labels"])
-                    check_finite(losses, side)
-                    self._backward(losses.mean(), actions, retain=i < len(plan) - 1)
-            else:
-                for side, actions in plan:
-                    losses = row_losses(self._forward(side_inputs(batch, side)), batch[f"{side}_labels"])
-                    check_finite(losses, side)
-                    self._backward(losses.mean(), actions, retain=False)
+        with self.passes(batch) as backward:
+            for i, (side, actions) in enumerate(plan):
+                backward(side, actions, last=i == len(plan) - 1)
         return {kind: self.buffers[kind] for kind in kinds}
 
     def row_directional_derivatives(

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import GRADIENT_KINDS, POST_PRUNE_CRITERIA, GradiendConfig
-from .gradients import GradientEngine, check_finite, side_inputs, side_row_losses
+from .gradients import GradientEngine
 from .model import GradiendModel
 from .objective import resolve_objective, row_losses
 from .selection import parameter_dict, select_parameters
@@ -273,17 +273,8 @@ class ImportanceEngine(GradientEngine):
     def accumulate(self, batch: Mapping[str, torch.Tensor], kind: str, scale: float, absolute: bool = False) -> None:
         """accumulator += scale * gradient of the batch's mean loss of `kind` (factual - alternative for 'diff')."""
         self._scale, self._absolute = float(scale), absolute
-        with self._gathering(), torch.enable_grad():
-            if kind == "diff":
-                losses = side_row_losses(self._forward, batch)
-                for side, value in losses.items():
-                    check_finite(value, side)
-                loss = losses["factual"].mean() - losses["alternative"].mean()
-            else:
-                losses = row_losses(self._forward(side_inputs(batch, kind)), batch[f"{kind}_labels"])
-                check_finite(losses, kind)
-                loss = losses.mean()
-            loss.backward()
+        with self.passes(batch) as backward:
+            backward(kind, [], last=True)
 
 
 def batch_label(rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str], kind: str) -> float:
