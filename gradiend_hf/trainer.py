@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from . import fused
 from .checkpointing import has_optimizer_state, load_optimizer_state, save_optimizer_state
 from .data import GradiendDataCollator
 from .evaluation.encoder import encode_dataset, encoder_metrics
@@ -200,6 +201,26 @@ class GradiendTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     # --- training ------------------------------------------------------------------------------------------------
+    def uses_fused_step(self) -> bool:
+        """The fused step (fused.py: no stored target or bottleneck gradients) serves one process taking one unclipped
+        AdamW step per gradient; anything else (DDP, accumulation, clipping, another optimizer) takes the plain step."""
+        config = self.gradiend_model.gradiend_config
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        return (
+            self.accelerator.num_processes == 1
+            and self.args.gradient_accumulation_steps == 1
+            and not self.args.max_grad_norm
+            and isinstance(optimizer, torch.optim.AdamW)
+            and fused.supports(config.source, config.target)
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if not self.uses_fused_step():
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        return fused.fused_step(self.gradiend_model, self._prepare_inputs(inputs), optimizer)
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = model(**inputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss

@@ -204,3 +204,22 @@ def test_train_seeds_stops_once_enough_converged_and_keeps_the_best(tmp_path):
     entries = slow.report["seeds"]
     assert len(entries) == 3 and not slow.report["chosen_converged"]
     assert slow.seed == max(entries, key=lambda e: abs(e["correlation"]))["seed"]
+
+
+def test_the_trainer_takes_the_fused_step_and_it_trains_like_the_plain_step(tmp_path):
+    """Clipping needs whole gradients, so a (never reached) clipping norm forces the plain step: same weights."""
+    results = {}
+    for name, clip in (("fused", 0.0), ("plain", 1e9)):
+        model = get_gradiend_model(tiny_model("bert"), GradiendConfig(feature_classes=CLASSES, init_seed=1))
+        trainer = GradiendTrainer(
+            model=model,
+            args=args(tmp_path / name, learning_rate=1e-2, max_steps=6, per_device_train_batch_size=2, eval_strategy="no",
+                      save_strategy="no", load_best_model_at_end=False, max_grad_norm=clip),
+            train_dataset=feature_rows(CONTEXTS[:5]),
+            processing_class=tokenizer_for("bert"),
+        )
+        trainer.train()
+        assert trainer.uses_fused_step() == (name == "fused")
+        results[name] = (flat_bottleneck(model), trainer.state.log_history[-1]["train_loss"])
+    torch.testing.assert_close(results["fused"][0], results["plain"][0], rtol=1e-4, atol=1e-6)
+    assert results["fused"][1] == pytest.approx(results["plain"][1], rel=1e-4)
