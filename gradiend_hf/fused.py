@@ -70,37 +70,62 @@ def derivative(activation: str, output: torch.Tensor) -> Optional[torch.Tensor]:
     raise ValueError(f"No closed-form derivative for activation {activation!r}.")
 
 
+def to_bfloat16_stochastic(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 -> bfloat16 rounded up or down with probability proportional to the distance (unbiased), so that AdamW's
+    small per-step changes of its moments (0.1% for beta2 = 0.999) survive on average instead of always rounding away."""
+    bits = values.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, device=values.device, generator=generator)
+    return (bits + noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # exact: low 16 bits are zero
+
+
 class AdamWSteps:
     """AdamW steps of single tensors with the optimizer's hyperparameters and state (created as torch.optim.AdamW
-    creates it), by torch's fused kernel: bit-identical to what optimizer.step() would do with these gradients."""
+    creates it), by torch's own kernel: identical to what optimizer.step() would do with these gradients.
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    With `state_dtype=torch.bfloat16` the two moments are stored in bfloat16 (8 instead of 16 bytes per weight); each
+    step widens one tensor's moments to float32, runs the same kernel, and stores them back stochastically rounded.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, state_dtype: torch.dtype = torch.float32,
+                 generator: Optional[torch.Generator] = None) -> None:
         self.optimizer = optimizer
         self.groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self.state_dtype = state_dtype
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     def _state(self, param: torch.Tensor) -> dict:
         state = self.optimizer.state[param]
+        moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if self.groups[id(param)]["amsgrad"] else [])
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            if self.groups[id(param)]["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            for key in moments:
+                state[key] = torch.zeros_like(param, dtype=self.state_dtype, memory_format=torch.preserve_format)
+        for key in moments:  # e.g. a resumed checkpoint: Optimizer.load_state_dict casts moments to the parameter dtype
+            if state[key].dtype != self.state_dtype:
+                state[key] = state[key].to(self.state_dtype)
         return state
 
     def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         group = self.groups[id(params[0])]
         states = [self._state(p) for p in params]
+        moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+        narrow = self.state_dtype != torch.float32
+        wide = [{key: s[key].float() if narrow else s[key] for key in moments} for s in states]
         fused = bool(group.get("fused"))
         with torch.no_grad():
             adamw(
                 [p.data for p in params], grads,
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                [w["exp_avg"] for w in wide], [w["exp_avg_sq"] for w in wide],
+                [w["max_exp_avg_sq"] for w in wide] if group["amsgrad"] else [],
                 [s["step"] for s in states],
-                fused=fused, foreach=None if fused else group.get("foreach"), amsgrad=group["amsgrad"], beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+                fused=fused, foreach=None if fused else group.get("foreach"), amsgrad=group["amsgrad"],
+                beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
             )
+            if narrow:
+                for s, w in zip(states, wide):
+                    for key in moments:
+                        s[key].copy_(to_bfloat16_stochastic(w[key], self.generator))
 
 
 class DecoderStreamer:
@@ -150,13 +175,15 @@ class DecoderStreamer:
 
 
 @torch.no_grad()
-def fused_step(model, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+def fused_step(model, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               step: Optional[AdamWSteps] = None) -> torch.Tensor:
     """One GRADIEND training step on one batch (one transition) with the bottleneck updated in place by `optimizer`
-    (a torch AdamW over the bottleneck). Returns the reconstruction loss (as the plain step's forward would)."""
+    (a torch AdamW over the bottleneck; `step` to keep its moments in bfloat16). Returns the reconstruction loss (as
+    the plain step's forward would)."""
     config = model.gradiend_config
     b: Bottleneck = model.bottleneck
     engine = model.engine
-    step = AdamWSteps(optimizer)
+    step = step or AdamWSteps(optimizer)
     source = engine._buffer("source")
     plan = target_pass(config.source, config.target)
     with engine.passes(batch) as backward:

@@ -23,6 +23,7 @@ from .pruning import maybe_post_prune, maybe_pre_prune
 
 logger = logging.getLogger("gradiend_hf")
 CONVERGENCE_FILE = "convergence.json"
+OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class GradiendTrainingArguments(TrainingArguments):
             the correlation is negative, so the first feature class reads +1. The flip is an exact symmetry of the
             model and of AdamW, so it never changes what training does next; it makes `correlation` = |correlation|.
         max_eval_rows: evaluate on at most this many rows (the first ones) to bound evaluation time.
+        optimizer_state_dtype: 'bfloat16' stores AdamW's moments in bfloat16 with stochastic rounding (fused step only).
+
+    Training takes the fused step (fused.py) whenever one process takes one unclipped AdamW step per gradient: ~16
+    bytes per selected weight less than autograd over the bottleneck, same numbers.
     """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the bottleneck."})
@@ -71,6 +76,18 @@ class GradiendTrainingArguments(TrainingArguments):
     fail_if_not_converged: bool = field(default=False, metadata={"help": "Raise when training did not converge."})
     sign_normalisation: bool = field(default=True, metadata={"help": "Keep the first class reading +1."})
     max_eval_rows: Optional[int] = field(default=None, metadata={"help": "Cap on evaluation rows."})
+    optimizer_state_dtype: str = field(
+        default="float32",
+        metadata={"help": "AdamW moments of the bottleneck: 'float32', or 'bfloat16' (stochastically rounded; 8 instead of "
+                  "16 bytes per selected weight; needs the fused step)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.optimizer_state_dtype not in OPTIMIZER_STATE_DTYPES:
+            raise ValueError(
+                f"optimizer_state_dtype={self.optimizer_state_dtype!r} is not supported; choose one of {list(OPTIMIZER_STATE_DTYPES)}."
+            )
 
 
 def flip_sign(model: GradiendModel, optimizer: Optional[torch.optim.Optimizer]) -> None:
@@ -201,25 +218,39 @@ class GradiendTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     # --- training ------------------------------------------------------------------------------------------------
-    def uses_fused_step(self) -> bool:
-        """The fused step (fused.py: no stored target or bottleneck gradients) serves one process taking one unclipped
-        AdamW step per gradient; anything else (DDP, accumulation, clipping, another optimizer) takes the plain step."""
+    def fused_step_blocker(self) -> Optional[str]:
+        """Why this run cannot take the fused step (fused.py: no stored target or bottleneck gradients), or None. It
+        serves one process taking one unclipped AdamW step per gradient; anything else takes the plain step."""
         config = self.gradiend_model.gradiend_config
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        return (
-            self.accelerator.num_processes == 1
-            and self.args.gradient_accumulation_steps == 1
-            and not self.args.max_grad_norm
-            and isinstance(optimizer, torch.optim.AdamW)
-            and fused.supports(config.source, config.target)
-        )
+        reasons = {
+            f"{self.accelerator.num_processes} processes (DDP all-reduces whole gradients)": self.accelerator.num_processes != 1,
+            f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}": self.args.gradient_accumulation_steps != 1,
+            f"max_grad_norm={self.args.max_grad_norm} (clipping needs the whole gradient)": bool(self.args.max_grad_norm),
+            f"optimizer {type(optimizer).__name__} (not torch.optim.AdamW)": not isinstance(optimizer, torch.optim.AdamW),
+            f"source={config.source!r} with target={config.target!r} (needs a third backward pass)": not fused.supports(config.source, config.target),
+        }
+        return next((reason for reason, blocks in reasons.items() if blocks), None)
+
+    def uses_fused_step(self) -> bool:
+        return self.fused_step_blocker() is None
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        if not self.uses_fused_step():
+        blocker = self.fused_step_blocker()
+        if blocker is not None:
+            if self.args.optimizer_state_dtype != "float32":
+                raise ValueError(
+                    f"optimizer_state_dtype={self.args.optimizer_state_dtype!r} needs the fused step, which this run cannot "
+                    f"take: {blocker}. Use optimizer_state_dtype='float32', or one process with gradient_accumulation_steps=1, "
+                    "max_grad_norm=0 and the default AdamW."
+                )
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        return fused.fused_step(self.gradiend_model, self._prepare_inputs(inputs), optimizer)
+        if getattr(self, "_adamw_steps", None) is None or self._adamw_steps.optimizer is not optimizer:
+            dtype = getattr(torch, self.args.optimizer_state_dtype)
+            self._adamw_steps = fused.AdamWSteps(optimizer, dtype, torch.Generator().manual_seed(self.args.seed))
+        return fused.fused_step(self.gradiend_model, self._prepare_inputs(inputs), optimizer, self._adamw_steps)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = model(**inputs)

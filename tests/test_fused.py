@@ -2,6 +2,7 @@
 plain step: autograd over GradiendModel.forward's MSE, then torch.optim.AdamW.step()."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -109,3 +110,71 @@ def test_fused_step_leaves_no_gradient_behind_and_keeps_the_base_unchanged():
         assert torch.equal(p, before[name]), name
     assert all(p.grad is None for p in gradiend.bottleneck.parameters())
     assert set(gradiend.engine.buffers) == {"source"}  # the target gradient was never stored
+
+
+def test_stochastic_bfloat16_rounding_picks_a_neighbour_and_is_unbiased():
+    from gradiend_hf.fused import to_bfloat16_stochastic
+
+    x = torch.tensor([1.0 + 2 ** -10, -3.0 - 3 * 2 ** -9, 1e-20 * (1 + 2 ** -9)], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.stack([to_bfloat16_stochastic(x, generator).float() for _ in range(4000)])
+    for i, value in enumerate(x.double().tolist()):  # x lies between two neighbouring bfloat16 values (8-bit mantissa)
+        spacing = 2.0 ** (math.frexp(abs(value))[1] - 8)
+        below = math.copysign(math.floor(abs(value) / spacing) * spacing, value)
+        above = math.copysign(abs(below) + spacing, value)
+        assert set(samples[:, i].tolist()) <= {float(below), float(above)}
+        share_above = float((samples[:, i] == above).float().mean())
+        assert share_above == pytest.approx((value - below) / (above - below), abs=0.03)
+    assert torch.allclose(samples.double().mean(0), x.double(), rtol=1e-4)
+
+
+def test_bfloat16_moments_train_like_float32_moments_with_half_the_state():
+    from gradiend_hf.fused import AdamWSteps
+
+    reference, collator = setup("bert")
+    narrow = copy.deepcopy(reference)
+    batches = [collator(rows()[i:i + 2]) for i in (0, 2, 0, 2, 0, 2)]
+    fused_steps(reference, batches)
+    optimizer = optimizer_for(narrow)
+    step = AdamWSteps(optimizer, torch.bfloat16, torch.Generator().manual_seed(0))
+    for batch in batches:
+        fused_step(narrow, batch, optimizer, step)
+    for state in optimizer.state.values():
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    flat = lambda m: torch.cat([p.detach().reshape(-1) for p in m.bottleneck.parameters()])
+    start = flat(setup("bert")[0])
+    moved_reference, moved_narrow = flat(reference) - start, flat(narrow) - start
+    assert float((moved_narrow - moved_reference).norm() / moved_reference.norm()) < 0.02
+
+
+def test_bfloat16_moments_need_the_fused_step(tmp_path):
+    from gradiend_hf.trainer import GradiendTrainer, GradiendTrainingArguments
+
+    with pytest.raises(ValueError, match="not supported"):
+        GradiendTrainingArguments(output_dir=str(tmp_path), optimizer_state_dtype="float16")
+    gradiend, _ = setup("bert")
+    trainer = GradiendTrainer(
+        model=gradiend,
+        args=GradiendTrainingArguments(output_dir=str(tmp_path), max_steps=1, optimizer_state_dtype="bfloat16",
+                                       max_grad_norm=1.0, eval_strategy="no", save_strategy="no", load_best_model_at_end=False),
+        train_dataset=rows(), processing_class=tokenizer_for("bert"),
+    )
+    with pytest.raises(ValueError, match="max_grad_norm=1.0"):
+        trainer.train()
+
+
+def test_resumed_bfloat16_moments_stay_bfloat16(tmp_path):
+    from gradiend_hf.checkpointing import load_optimizer_state, save_optimizer_state
+    from gradiend_hf.fused import AdamWSteps
+
+    gradiend, collator = setup("bert")
+    optimizer = optimizer_for(gradiend)
+    fused_step(gradiend, collator(rows()[:2]), optimizer, AdamWSteps(optimizer, torch.bfloat16))
+    save_optimizer_state(optimizer, None, tmp_path)
+    resumed = optimizer_for(gradiend)
+    load_optimizer_state(resumed, None, tmp_path)  # torch casts the moments to the parameters' float32
+    step = AdamWSteps(resumed, torch.bfloat16)
+    weight = gradiend.bottleneck.encoder_bias
+    saved = optimizer.state[weight]["exp_avg_sq"].clone()
+    assert torch.equal(step._state(weight)["exp_avg_sq"], saved)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in (step._state(p) for p in gradiend.bottleneck.parameters()))
