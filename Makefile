@@ -28,7 +28,6 @@ demo: $(STAMP)
 	$(VENV)/bin/gradiend-hf demo --output-dir runs/demo
 
 bench: $(STAMP)  # performance suite (issue 8): ratio tables in benchmarks/results/latest.md; run on an idle machine
-	$(PY) -m pip install -q py-spy
 	$(PY) benchmarks/run_all.py
 
 clean:
