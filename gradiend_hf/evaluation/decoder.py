@@ -146,7 +146,7 @@ def evaluate_decoder(
         probs = {c: torch.cat([p[c] for p in per_row]) for c in classes}
         lms = language_modelling_score(base_model, neutral, objective, forward)
         record = {"feature_factor": ff, "learning_rate": lr, "is_base": is_base, "skipped": False,
-                  "lms": lms.lms, "perplexity": lms.perplexity, "accuracy": lms.accuracy}
+                  "lms": lms.lms, "nll": lms.nll, "perplexity": lms.perplexity, "accuracy": lms.accuracy}
         for c in classes:
             record[f"p_{c}"] = float(probs[c].mean())
             for i, d in enumerate(classes):

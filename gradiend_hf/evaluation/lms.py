@@ -86,7 +86,8 @@ def language_modelling_score(
             chosen_logits = forward.logits(id(batch), batch.inputs, scored).float()
         targets = batch.labels[scored]
         total_nll += float(torch.nn.functional.cross_entropy(chosen_logits, targets, reduction="sum"))
-        correct += int((chosen_logits.argmax(-1) == targets).sum())
+        if objective != CAUSAL_LM:  # accuracy is the masked-LM score; a causal LM is scored by its NLL only
+            correct += int((chosen_logits.argmax(-1) == targets).sum())
         count += int(scored.sum())
     if count == 0:
         raise ValueError("No token of the neutral texts could be scored; give longer neutral texts.")
