@@ -8,6 +8,7 @@ come from forward-mode AD along W_e instead of one backward pass per row.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Iterator, Mapping, Optional
 
 import torch
@@ -16,7 +17,8 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .bottleneck import Bottleneck
-from .objective import AUXILIARY_MASK_ID, row_losses
+from .forward_mode import kept_tokens, mask_kind, pack_rows, scored_row_losses
+from .objective import AUXILIARY_MASK_ID, CAUSAL_LM, IGNORE_INDEX, resolve_objective, row_losses
 
 SIDES = ("factual", "alternative")
 MODEL_INPUTS = ("input_ids", "attention_mask")
@@ -31,16 +33,6 @@ def shares_input(batch: Mapping[str, torch.Tensor]) -> bool:
     return all(torch.equal(batch[f"factual_{k}"], batch[f"alternative_{k}"]) for k in MODEL_INPUTS)
 
 
-def side_row_losses(
-    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Per-row losses of both sides; a shared input costs one forward pass."""
-    if shares_input(batch):
-        logits = forward(side_inputs(batch, "factual"))
-        return {side: row_losses(logits, batch[f"{side}_labels"]) for side in SIDES}
-    return {side: row_losses(forward(side_inputs(batch, side)), batch[f"{side}_labels"]) for side in SIDES}
-
-
 def check_finite(losses: torch.Tensor, what: str) -> None:
     if not torch.isfinite(losses).all():
         raise FloatingPointError(
@@ -50,13 +42,46 @@ def check_finite(losses: torch.Tensor, what: str) -> None:
 
 
 def embedding_padding_rows(model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Selected embedding weights whose `padding_idx` row is excluded from gradients by nn.Embedding's backward."""
-    by_tensor = {id(p): name for name, p in params.items()}
+    """Selected embedding weights whose `padding_idx` row is excluded from gradients by nn.Embedding's backward, keyed by
+    the embedding's own name of the weight (a tied LM head registers the same tensor under another name)."""
+    selected = {id(p) for p in params.values()}
     rows = {}
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None and id(module.weight) in by_tensor:
-            rows[by_tensor[id(module.weight)]] = module.padding_idx
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and id(module.weight) in selected:
+            rows[f"{name}.weight" if name else "weight"] = module.padding_idx
     return rows
+
+
+def parameter_aliases(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """Every name under which each selected tensor is registered (one, unless tied: e.g. an LM head sharing the input
+    embeddings' weight)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    params = dict(model.named_parameters())
+    return {name: by_tensor[id(params[name])] for name in names}
+
+
+def is_causal(model: nn.Module) -> bool:
+    try:
+        return resolve_objective(model) == CAUSAL_LM
+    except ValueError:  # a model class of unknown kind: nothing is cut
+        return False
+
+
+def forward_parameters(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def output_head(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, nn.Module) else None
 
 
 def check_no_auxiliary_mask(inputs: Mapping[str, torch.Tensor]) -> None:
@@ -133,6 +158,16 @@ class GradientEngine:
         params = dict(model.named_parameters())
         self.params = {name: params[name] for name in bottleneck.names}
         self.padding_rows = embedding_padding_rows(model, self.params)
+        self.aliases = parameter_aliases(model, bottleneck.names)
+        # forward-mode encodings (row_directional_derivatives): the LM head only at scored positions (not for the
+        # auxiliary head's own classifier), causal inputs cut after the last scored position, rows packed if possible
+        self.head = output_head(model) if auxiliary_head is None else None
+        self.gathers = True
+        self.causal = auxiliary_head is None and is_causal(model)
+        self.mask_kind = mask_kind(model)
+        self.packing: Optional[bool] = None  # decided on first use (_packs)
+        self.dtype = next(model.parameters()).dtype
+        self.extra = {"use_cache": False} if "use_cache" in forward_parameters(self.objective_module) else {}
         self.buffers: dict[str, dict[str, torch.Tensor]] = {}
         self._actions: list[Action] = []
 
@@ -212,34 +247,150 @@ class GradientEngine:
                 backward(side, actions, last=i == len(plan) - 1)
         return {kind: self.buffers[kind] for kind in kinds}
 
+    # --- per-row encodings by forward-mode AD ----------------------------------------------------------------------
     def row_directional_derivatives(
         self, batch: Mapping[str, torch.Tensor], source: str, tangents: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
         """<grad of row i's source loss, tangent> for every row i, by one forward-mode pass (torch.func.jvp).
 
-        The source loss of a row is its factual or alternative -log P(word), or their difference for 'diff'.
+        The source loss of a row is its factual or alternative -log P(word), or their difference for 'diff'. Each row is
+        computed as if alone, but the pass runs only the tokens the losses depend on (forward_mode.py): rows packed
+        into lanes without padding where the model allows it, causal inputs cut after the last scored position, and the
+        LM head only at the scored positions (primal and tangent; a selected tied embedding gets the head's tangent).
         """
-        names = list(tangents)
-        primals = {name: self.params[name].detach() for name in names}
-        tangents = {name: tangents[name].to(primals[name].dtype) for name in names}
-        for name, row in self.padding_rows.items():
-            if name in tangents:  # backward never gives the padding row a gradient; forward mode must agree
-                tangents[name] = tangents[name].clone()
-                tangents[name][row] = 0
+        sides = SIDES if source == "diff" else (source,)
+        primals, tangents, tie = self._dual_parameters(tangents)
+        packs = self._packs(batch, sides)
 
         def source_losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
             named = {self.prefix + name: value for name, value in params.items()}
-            forward = lambda inputs: logits_of(functional_call(self.objective_module, named, args=(), kwargs=inputs, strict=False))
-            losses = side_row_losses(forward, batch)
-            if source == "diff":
-                return losses["factual"] - losses["alternative"]
-            return losses[source]
+            call = lambda inputs: logits_of(functional_call(
+                self.objective_module, named, args=(), kwargs={**inputs, **self.extra}, strict=False, tie_weights=tie))
+            losses = self._side_losses(call, batch, sides, packs)
+            return losses["factual"] - losses["alternative"] if source == "diff" else losses[source]
 
         # CPU flash/efficient SDPA kernels have no forward-mode derivative; the math kernel does.
         with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
             losses, derivatives = jvp(source_losses, (primals,), (tangents,))
         check_finite(losses, source)
         return derivatives
+
+    def _dual_parameters(self, tangents: Mapping[str, torch.Tensor]):
+        """(primals, tangents, tie_weights) for functional_call. A tensor registered under several names (an LM head tied
+        to the input embeddings) gets its tangent under every name, each use with its own: an nn.Embedding with a
+        `padding_idx` never gives that row a gradient (so its tangent row is zero there), the head does."""
+        primals, duals = {}, {}
+        for name, tangent in tangents.items():
+            primal = self.params[name].detach()
+            tangent = tangent.to(primal.dtype)
+            for alias in self.aliases[name]:
+                primals[alias] = primal
+                duals[alias] = tangent
+                if alias in self.padding_rows:
+                    duals[alias] = tangent.clone()
+                    duals[alias][self.padding_rows[alias]] = 0
+        tie = all(len(self.aliases[name]) == 1 for name in tangents)  # else every alias is passed explicitly
+        return primals, duals, tie
+
+    def _side_losses(self, call, batch: Mapping[str, torch.Tensor], sides: tuple[str, ...], packs: bool) -> dict[str, torch.Tensor]:
+        """Per-row losses of `sides`; sides reading the same tokens share one forward pass."""
+        if len(sides) == 2 and shares_input(batch):
+            passes = [(sides, side_inputs(batch, sides[0]))]
+        else:
+            passes = [((side,), side_inputs(batch, side)) for side in sides]
+        losses = {}
+        for group, inputs in passes:
+            if not self.prefix:
+                check_no_auxiliary_mask(inputs)
+            labels = {side: batch[f"{side}_labels"] for side in group}
+            losses.update(self._pass_losses(call, inputs, labels, packs))
+        return losses
+
+    def _pass_losses(
+        self, call, inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], packs: bool, one_lane: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Per-row losses of one input for each side in `labels`, from the tokens they depend on only."""
+        n_rows = inputs["input_ids"].shape[0]
+        if self.head is None or any(l.shape != inputs["input_ids"].shape for l in labels.values()):
+            logits = call(inputs)  # the auxiliary objective: its own small head, one label per row
+            return {side: row_losses(logits, l) for side, l in labels.items()}
+        keep = kept_tokens(inputs["attention_mask"], list(labels.values()), self.causal)
+        if packs:
+            packed = pack_rows(inputs["input_ids"], keep, labels, self.causal, self.mask_kind, self.dtype, one_lane=one_lane)
+            inputs, labels, rows = packed.inputs, packed.labels, packed.rows
+        else:  # the padded batch, cut after the last column any row needs
+            width = max(int(keep.any(0).nonzero().max()) + 1, 1) if keep.any() else 1
+            inputs = {k: v[:, :width] for k, v in inputs.items()}
+            labels = {side: l[:, :width] for side, l in labels.items()}
+            rows = torch.arange(n_rows, device=keep.device).unsqueeze(1).expand(n_rows, width)
+        positions = torch.stack([l != IGNORE_INDEX for l in labels.values()]).any(0)
+        logits = self._logits_at(call, inputs, positions)
+        return {side: scored_row_losses(logits, l[positions], rows[positions], n_rows) for side, l in labels.items()}
+
+    def _packs(self, batch: Mapping[str, torch.Tensor], sides: tuple[str, ...]) -> bool:
+        """Whether rows are packed for this model: it must take position ids and a 4D mask in a known format, and (checked
+        once, on the first batch with two different rows) different rows packed into one lane must give the losses of the
+        padded rows. A model that ignores the mask or derives positions its own way (RoBERTa: from the padding) fails."""
+        if self.packing is None:
+            if self.head is None or self.mask_kind is None:
+                self.packing = False
+            else:
+                self.packing = self._packing_agrees(batch, sides[0])
+        return bool(self.packing)
+
+    @torch.no_grad()
+    def _packing_agrees(self, batch: Mapping[str, torch.Tensor], side: str) -> Optional[bool]:
+        """True/False, or None (undecided) if the batch lacks two different rows: identical rows attending to each other
+        average identical values, so they could not show a mask that is ignored."""
+        inputs, labels = side_inputs(batch, side), batch[f"{side}_labels"]
+        if labels.shape != inputs["input_ids"].shape:
+            return False
+        distinct: list[int] = []
+        for i in range(labels.shape[0]):
+            if len(distinct) < 4 and not any(torch.equal(inputs["input_ids"][i], inputs["input_ids"][j]) for j in distinct):
+                distinct.append(i)
+        if len(distinct) < 2:
+            return None
+        inputs = {k: v[distinct] for k, v in inputs.items()}
+        labels = {side: labels[distinct]}
+        call = lambda inputs: logits_of(self.objective_module(**inputs, **self.extra))
+        try:
+            with sdpa_kernel([SDPBackend.MATH]):
+                padded = self._pass_losses(call, inputs, labels, packs=False)[side]
+                packed = self._pass_losses(call, inputs, labels, packs=True, one_lane=True)[side]
+        except Exception:  # the model does not take these inputs
+            return False
+        tolerance = max(1e-5, 10 * torch.finfo(self.dtype).eps)  # rounding only: a row seeing another row differs by far more
+        return bool(torch.allclose(packed, padded, rtol=tolerance, atol=tolerance))
+
+    def _logits_at(self, call, inputs: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+        """(N, vocab) logits at the True entries of `positions` (row-major, as full_logits[positions]): a forward
+        pre-hook hands the LM head only those hidden states. Falls back to the full head (then selects) for a model that
+        does something shape-bound after its head."""
+        def gather(module, args):
+            if args and torch.is_tensor(args[0]) and args[0].shape[:2] == positions.shape:
+                return (args[0][positions].unsqueeze(0),) + tuple(args[1:])
+            return None
+
+        count = int(positions.sum())
+        handle = self.head.register_forward_pre_hook(gather) if self.gathers else None
+        try:
+            logits = call(inputs)
+        except Exception:
+            if handle is None:
+                raise
+            self.gathers = False
+            handle.remove()
+            handle = None
+            logits = call(inputs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if logits.shape[:2] == positions.shape:
+            return logits[positions]
+        if logits.dim() == 3 and logits.shape[:2] == (1, count):
+            return logits[0]
+        raise RuntimeError(f"Unexpected logits shape {tuple(logits.shape)} for positions of shape {tuple(positions.shape)}.")
 
 
 def encode_rows(engine: GradientEngine, batch: Mapping[str, torch.Tensor], source: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ from oracle import naive_gradients, row_nll
 from tiny import CAUSAL, MASKED, rows, tiny_model, tokenizer_for
 
 from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model
+from gradiend_hf.forward_mode import kept_tokens, lane_assignment, pack_rows
 from gradiend_hf.gradients import side_inputs
 from gradiend_hf.objective import row_losses
 
@@ -111,7 +112,7 @@ def test_hooks_free_the_base_gradients_and_restore_flags():
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters() if getattr(p, "_post_accumulate_grad_hooks", None))
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "distilbert"])
+@pytest.mark.parametrize("kind", MASKED + CAUSAL)
 @pytest.mark.parametrize("source", ["alternative", "factual", "diff"])
 def test_jvp_row_encodings_equal_per_row_backward_encodings(kind, source):
     # identity activation: compare the linear read-outs themselves (tanh would hide errors where it saturates)
@@ -130,6 +131,177 @@ def test_jvp_handles_several_latent_units():
     single = torch.stack([gradiend.encode(collator([r])) for r in data])
     assert rows_h.shape == (4, 3)
     torch.testing.assert_close(rows_h, single, rtol=1e-4, atol=1e-7)
+
+
+# --- the fast forward-mode path (packed rows, LM head at scored positions, causal cut) against oracles ------------------
+TIED_EMBEDDINGS = {"bert": "word_embeddings", "distilbert": "word_embeddings", "albert": "word_embeddings",
+                   "gpt2": "wte", "llama-tied": "embed_tokens"}
+
+
+def tiny_any(kind):
+    """tiny_model, plus 'llama-tied': a Llama whose LM head is its input embedding and whose pad id (0) is also BOS, so
+    real inputs hold the embedding's padding_idx row (no gradient through the lookup, but one through the head)."""
+    if kind != "llama-tied":
+        return tiny_model(kind)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer_for("llama")), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=24, num_key_value_heads=1, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def varied_rows():
+    """rows() plus rows of very different lengths (one with no left context), so that packed lanes hold several rows."""
+    extra = [
+        ("[MASK] was good", "she", "he"),
+        ("the nurse and the doctor said that the results were good and that [MASK] went home", "she", "he"),
+        ("the doctor said that [MASK] was in the room and it was bad", "qrstu", "he"),
+    ]
+    return rows() + [dict(masked=m, factual=f, alternative=a, factual_class="female", alternative_class="male") for m, f, a in extra]
+
+
+def oracle_read_outs(model, kind, gradiend, data, source):
+    """<W_e, gradient of row i's source loss> + b_e per row, with the gradient from oracle.naive_gradients (one row at a
+    time, tokenised from the whole text, plain autograd; a tied head's gradient included)."""
+    tokenizer, names = tokenizer_for(kind.replace("-tied", "")), gradiend.bottleneck.names
+    out = []
+    for row in data:
+        sides = {side: naive_gradients(model, tokenizer, gradiend.objective, [row], side, names) for side in SIDES_OF[source]}
+        grad = sides[source] if source != "diff" else {n: sides["factual"][n] - sides["alternative"][n] for n in names}
+        out.append(sum((gradiend.bottleneck.encoder(n)[0] * grad[n]).sum() for n in names) + gradiend.bottleneck.encoder_bias[0])
+    return torch.stack(out).detach()
+
+
+SIDES_OF = {"alternative": ("alternative",), "factual": ("factual",), "diff": ("factual", "alternative")}
+
+
+@pytest.mark.parametrize("kind", list(TIED_EMBEDDINGS))
+@pytest.mark.parametrize("selection", ["default", "tied embedding + layer 1"])
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_fast_jvp_read_outs_equal_the_naive_oracle(kind, selection, layout):
+    model = tiny_any(kind)
+    patterns = None if selection == "default" else [TIED_EMBEDDINGS[kind], r"(layer|layers|h|transformer\.layer)\.1\."]
+    gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, target_parameters=patterns,
+                                                        encoder_activation="identity", source="diff"))
+    if selection != "default":  # the tied embedding is selected, and with it the LM head's weight
+        head = model.get_output_embeddings().weight
+        assert any(gradiend.engine.params[n] is head for n in gradiend.bottleneck.names)
+    if layout == "padded":
+        gradiend.engine.packing = False
+    collator = GradiendDataCollator(tokenizer_for(kind.replace("-tied", "")), gradiend.objective, CLASSES)
+    data = varied_rows()
+    got = gradiend.encode_rows(collator(data))[:, 0]
+    assert gradiend.engine.packing == (layout == "packed")  # every tiny model but RoBERTa packs (see below)
+    expected = oracle_read_outs(model, kind, gradiend, data, "diff")
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+
+
+def test_lm_head_projects_only_the_scored_positions():
+    model, gradiend, collator = wrap("bert")
+    batch = collator(rows())
+    gradiend.encode_rows(batch)  # the first call also checks once whether rows can be packed for this model
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape[:2])))
+    try:
+        gradiend.encode_rows(batch)
+    finally:
+        handle.remove()
+    assert [shape[0] for shape in seen] == [1] * len(seen)  # gathered into one (1, positions) row
+    assert sum(shape[1] for shape in seen) == int((batch["alternative_labels"] != -100).sum())  # source: alternative
+
+
+def test_a_head_that_needs_every_position_falls_back_to_the_full_head():
+    model, gradiend, collator = wrap("gpt2", encoder_activation="identity")
+    data = rows()
+    expected = torch.stack([gradiend.encode(collator([r])) for r in data])
+    shapes = {}
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.update(s=kwargs["input_ids"].shape), with_kwargs=True)
+    model.lm_head.register_forward_hook(lambda module, args, out: out.reshape(*shapes["s"], -1))  # shape-bound
+    got = gradiend.encode_rows(collator(data))
+    assert not gradiend.engine.gathers
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_columns_after_the_last_scored_position_are_cut_for_causal_lms_only(kind):
+    """Extra real tokens after a causal row's scored position cannot change its loss (they are cut); a masked LM's right
+    context must stay."""
+    model, gradiend, collator = wrap(kind, encoder_activation="identity")
+    data = rows()
+    batch = collator(data)
+    longer = {k: v.clone() for k, v in batch.items()}
+    for side in ("factual", "alternative"):
+        n = longer[f"{side}_input_ids"].shape[0]
+        longer[f"{side}_input_ids"] = torch.cat([longer[f"{side}_input_ids"], torch.full((n, 3), 7)], dim=1)
+        longer[f"{side}_attention_mask"] = torch.cat([longer[f"{side}_attention_mask"], torch.ones(n, 3, dtype=torch.long)], dim=1)
+        longer[f"{side}_labels"] = torch.cat([longer[f"{side}_labels"], torch.full((n, 3), -100)], dim=1)
+    same = torch.allclose(gradiend.encode_rows(longer), gradiend.encode_rows(batch), rtol=1e-5, atol=1e-7)
+    assert same == (kind in CAUSAL)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "gpt2"])
+def test_rows_are_packed_only_where_packed_rows_give_the_padded_losses(kind):
+    """RoBERTa derives position ids from the padding (they start at padding_idx + 1): packed rows with positions from 0
+    would change its losses, so the engine's one-time check keeps it on the padded batch; its encodings stay exact."""
+    model, gradiend, collator = wrap(kind, encoder_activation="identity")
+    data = varied_rows()
+    got = gradiend.encode_rows(collator(data))
+    assert gradiend.engine.packing == (kind != "roberta")
+    expected = torch.stack([gradiend.encode(collator([r])) for r in data])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("data", ["varied", "similar", "identical"])
+def test_a_model_ignoring_the_packed_mask_is_not_packed(data):
+    model, gradiend, collator = wrap("bert", encoder_activation="identity")
+    with torch.no_grad():  # sharper attention than at random init, so that what a token attends to matters
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(30)
+    forward = model.forward  # a model that drops the (4D) attention mask: packed rows would see each other
+    model.forward = lambda **kw: forward(**{k: v for k, v in kw.items() if k != "attention_mask"})
+    texts = {"varied": [r["masked"] for r in varied_rows()],
+             "similar": ["the nurse said that [MASK] was good", "the doctor said that [MASK] was bad"] * 2,
+             "identical": ["the nurse said that [MASK] was good"] * 4}[data]
+    data_rows = [dict(rows()[0], masked=text) for text in texts]
+    got = gradiend.encode_rows(collator(data_rows))
+    # identical rows cannot show an ignored mask (they attend to copies of themselves): undecided, the batch runs padded
+    assert gradiend.engine.packing is (None if data == "identical" else False)
+    if data == "identical":
+        torch.testing.assert_close(got, gradiend.encode(collator(data_rows[:1])).expand(4, 1), rtol=1e-4, atol=1e-6)
+
+
+def test_lanes_take_whole_rows_with_the_fewest_padded_tokens():
+    assert lane_assignment([3, 7, 2, 5, 4], capacity=8) == [[1], [3, 2], [4, 0]]  # 21 tokens: 3 lanes of 7, no filler
+    assert lane_assignment([12, 2], capacity=8) == [[0], [1]]  # a row longer than the capacity: the lane is wider
+    assert lane_assignment([2, 2, 2], capacity=64) == [[0], [1], [2]]  # as few tokens as one lane, narrower
+    assert lane_assignment([6, 5, 5, 4], capacity=10) == [[0, 3], [1, 2]]  # 2 x 10, not 3 lanes of 6 (18 + filler)
+    assert lane_assignment([], capacity=8) == []
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_rows_are_blocks_of_their_own_with_positions_from_zero(causal):
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
+    attention = (ids != 0).long()
+    labels = torch.full_like(ids, -100)
+    labels[0, 1], labels[1, 0], labels[2, 2] = 11, 12, 13
+    keep = kept_tokens(attention, [labels], causal)
+    assert keep.sum(1).tolist() == ([2, 1, 3] if causal else [3, 2, 4])  # causal: nothing after the last scored token
+    packed = pack_rows(ids, keep, {"alternative": labels}, causal, "bool", torch.float32, capacity=6)
+    assert packed.rows.tolist() == ([[2, 2, 2], [0, 0, 1]] if causal else [[2, 2, 2, 2, -1], [0, 0, 0, 1, 1]])
+    assert packed.inputs["position_ids"].tolist() == ([[0, 1, 2], [0, 1, 0]] if causal else [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]])
+    assert packed.inputs["input_ids"].tolist() == ([[1, 2, 3], [5, 6, 8]] if causal else [[1, 2, 3, 4, 0], [5, 6, 7, 8, 9]])
+    assert sorted(packed.labels["alternative"][packed.labels["alternative"] != -100].tolist()) == [11, 12, 13]
+    mask = packed.inputs["attention_mask"][:, 0]
+    for lane, block in enumerate(packed.rows):  # filler (-1) is a block of its own
+        for q in range(mask.shape[1]):
+            for k in range(mask.shape[2]):
+                assert bool(mask[lane, q, k]) == (bool(block[q] == block[k]) and (k <= q or not causal))
+    additive = pack_rows(ids, keep, {"alternative": labels}, causal, "additive", torch.float32, capacity=6)
+    assert torch.equal(additive.inputs["attention_mask"] == 0, packed.inputs["attention_mask"])
+    one = pack_rows(ids, keep, {"alternative": labels}, causal, "bool", torch.float32, one_lane=True)
+    assert one.rows.tolist() == [[0] * int(keep[0].sum()) + [1] * int(keep[1].sum()) + [2] * int(keep[2].sum())]
 
 
 def test_nan_in_the_base_model_raises_a_clear_error():
