@@ -12,7 +12,7 @@ from tiny import rows, tiny_model, tokenizer_for
 
 from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model
 from gradiend_hf.evaluation import evaluate_decoder, evaluate_encoder, learning_rate_ladder, neutral_rows
-from gradiend_hf.evaluation.encoder import summarise
+from gradiend_hf.evaluation.encoder import encode_dataset, summarise
 from gradiend_hf.evaluation.lms import language_modelling_score, lms_batches
 from gradiend_hf.evaluation.probabilities import case_variants, class_probabilities, class_words, word_batches, word_probabilities
 
@@ -69,6 +69,20 @@ def test_evaluate_encoder_uses_the_models_per_row_encodings():
     expected = gradiend.encode_rows(collate(rows()))[:, 0].numpy()
     np.testing.assert_allclose(result.frame["h"].to_numpy()[:4], expected, rtol=1e-6)
     assert (result.frame["label_class"] == "neutral").sum() == 4
+
+
+def test_encode_dataset_batches_rows_by_length_and_keeps_their_order():
+    model = tiny_model("gpt2")
+    gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, encoder_activation="identity"))
+    collate = GradiendDataCollator(tokenizer_for("gpt2"), "causal_lm", CLASSES)
+    data = both_classes() + [dict(rows()[0], masked="the doctor and the nurse said that the results were good and that [MASK] went")]
+    widths, encode_rows = [], gradiend.encode_rows
+    gradiend.encode_rows = lambda batch: widths.append(batch["alternative_input_ids"].shape[1]) or encode_rows(batch)
+    frame = encode_dataset(gradiend, data, collate, batch_size=3, progress=False)
+    assert widths == sorted(widths) and len(widths) == 3
+    expected = torch.stack([gradiend.encode(collate([r])) for r in data])[:, 0].numpy()
+    np.testing.assert_allclose(frame["h"].to_numpy(), expected, rtol=1e-4, atol=1e-7)
+    assert list(frame["masked"]) == [r["masked"] for r in data]
 
 
 # --- class probabilities ---------------------------------------------------------------------------------------

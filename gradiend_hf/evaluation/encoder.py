@@ -29,16 +29,33 @@ def batches(rows: Sequence[Mapping[str, Any]], size: int) -> Iterable[list]:
         yield [rows[i] for i in range(start, min(start + size, len(rows)))]
 
 
+def token_lengths(rows: Sequence[Mapping[str, Any]], collate: Callable, chunk: int = 256) -> list[int]:
+    """Tokens of each row as the collator builds it (the longer of its two sides)."""
+    lengths: list[int] = []
+    for part in batches(rows, chunk):
+        batch = collate(part)
+        widths = [batch[f"{side}_attention_mask"].sum(dim=1) for side in ("factual", "alternative")]
+        lengths += torch.maximum(*widths).tolist()
+    return lengths
+
+
 @torch.no_grad()
 def encode_dataset(
     model, rows: Sequence[Mapping[str, Any]], collate: Callable, batch_size: int = 16, progress: bool = True
 ) -> pd.DataFrame:
-    """One frame row per data row: its columns plus `h` (first latent unit; h_k for every unit if latent_dim > 1)."""
+    """One frame row per data row: its columns plus `h` (first latent unit; h_k for every unit if latent_dim > 1).
+
+    Rows are encoded in batches of similar token length (the per-row values do not depend on the batch), so that
+    little of the forward-mode work goes into padding; the frame keeps the rows' order."""
     values = []
+    order = sorted(range(len(rows)), key=token_lengths(rows, collate).__getitem__) if rows else []
     total = (len(rows) + batch_size - 1) // batch_size
-    for chunk in tqdm(batches(rows, batch_size), total=total, desc="encoding", disable=not progress, leave=False):
-        values.append(model.encode_rows(collate(chunk)).cpu())
-    h = torch.cat(values).numpy() if values else np.zeros((0, 1))
+    for chunk in tqdm(batches(order, batch_size), total=total, desc="encoding", disable=not progress, leave=False):
+        values.append(model.encode_rows(collate([rows[i] for i in chunk])).cpu())
+    h = np.zeros((0, 1))
+    if values:
+        h = np.empty((len(rows), values[0].shape[1]), dtype=np.float32)
+        h[order] = torch.cat(values).numpy()
     frame = pd.DataFrame([dict(r) for r in rows])
     frame["h"] = h[:, 0]
     for k in range(1, h.shape[1]):
