@@ -17,7 +17,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .bottleneck import Bottleneck
-from .forward_mode import kept_tokens, mask_kind, pack_rows, scored_row_losses
+from .forward_mode import constant_weight_linears, kept_tokens, mask_kind, pack_rows, scored_row_losses
 from .objective import AUXILIARY_MASK_ID, CAUSAL_LM, IGNORE_INDEX, resolve_objective, row_losses
 
 SIDES = ("factual", "alternative")
@@ -111,24 +111,25 @@ def subtract_from(buffer: dict[str, torch.Tensor]) -> Action:
 
 
 class BackwardPasses:
-    """Backward passes over the side losses of one batch. A shared input's forward pass runs once and its graph is
-    kept until the pass marked `last`; side 'diff' is one pass over mean factual - mean alternative loss."""
+    """Backward passes over the side losses of one batch. Sides reading the same tokens share one forward pass, whose
+    graph is kept until the pass marked `last`; side 'diff' is one pass over mean factual - mean alternative loss.
+    The forward passes compute only what the losses depend on, as the forward-mode pass does (GradientEngine.
+    _pass_losses): the LM head at scored positions, causal inputs cut after the last scored token, rows packed."""
 
     def __init__(self, engine: "GradientEngine", batch: Mapping[str, torch.Tensor]) -> None:
         self.engine, self.batch = engine, batch
         self.shared = shares_input(batch)
-        self.logits: Optional[torch.Tensor] = None
+        self.losses: dict[str, torch.Tensor] = {}
 
     def _losses(self, side: str) -> torch.Tensor:
-        if self.shared:
-            if self.logits is None:
-                self.logits = self.engine._forward(side_inputs(self.batch, "factual"))
-            logits = self.logits
-        else:
-            logits = self.engine._forward(side_inputs(self.batch, side))
-        losses = row_losses(logits, self.batch[f"{side}_labels"])
-        check_finite(losses, side)
-        return losses
+        if side not in self.losses:
+            engine = self.engine
+            sides = SIDES if self.shared else (side,)
+            labels = {s: self.batch[f"{s}_labels"] for s in sides}
+            inputs = side_inputs(self.batch, sides[0])
+            self.losses.update(engine._pass_losses(engine._forward, inputs, labels, engine._packs(self.batch, sides)))
+        check_finite(self.losses[side], side)
+        return self.losses[side]
 
     def __call__(self, side: str, actions: list[Action], last: bool) -> None:
         if side == "diff":
@@ -137,7 +138,7 @@ class BackwardPasses:
             loss = self._losses(side).mean()
         self.engine._backward(loss, actions, retain=self.shared and not last)
         if last:
-            self.logits = None
+            self.losses = {}
 
 
 class GradientEngine:
@@ -159,6 +160,7 @@ class GradientEngine:
         self.params = {name: params[name] for name in bottleneck.names}
         self.padding_rows = embedding_padding_rows(model, self.params)
         self.aliases = parameter_aliases(model, bottleneck.names)
+        self.selected_ids = {id(p) for p in self.params.values()}
         # forward-mode encodings (row_directional_derivatives): the LM head only at scored positions (not for the
         # auxiliary head's own classifier), causal inputs cut after the last scored position, rows packed if possible
         self.head = output_head(model) if auxiliary_head is None else None
@@ -212,7 +214,7 @@ class GradientEngine:
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.prefix:
             check_no_auxiliary_mask(inputs)
-        return logits_of(self.objective_module(**inputs))
+        return logits_of(self.objective_module(**inputs, **self.extra))
 
     def _backward(self, loss: torch.Tensor, actions: list[Action], retain: bool) -> None:
         self._actions = actions
@@ -270,7 +272,7 @@ class GradientEngine:
             return losses["factual"] - losses["alternative"] if source == "diff" else losses[source]
 
         # CPU flash/efficient SDPA kernels have no forward-mode derivative; the math kernel does.
-        with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+        with sdpa_kernel([SDPBackend.MATH]), torch.no_grad(), constant_weight_linears(self.objective_module, self.selected_ids):
             losses, derivatives = jvp(source_losses, (primals,), (tangents,))
         check_finite(losses, source)
         return derivatives
