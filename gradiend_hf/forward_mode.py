@@ -15,10 +15,11 @@ The LM head (the vocabulary projection) runs only at the scored positions (Gradi
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import inspect
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -134,6 +135,65 @@ def mask_kind(model: nn.Module) -> Optional[str]:
     if "position_ids" not in parameters or "attention_mask" not in parameters:
         return None
     return MASK_KINDS.get(getattr(getattr(model, "config", None), "_attn_implementation", None))
+
+
+class _ConstantWeightLinear(torch.autograd.Function):
+    """A linear map whose weight and bias are constants of the forward-mode pass (not selected). PyTorch's own
+    forward-mode rule for linear/addmm also multiplies the input by a zero tensor materialised for the weight's missing
+    tangent: one more matrix product per layer plus a weight-sized fill. Here the tangent is just x_t W^T. The module
+    goes in as a plain object, so no tangent (and no zero tensor) is made for its weight."""
+
+    @staticmethod
+    def forward(x, module):
+        return module.linear_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.module = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, x_t, _):
+        return ctx.module.linear_tangent(x_t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("Only for forward-mode passes (GradientEngine.row_directional_derivatives).")
+
+
+def _linear_rules(module: nn.Module):
+    """(forward, tangent) of x for an nn.Linear or a transformers Conv1D (GPT-2: x @ W + b), else None."""
+    if isinstance(module, nn.Linear):
+        return (lambda x: torch.nn.functional.linear(x, module.weight, module.bias),
+                lambda t: torch.nn.functional.linear(t, module.weight))
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        def forward(x):
+            out = torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), module.weight)
+            return out.view(*x.shape[:-1], module.nf)
+        return forward, lambda t: (t.reshape(-1, t.shape[-1]) @ module.weight).view(*t.shape[:-1], module.nf)
+    return None
+
+
+@contextlib.contextmanager
+def constant_weight_linears(model: nn.Module, selected: set[int]) -> Iterator[None]:
+    """While inside: every linear layer of `model` none of whose tensors is selected (ids) runs with
+    _ConstantWeightLinear (exact; only the forward-mode work differs). Restores the modules' own forwards after."""
+    patched = []
+    try:
+        for module in model.modules():
+            rules = _linear_rules(module)
+            if rules is None or any(id(p) in selected for p in module.parameters(recurse=False)):
+                continue
+            module.linear_forward, module.linear_tangent = rules
+            patched.append((module, vars(module).get("forward")))
+            module.forward = lambda x, module=module: _ConstantWeightLinear.apply(x, module)
+        yield
+    finally:
+        for module, forward in patched:
+            del module.linear_forward, module.linear_tangent
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def scored_row_losses(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:

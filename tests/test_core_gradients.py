@@ -178,14 +178,15 @@ SIDES_OF = {"alternative": ("alternative",), "factual": ("factual",), "diff": ("
 
 
 @pytest.mark.parametrize("kind", list(TIED_EMBEDDINGS))
-@pytest.mark.parametrize("selection", ["default", "tied embedding + layer 1"])
+@pytest.mark.parametrize("selection", ["default", "tied embedding + layer 1", "layer 0"])
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_fast_jvp_read_outs_equal_the_naive_oracle(kind, selection, layout):
     model = tiny_any(kind)
-    patterns = None if selection == "default" else [TIED_EMBEDDINGS[kind], r"(layer|layers|h|transformer\.layer)\.1\."]
+    patterns = {"default": None, "layer 0": [r"(layer|layers|h)\.0\."],  # later layers: constant weights, dual inputs
+                "tied embedding + layer 1": [TIED_EMBEDDINGS[kind], r"(layer|layers|h)\.1\."]}[selection]
     gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, target_parameters=patterns,
                                                         encoder_activation="identity", source="diff"))
-    if selection != "default":  # the tied embedding is selected, and with it the LM head's weight
+    if selection.startswith("tied"):  # the tied embedding is selected, and with it the LM head's weight
         head = model.get_output_embeddings().weight
         assert any(gradiend.engine.params[n] is head for n in gradiend.bottleneck.names)
     if layout == "padded":
@@ -196,6 +197,25 @@ def test_fast_jvp_read_outs_equal_the_naive_oracle(kind, selection, layout):
     assert gradiend.engine.packing == (layout == "packed")  # every tiny model but RoBERTa packs (see below)
     expected = oracle_read_outs(model, kind, gradiend, data, "diff")
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_unselected_linear_layers_get_the_constant_weight_rule_and_their_own_forward_back(kind):
+    model, gradiend, collator = wrap(kind, target_parameters=[r"(layers|h)\.0\."], encoder_activation="identity")
+    calls = []
+    from gradiend_hf import forward_mode
+
+    rule = forward_mode._ConstantWeightLinear.apply
+    forward_mode._ConstantWeightLinear.apply = lambda x, module: calls.append(module) or rule(x, module)
+    try:
+        got = gradiend.encode_rows(collator(rows()))
+    finally:
+        forward_mode._ConstantWeightLinear.apply = rule
+    selected = {id(p) for p in gradiend.engine.params.values()}
+    assert calls and all(not any(id(p) in selected for p in m.parameters()) for m in calls)
+    assert model.get_output_embeddings() in calls  # the LM head
+    assert not any("forward" in vars(m) or hasattr(m, "linear_tangent") for m in model.modules())
+    torch.testing.assert_close(got, torch.stack([gradiend.encode(collator([r])) for r in rows()]), rtol=1e-4, atol=1e-6)
 
 
 def test_lm_head_projects_only_the_scored_positions():
