@@ -13,11 +13,21 @@ from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.autograd import forward_ad
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .bottleneck import Bottleneck
-from .forward_mode import constant_weight_linears, kept_tokens, mask_kind, pack_rows, scored_row_losses
+from .forward_mode import (
+    SPARSE_TANGENT_DENSITY,
+    kept_tokens,
+    linear_kind,
+    linear_rules,
+    mask_kind,
+    pack_rows,
+    scored_row_losses,
+    sparse_weight_tangent,
+)
 from .objective import AUXILIARY_MASK_ID, CAUSAL_LM, IGNORE_INDEX, resolve_objective, row_losses
 
 SIDES = ("factual", "alternative")
@@ -60,6 +70,12 @@ def parameter_aliases(model: nn.Module, names: list[str]) -> dict[str, list[str]
         by_tensor.setdefault(id(p), []).append(name)
     params = dict(model.named_parameters())
     return {name: by_tensor[id(params[name])] for name in names}
+
+
+def linear_weights(model: nn.Module, aliases: Mapping[str, list[str]]) -> dict[str, str]:
+    """Selected tensors that are the weight of one linear layer and nothing else: name -> forward_mode.linear_kind."""
+    kinds = {f"{name}.weight" if name else "weight": linear_kind(m) for name, m in model.named_modules()}
+    return {name: kinds[name] for name, names in aliases.items() if len(names) == 1 and kinds.get(name)}
 
 
 def is_causal(model: nn.Module) -> bool:
@@ -160,7 +176,7 @@ class GradientEngine:
         self.params = {name: params[name] for name in bottleneck.names}
         self.padding_rows = embedding_padding_rows(model, self.params)
         self.aliases = parameter_aliases(model, bottleneck.names)
-        self.selected_ids = {id(p) for p in self.params.values()}
+        self.linear_weights = linear_weights(model, self.aliases)
         # forward-mode encodings (row_directional_derivatives): the LM head only at scored positions (not for the
         # auxiliary head's own classifier), causal inputs cut after the last scored position, rows packed if possible
         self.head = output_head(model) if auxiliary_head is None else None
@@ -251,9 +267,16 @@ class GradientEngine:
 
     # --- per-row encodings by forward-mode AD ----------------------------------------------------------------------
     def row_directional_derivatives(
-        self, batch: Mapping[str, torch.Tensor], source: str, tangents: Mapping[str, torch.Tensor]
+        self,
+        batch: Mapping[str, torch.Tensor],
+        source: str,
+        tangents: Mapping[str, torch.Tensor],
+        sparse_tangents: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """<grad of row i's source loss, tangent> for every row i, by one forward-mode pass (torch.func.jvp).
+        """<grad of row i's source loss, tangent> for every row i, by one forward-mode pass (torch.autograd.forward_ad).
+
+        `tangents`: parameter-shaped; `sparse_tangents`: for weights of linear layers (names in `linear_weights`), the
+        tangent as an (out x in) CSR matrix (forward_mode.sparse_weight_tangent), for pruned adapters.
 
         The source loss of a row is its factual or alternative -log P(word), or their difference for 'diff'. Each row is
         computed as if alone, but the pass runs only the tokens the losses depend on (forward_mode.py): rows packed
@@ -263,6 +286,8 @@ class GradientEngine:
         sides = SIDES if source == "diff" else (source,)
         primals, tangents, tie = self._dual_parameters(tangents)
         packs = self._packs(batch, sides)
+        duals = {id(self.params[name]) for name in tangents if name in self.params}
+        sparse = {id(self.params[name]): value for name, value in (sparse_tangents or {}).items()}
 
         def source_losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
             named = {self.prefix + name: value for name, value in params.items()}
@@ -272,8 +297,14 @@ class GradientEngine:
             return losses["factual"] - losses["alternative"] if source == "diff" else losses[source]
 
         # CPU flash/efficient SDPA kernels have no forward-mode derivative; the math kernel does.
-        with sdpa_kernel([SDPBackend.MATH]), torch.no_grad(), constant_weight_linears(self.objective_module, self.selected_ids):
-            losses, derivatives = jvp(source_losses, (primals,), (tangents,))
+        # Forward mode by torch.autograd.forward_ad (not torch.func.jvp, whose wrappers reject sparse CSR products).
+        with sdpa_kernel([SDPBackend.MATH]), torch.no_grad(), forward_ad.dual_level():
+            dual = {name: forward_ad.make_dual(primals[name], tangents[name]) for name in primals}
+            anchor = forward_ad.make_dual(torch.zeros(()), torch.zeros(()))  # lets a sparse tangent start the pass
+            with linear_rules(self.objective_module, duals, sparse, anchor):
+                losses, derivatives = forward_ad.unpack_dual(source_losses(dual))
+        if derivatives is None:  # nothing selected reaches the losses
+            derivatives = torch.zeros_like(losses)
         check_finite(losses, source)
         return derivatives
 
@@ -396,11 +427,22 @@ class GradientEngine:
 
 
 def encode_rows(engine: GradientEngine, batch: Mapping[str, torch.Tensor], source: str) -> torch.Tensor:
-    """Per-row encoder values h_i (rows x latent) of a batch, each as if its gradient were taken alone."""
+    """Per-row encoder values h_i (rows x latent) of a batch, each as if its gradient were taken alone.
+
+    A pruned adapter's encoder on a linear layer's weight with few kept entries goes in as a sparse tangent (only
+    x S^T for the kept entries), not as a dense weight-sized tangent that is mostly zeros."""
     bottleneck = engine.bottleneck
     columns = []
     for k in range(bottleneck.latent_dim):
-        tangents = {n: bottleneck.to_full(n, bottleneck.encoder(n)[k].detach()) for n in bottleneck.names}
-        columns.append(engine.row_directional_derivatives(batch, source, tangents))
+        dense, sparse = {}, {}
+        for name in bottleneck.names:
+            entries, index = bottleneck.encoder(name)[k].detach(), bottleneck.indices[name]
+            kind = engine.linear_weights.get(name)
+            if index is not None and kind and index.numel() <= SPARSE_TANGENT_DENSITY * bottleneck.shapes[name].numel():
+                dtype = engine.params[name].dtype
+                sparse[name] = sparse_weight_tangent(entries.to(dtype), index, bottleneck.shapes[name], kind)
+            else:
+                dense[name] = bottleneck.to_full(name, entries)
+        columns.append(engine.row_directional_derivatives(batch, source, dense, sparse))
     pre = torch.stack(columns, dim=1) + bottleneck.encoder_bias.detach().to(columns[0].device)
     return bottleneck.activate(pre)

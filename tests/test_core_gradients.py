@@ -11,6 +11,7 @@ from gradiend_hf.gradients import side_inputs
 from gradiend_hf.objective import row_losses
 
 CLASSES = ["female", "male"]
+SIDES = ("factual", "alternative")
 
 
 def wrap(kind, **config):
@@ -205,17 +206,54 @@ def test_unselected_linear_layers_get_the_constant_weight_rule_and_their_own_for
     calls = []
     from gradiend_hf import forward_mode
 
-    rule = forward_mode._ConstantWeightLinear.apply
-    forward_mode._ConstantWeightLinear.apply = lambda x, module: calls.append(module) or rule(x, module)
+    apply = forward_mode._RuledLinear.apply
+    forward_mode._RuledLinear.apply = lambda x, bias, anchor, rule: calls.append(rule.module) or apply(x, bias, anchor, rule)
     try:
         got = gradiend.encode_rows(collator(rows()))
     finally:
-        forward_mode._ConstantWeightLinear.apply = rule
+        forward_mode._RuledLinear.apply = apply
     selected = {id(p) for p in gradiend.engine.params.values()}
     assert calls and all(not any(id(p) in selected for p in m.parameters()) for m in calls)
     assert model.get_output_embeddings() in calls  # the LM head
-    assert not any("forward" in vars(m) or hasattr(m, "linear_tangent") for m in model.modules())
+    assert not any("forward" in vars(m) for m in model.modules())
     torch.testing.assert_close(got, torch.stack([gradiend.encode(collator([r])) for r in rows()]), rtol=1e-4, atol=1e-6)
+
+
+ONE_WEIGHT = {"gpt2": r"h\.0\.attn\.c_attn\.weight", "llama": r"layers\.0\.self_attn\.q_proj\.weight",
+              "bert": r"layer\.0\.attention\.self\.query\.weight"}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("selection", ["default", "one weight"])
+def test_pruned_adapters_take_sparse_weight_tangents_and_equal_the_naive_oracle(kind, selection):
+    """A pruned adapter's linear weights go in as sparse tangents (below 10% kept); 'one weight' reads the first
+    layer's query weight only, whose input carries no tangent (only the sparse term is left)."""
+    from gradiend_hf import forward_mode
+    from gradiend_hf.pruning import pre_prune
+
+    model, tokenizer = tiny_model(kind), tokenizer_for(kind)
+    config = GradiendConfig(feature_classes=CLASSES, encoder_activation="identity", source="diff",
+                            target_parameters=None if selection == "default" else [ONE_WEIGHT[kind]])
+    keep = 0.1 if selection == "default" else 0.05  # default: some linear weights kept sparsely, some densely
+    gradiend = pre_prune(model, varied_rows(), tokenizer, keep, config=config)
+    b = gradiend.bottleneck
+    made = []
+    make = forward_mode.sparse_weight_tangent
+    forward_mode_names = __import__("gradiend_hf.gradients", fromlist=["x"])
+    forward_mode_names.sparse_weight_tangent = lambda *a: made.append(a[2]) or make(*a)
+    try:
+        got = gradiend.encode_rows(GradiendDataCollator(tokenizer, gradiend.objective, CLASSES)(varied_rows()))[:, 0]
+    finally:
+        forward_mode_names.sparse_weight_tangent = make
+    assert made and len(made) == sum(n in gradiend.engine.linear_weights and b.indices[n].numel() <= 0.1 * b.shapes[n].numel()
+                                     for n in b.names)
+    expected = []
+    for row in varied_rows():
+        grads = {side: naive_gradients(model, tokenizer, gradiend.objective, [row], side, b.names) for side in SIDES}
+        expected.append(sum((b.encoder(n)[0] * b.entries(n, grads["factual"][n] - grads["alternative"][n])).sum()
+                            for n in b.names) + b.encoder_bias[0])
+    expected = torch.stack(expected).detach()
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
 
 
 def test_lm_head_projects_only_the_scored_positions():
