@@ -201,17 +201,14 @@ def test_fast_jvp_read_outs_equal_the_naive_oracle(kind, selection, layout):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_unselected_linear_layers_get_the_constant_weight_rule_and_their_own_forward_back(kind):
-    model, gradiend, collator = wrap(kind, target_parameters=[r"(layers|h)\.0\."], encoder_activation="identity")
-    calls = []
+def test_unselected_linear_layers_get_the_constant_weight_rule_and_their_own_forward_back(kind, monkeypatch):
     from gradiend_hf import forward_mode
 
-    apply = forward_mode._RuledLinear.apply
-    forward_mode._RuledLinear.apply = lambda x, bias, anchor, rule: calls.append(rule.module) or apply(x, bias, anchor, rule)
-    try:
-        got = gradiend.encode_rows(collator(rows()))
-    finally:
-        forward_mode._RuledLinear.apply = apply
+    model, gradiend, collator = wrap(kind, target_parameters=[r"(layers|h)\.0\."], encoder_activation="identity")
+    calls, apply = [], forward_mode._RuledLinear.apply
+    monkeypatch.setattr(forward_mode._RuledLinear, "apply",
+                        lambda x, bias, anchor, rule: calls.append(rule.module) or apply(x, bias, anchor, rule))
+    got = gradiend.encode_rows(collator(rows()))
     selected = {id(p) for p in gradiend.engine.params.values()}
     assert calls and all(not any(id(p) in selected for p in m.parameters()) for m in calls)
     assert model.get_output_embeddings() in calls  # the LM head
@@ -225,10 +222,10 @@ ONE_WEIGHT = {"gpt2": r"h\.0\.attn\.c_attn\.weight", "llama": r"layers\.0\.self_
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
 @pytest.mark.parametrize("selection", ["default", "one weight"])
-def test_pruned_adapters_take_sparse_weight_tangents_and_equal_the_naive_oracle(kind, selection):
+def test_pruned_adapters_take_sparse_weight_tangents_and_equal_the_naive_oracle(kind, selection, monkeypatch):
     """A pruned adapter's linear weights go in as sparse tangents (below 10% kept); 'one weight' reads the first
     layer's query weight only, whose input carries no tangent (only the sparse term is left)."""
-    from gradiend_hf import forward_mode
+    from gradiend_hf import gradients
     from gradiend_hf.pruning import pre_prune
 
     model, tokenizer = tiny_model(kind), tokenizer_for(kind)
@@ -237,14 +234,9 @@ def test_pruned_adapters_take_sparse_weight_tangents_and_equal_the_naive_oracle(
     keep = 0.1 if selection == "default" else 0.05  # default: some linear weights kept sparsely, some densely
     gradiend = pre_prune(model, varied_rows(), tokenizer, keep, config=config)
     b = gradiend.bottleneck
-    made = []
-    make = forward_mode.sparse_weight_tangent
-    forward_mode_names = __import__("gradiend_hf.gradients", fromlist=["x"])
-    forward_mode_names.sparse_weight_tangent = lambda *a: made.append(a[2]) or make(*a)
-    try:
-        got = gradiend.encode_rows(GradiendDataCollator(tokenizer, gradiend.objective, CLASSES)(varied_rows()))[:, 0]
-    finally:
-        forward_mode_names.sparse_weight_tangent = make
+    made, make = [], gradients.sparse_weight_tangent
+    monkeypatch.setattr(gradients, "sparse_weight_tangent", lambda *a: made.append(a[2]) or make(*a))
+    got = gradiend.encode_rows(GradiendDataCollator(tokenizer, gradiend.objective, CLASSES)(varied_rows()))[:, 0]
     assert made and len(made) == sum(n in gradiend.engine.linear_weights and b.indices[n].numel() <= 0.1 * b.shapes[n].numel()
                                      for n in b.names)
     expected = []
