@@ -10,7 +10,7 @@ the number of tokens it runs. Two things cut that number without changing any re
   runs the padded batch.
 - Causal LMs: tokens after a row's last scored position cannot change its loss and are left out.
 
-The LM head (the vocabulary projection) runs only at the scored positions (GradientEngine._logits_at).
+The LM head (the vocabulary projection) runs only at the scored positions (logits_at, shared with the decoder grid).
 
 Linear layers whose weight carries no dense tangent run under a LinearRule (linear_rules): PyTorch's forward-mode rule
 would multiply the input by a materialised zero tangent (a wasted matrix product per layer), and a pruned adapter's
@@ -24,7 +24,7 @@ import heapq
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -265,3 +265,33 @@ def scored_row_losses(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Te
     token_nll = torch.nn.functional.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
     per_row = torch.zeros(n_rows, dtype=token_nll.dtype, device=token_nll.device)
     return per_row.index_add(0, rows[valid], token_nll)
+
+
+def logits_at(
+    call: Callable[[dict], torch.Tensor], head: Optional[nn.Module], inputs: dict, positions: torch.Tensor, gathers: bool = True
+) -> tuple[torch.Tensor, bool]:
+    """(N, vocab) logits at the True entries of `positions` (row-major, as full_logits[positions]): a forward pre-hook
+    hands the LM head only those hidden states. Also returns whether that worked: a model that does something
+    shape-bound after its head gets the full head (then a selection), and callers should not try again."""
+    def gather(module, args):
+        if args and torch.is_tensor(args[0]) and args[0].shape[:2] == positions.shape:
+            return (args[0][positions].unsqueeze(0),) + tuple(args[1:])
+        return None
+
+    logits = None
+    if gathers and head is not None:
+        handle = head.register_forward_pre_hook(gather)
+        try:
+            logits = call(inputs)
+        except Exception:
+            gathers = False
+        finally:
+            handle.remove()
+    if logits is None:
+        logits = call(inputs)
+    count = int(positions.sum())
+    if logits.shape[:2] == positions.shape:
+        return logits[positions], gathers
+    if logits.dim() == 3 and logits.shape[:2] == (1, count):
+        return logits[0], gathers
+    raise RuntimeError(f"Unexpected logits shape {tuple(logits.shape)} for positions of shape {tuple(positions.shape)}.")

@@ -23,6 +23,7 @@ from .forward_mode import (
     kept_tokens,
     linear_kind,
     linear_rules,
+    logits_at,
     mask_kind,
     pack_rows,
     scored_row_losses,
@@ -139,11 +140,9 @@ class BackwardPasses:
 
     def _losses(self, side: str) -> torch.Tensor:
         if side not in self.losses:
-            engine = self.engine
             sides = SIDES if self.shared else (side,)
-            labels = {s: self.batch[f"{s}_labels"] for s in sides}
-            inputs = side_inputs(self.batch, sides[0])
-            self.losses.update(engine._pass_losses(engine._forward, inputs, labels, engine._packs(self.batch, sides)))
+            engine = self.engine
+            self.losses.update(engine._side_losses(engine._forward, self.batch, sides, engine._packs(self.batch, sides)))
         check_finite(self.losses[side], side)
         return self.losses[side]
 
@@ -386,7 +385,7 @@ class GradientEngine:
             return None
         inputs = {k: v[distinct] for k, v in inputs.items()}
         labels = {side: labels[distinct]}
-        call = lambda inputs: logits_of(self.objective_module(**inputs, **self.extra))
+        call = lambda inputs: logits_of(self.objective_module(**inputs, **self.extra))  # a check, not a gradient pass
         try:
             with sdpa_kernel([SDPBackend.MATH]):
                 padded = self._pass_losses(call, inputs, labels, packs=False)[side]
@@ -397,34 +396,8 @@ class GradientEngine:
         return bool(torch.allclose(packed, padded, rtol=tolerance, atol=tolerance))
 
     def _logits_at(self, call, inputs: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
-        """(N, vocab) logits at the True entries of `positions` (row-major, as full_logits[positions]): a forward
-        pre-hook hands the LM head only those hidden states. Falls back to the full head (then selects) for a model that
-        does something shape-bound after its head."""
-        def gather(module, args):
-            if args and torch.is_tensor(args[0]) and args[0].shape[:2] == positions.shape:
-                return (args[0][positions].unsqueeze(0),) + tuple(args[1:])
-            return None
-
-        count = int(positions.sum())
-        handle = self.head.register_forward_pre_hook(gather) if self.gathers else None
-        try:
-            logits = call(inputs)
-        except Exception:
-            if handle is None:
-                raise
-            self.gathers = False
-            handle.remove()
-            handle = None
-            logits = call(inputs)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if logits.shape[:2] == positions.shape:
-            return logits[positions]
-        if logits.dim() == 3 and logits.shape[:2] == (1, count):
-            return logits[0]
-        raise RuntimeError(f"Unexpected logits shape {tuple(logits.shape)} for positions of shape {tuple(positions.shape)}.")
-
+        logits, self.gathers = logits_at(call, self.head, inputs, positions, self.gathers)
+        return logits
 
 def encode_rows(engine: GradientEngine, batch: Mapping[str, torch.Tensor], source: str) -> torch.Tensor:
     """Per-row encoder values h_i (rows x latent) of a batch, each as if its gradient were taken alone.

@@ -27,7 +27,7 @@ from torch import nn
 from .config import GRADIENT_KINDS, POST_PRUNE_CRITERIA, GradiendConfig
 from .gradients import GradientEngine
 from .model import GradiendModel
-from .objective import resolve_objective, row_losses
+from .objective import resolve_objective
 from .selection import parameter_dict, select_parameters
 
 Keep = Union[float, int]

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from ..forward_mode import logits_at
+
 DEFAULT_CACHE_BYTES = 2 * 1024**3  # recordings beyond this are not kept (those batches run in full)
 
 
@@ -79,9 +81,8 @@ class GridForward:
             self.head = model.get_output_embeddings()
         except (AttributeError, NotImplementedError):
             self.head = None
-        self.gather: Optional[torch.Tensor] = None
+        self.head = self.head if isinstance(self.head, nn.Module) else None
         self.gathers = True
-        self.hook = self.head.register_forward_pre_hook(self._gather_positions) if isinstance(self.head, nn.Module) else None
         parameters = inspect.signature(model.forward).parameters
         self.extra = {"use_cache": False} if "use_cache" in parameters else {}
 
@@ -121,9 +122,7 @@ class GridForward:
                     layer.forward = forward
 
     def close(self) -> None:
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
+        """Nothing to release (hooks live only during a call); kept so GridForward works as a context manager."""
 
     def __enter__(self) -> "GridForward":
         return self
@@ -132,29 +131,13 @@ class GridForward:
         self.close()
 
     # --- internals ----------------------------------------------------------------------------------------------
-    def _gather_positions(self, module, args):
-        if self.gather is None or not args or not torch.is_tensor(args[0]) or args[0].shape[:2] != self.gather.shape:
-            return None
-        return (args[0][self.gather].unsqueeze(0),) + tuple(args[1:])
-
     def _run(self, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor, reset=lambda: None) -> torch.Tensor:
-        reset()  # forget what a failed attempt recorded
-        count = int(positions.sum())
-        self.gather = positions if self.gathers else None
-        try:
-            logits = self.model(**inputs, **self.extra).logits
-        except Exception:
-            if self.gather is None:
-                raise
-            self.gathers = False  # the model does something shape-bound after its head: compute all logits
-            return self._run(inputs, positions, reset)
-        finally:
-            self.gather = None
-        if logits.dim() == 3 and logits.shape[:2] == (1, count) and positions.shape != (1, count):
-            return logits[0]
-        if logits.shape[:2] == positions.shape:  # the head did not take the gathered input: select afterwards
-            return logits[positions]
-        raise RuntimeError(f"Unexpected logits shape {tuple(logits.shape)} for positions of shape {tuple(positions.shape)}.")
+        def call(inputs):
+            reset()  # forget what a failed attempt recorded
+            return self.model(**inputs, **self.extra).logits
+
+        logits, self.gathers = logits_at(call, self.head, dict(inputs), positions, self.gathers)
+        return logits
 
     def _record(self, key: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
         calls: list[int] = []
