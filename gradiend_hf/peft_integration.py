@@ -681,7 +681,10 @@ def register() -> None:
     """
     from peft import mapping
 
+    from .compatibility import explain_adapter_api_blocker
+
     key = GradiendType.GRADIEND
+    explain_adapter_api_blocker()
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = GradiendPeftConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = GradiendTuner
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX

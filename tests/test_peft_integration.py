@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import gradiend_hf  # noqa: F401  (the import registers GRADIEND with PEFT)
 from gradiend_hf import GradiendConfig, GradiendModel
+from gradiend_hf.compatibility import adapter_api_blocker, explain_adapter_api_blocker
 from gradiend_hf.config import GradiendType
 from gradiend_hf.peft_integration import (
     GradiendLayer,
@@ -92,6 +93,14 @@ def load_c(bases, kind, path):
 
 
 LOADERS = {"a": load_a, "b": load_b, "c": load_c}
+ADAPTER_API_BLOCKER = adapter_api_blocker()
+
+
+def require_adapter_api():
+    """transformers' adapter API loads with the installed peft but refuses to manage adapters (disable, save, ...) when it
+    asks for a newer peft (compatibility.py): then skip; the refusal's message is test_an_old_peft_is_refused_naming_*."""
+    if ADAPTER_API_BLOCKER is not None:
+        pytest.skip(ADAPTER_API_BLOCKER)
 
 
 # --- registration ------------------------------------------------------------------------------------------------
@@ -168,6 +177,7 @@ def test_c_load_adapter_gives_the_edited_model_and_can_be_disabled(bases, tmp_pa
     expected, base_logits = reference(bases, kind, path), logits(fresh(bases, kind), kind)
     model = load_c(bases, kind, path)
     assert torch.equal(logits(model, kind), expected)
+    require_adapter_api()  # disable/enable_adapters
     model.disable_adapters()
     assert torch.equal(logits(model, kind), base_logits)
     model.enable_adapters()
@@ -333,11 +343,14 @@ def test_the_low_level_peft_api_injects_from_the_file_and_so_also_loads_pruned_a
 # --- dtypes, low memory loading, saving through transformers --------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_half_precision_bases_and_low_cpu_mem_usage_match_gradiend_model(bases, tmp_path, dtype):
+    """Every base is loaded as route (b) loads it, with from_pretrained(dtype=...): that keeps the rotary inv_freq buffer
+    in float32, while base.to(bfloat16) would round it too (a different model, logits off by ~1e-3)."""
     path = save_adapter(bases, "llama", tmp_path / "adapter")
-    expected = logits(GradiendModel.from_pretrained(fresh(bases, "llama").to(dtype), path).merge_and_unload(), "llama")
-    model_a = PeftModel.from_pretrained(fresh(bases, "llama").to(dtype), path, low_cpu_mem_usage=True)
+    base = lambda: AutoModelForCausalLM.from_pretrained(bases / "llama", dtype=dtype).eval()
+    expected = logits(GradiendModel.from_pretrained(base(), path).merge_and_unload(), "llama")
+    model_a = PeftModel.from_pretrained(base(), path, low_cpu_mem_usage=True)
     model_b = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model_c = fresh(bases, "llama").to(dtype)
+    model_c = base()
     model_c.load_adapter(path, low_cpu_mem_usage=True)
     for model in (model_a, model_b, model_c):
         adapter_dtypes = {p.dtype for n, p in model.named_parameters() if "gradiend_" in n}
@@ -346,6 +359,7 @@ def test_half_precision_bases_and_low_cpu_mem_usage_match_gradiend_model(bases, 
 
 
 def test_transformers_save_pretrained_writes_the_same_adapter(bases, tmp_path):
+    require_adapter_api()
     path = save_adapter(bases, "gpt2", tmp_path / "adapter")
     model = load_c(bases, "gpt2", path)
     model.save_pretrained(tmp_path / "again")
@@ -401,3 +415,32 @@ def test_edited_parameters_in_a_module_and_its_submodule_are_refused():
         inject_adapter_in_model(config, Toy())
     toy = inject_adapter_in_model(config.with_updates(target_parameters=[r"inner\.weight"]), Toy())
     assert isinstance(toy.block.inner, GradiendLayer)  # a Linear inside a module without own edits is fine
+
+
+# --- transformers asking for a newer peft than installed ---------------------------------------------------------------
+def test_an_old_peft_is_refused_naming_both_versions_and_the_fix(bases, tmp_path, monkeypatch):
+    """transformers >= 5.24 wants peft >= 0.22 to manage adapters: the refusal names both installed versions and the ways
+    out. On the tested lock the versions fit, so a newer minimum is simulated. Loading itself and route (a) still work."""
+    import importlib.metadata
+
+    import transformers
+    import transformers.integrations.peft as integration
+
+    path = save_adapter(bases, "gpt2", tmp_path / "adapter")
+    if ADAPTER_API_BLOCKER is None:
+        monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "99.0")
+        monkeypatch.setattr(integration, "check_peft_version", integration.check_peft_version)  # restored after
+        explain_adapter_api_blocker()
+    minimum, peft_version = integration.MIN_PEFT_VERSION, importlib.metadata.version("peft")
+    expected = reference(bases, "gpt2", path)
+    model = load_c(bases, "gpt2", path)
+    assert torch.equal(logits(model, "gpt2"), expected)
+    for refused in (model.disable_adapters, lambda: model.save_pretrained(tmp_path / "again")):
+        with pytest.raises(ValueError) as error:
+            refused()
+        message = str(error.value)
+        assert f"transformers {transformers.__version__}" in message and f"peft {peft_version} is installed" in message
+        assert f"peft >= {minimum}" in message and "transformers<5.24" in message
+        assert "GradiendModel.from_pretrained" in message and "PeftModel.from_pretrained" in message
+    assert torch.equal(logits(load_b(bases, "gpt2", path), "gpt2"), expected)
+    assert torch.equal(logits(load_a(bases, "gpt2", path).merge_and_unload(), "gpt2"), expected)
