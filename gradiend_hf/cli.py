@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .job import JobConfig, JobConfigError, demo_job
+from .job import JobConfig, JobConfigError, RunFailed, demo_job
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -193,6 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (JobConfigError, FileNotFoundError) as error:
         print(f"gradiend-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:
+        print(f"gradiend-hf {args.command}: FAILED: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

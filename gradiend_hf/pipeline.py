@@ -17,7 +17,7 @@ import datasets
 import pandas as pd
 
 from .edit import Edit
-from .job import JobConfig, JobConfigError
+from .job import JobConfig, JobConfigError, RunFailed
 
 logger = logging.getLogger("gradiend_hf")
 
@@ -159,13 +159,26 @@ def train(job: JobConfig, run: RunFolder, base, tokenizer, data: datasets.Datase
                              seeds=job.seeds)
     model = search.model
     if args.should_save:
-        model.save_pretrained(run.adapter, training_data=describe_data(job, data))
         state = json.loads((run.training / f"seed-{search.seed}" / "trainer_state.json").read_text())
         run.plots.mkdir(parents=True, exist_ok=True)
         plot_training(state["log_history"], model.gradiend_config.feature_classes, run.plots / "training.png")
         run.write_json("training.json", {**search.report, "selected_entries": model.num_entries,
                                          "steps": state.get("global_step")})
+    if not search.report["chosen_converged"]:
+        seeds = "; ".join(f"seed {e['seed']}: " + ", ".join(e["reasons"]) for e in search.report["seeds"])
+        fail(run, f"no seed converged ({seeds})", args.should_save)
+    if args.should_save:
+        model.save_pretrained(run.adapter, training_data=describe_data(job, data))
     return model
+
+
+def fail(run: RunFolder, why: str, write: bool = True) -> None:
+    """Stop the run: report.md starts with why (the rest of a failed run stays in its folder for diagnosis)."""
+    from .report import failure_report
+
+    if write:
+        atomic_write(run.report, failure_report(run, why))
+    raise RunFailed(f"the encoder is not usable, so no edit was made: {why}. See {run.report}.")
 
 
 def prepare(job: JobConfig, run: RunFolder) -> datasets.DatasetDict:
@@ -188,6 +201,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
     from .evaluation.probabilities import class_words
     from .hub import adapter_card
     from .plotting import plot_decoder, plot_encoder
+    from .report import ENCODER_BAR
 
     spec, classes = job.evaluation, model.gradiend_config.feature_classes
     if "neutral" not in data or len(data["neutral"]) == 0:
@@ -231,6 +245,8 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
         "candidates": int((~decoder.grid["skipped"]).sum()),
     }
     run.write_json("evaluation.json", results)
+    if abs(encoder.correlation) < ENCODER_BAR:
+        fail(run, f"the held-out encoder |correlation| is {abs(encoder.correlation):.3f} < {ENCODER_BAR}")
     if run.adapter.is_dir():  # the adapter's card now shows the held-out encoder correlation
         adapter_card(model.gradiend_config, model.num_entries, training_data=describe_data(job, data),
                      encoder_correlation=encoder.correlation).save(run.adapter / "README.md")

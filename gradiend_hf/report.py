@@ -57,6 +57,20 @@ def checks(evaluation: dict[str, Any], classes: Sequence[str]) -> list[tuple[str
     return out
 
 
+def failure_report(run, why: str) -> str:
+    """report.md of a run that must not be used: the failure first, then where to look."""
+    job = run.load_job()
+    a, b = job.adapter_config().feature_classes
+    return "\n".join([
+        f"# GRADIEND run FAILED: {a} vs {b} on `{job.model}`", "",
+        f"**The encoder is not usable, so no edit was made and no model was saved: {why}.**", "",
+        "What to try: more training steps, another learning rate (the encoder saturates if it is too high: h = +-1 for "
+        "both classes), more seeds (`seeds: [0, 1, 2]`), more or cleaner data.", "",
+        f"Training curves: `plots/training.png`; per-seed verdicts: `results/training.json`, "
+        f"`training/seed_report.json`.", "",
+    ])
+
+
 def write_report(run) -> Path:
     """Render run/report.md from the run's results; returns its path."""
     job = run.load_job()

@@ -96,9 +96,9 @@ def test_run_writes_the_whole_run_folder_and_the_saved_model_reproduces_the_repo
 def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, hub, capsys):
     job = write_job(tmp_path, kind="gpt2")
     run = tmp_path / "run"
-    assert main(["train", str(job), "--set", "training.max_steps=30"]) == 0
+    assert main(["train", str(job)]) == 0  # 100 steps: the encoder must converge, or nothing is saved
     assert (run / "adapter" / "adapter_config.json").is_file() and not (run / "results" / "evaluation.json").exists()
-    assert json.loads((run / "results" / "training.json").read_text())["steps"] == 30
+    assert json.loads((run / "results" / "training.json").read_text())["steps"] == 100
     assert main(["evaluate", str(run)]) == 0
     assert (run / "report.md").is_file()
     evaluation = json.loads((run / "results" / "evaluation.json").read_text())
@@ -141,6 +141,24 @@ def test_a_bad_job_file_fails_at_once_naming_the_key_and_the_fix(tmp_path, capsy
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+def test_a_run_whose_encoder_did_not_converge_fails_loudly_and_ships_nothing(tmp_path, capsys):
+    """One training step cannot converge (the best step must be > 0 and both classes separated): every seed tried is
+    reported, report.md starts with the failure, no adapter and no edited model are written, and the exit code is 3."""
+    job = write_job(tmp_path, seeds=[1, 2])
+    code = main(["run", str(job), "--set", "training.max_steps=1", "--set", "training.eval_steps=1",
+                 "--set", "training.save_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "gradiend-hf run: FAILED: the encoder is not usable, so no edit was made: no seed converged" in err, err
+    run = tmp_path / "run"
+    report = (run / "report.md").read_text().splitlines()
+    assert report[0].startswith("# GRADIEND run FAILED") and "no edit was made" in report[2]
+    assert "seed 1:" in report[2] and "seed 2:" in report[2]
+    assert not (run / "adapter").exists() and not (run / "models").exists()
+    training = json.loads((run / "results" / "training.json").read_text())
+    assert training["seeds_tried"] == 2 and training["seeds_converged"] == 0 and not training["chosen_converged"]
+
+
 def test_bad_overrides_and_missing_steps_are_explained(tmp_path, capsys):
     job = write_job(tmp_path)
     assert main(["run", str(job), "--set", "training.max_steps"]) == 2
@@ -167,18 +185,21 @@ def test_python_dash_m_is_the_same_command():
 
 def test_train_under_accelerate_launch_with_two_processes_equals_one_process_accumulating(tmp_path):
     """The CLI's train under `accelerate launch` (2 CPU processes): one run folder, written once, and the adapter of
-    2 processes x 1 batch equals the adapter of 1 process accumulating 2 batches (the trainer tests' oracle)."""
+    2 processes x 1 batch equals the adapter of 1 process accumulating 2 batches (the trainer tests' oracle). Four steps
+    do not converge, so both exit 3 without a run adapter; the last checkpoints are compared."""
     from test_multiprocess import CONFIG, free_port, run
 
     job = write_job(tmp_path, kind="gpt2", training={"learning_rate": 1e-2, "max_steps": 4, "eval_steps": 2,
                                                      "save_steps": 2, "per_device_train_batch_size": 2,
                                                      "disable_tqdm": True})
     run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--main_process_port",
-         str(free_port()), "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "two")])
+         str(free_port()), "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "two")], returncode=3)
     run([sys.executable, "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "one"),
-         "--set", "training.gradient_accumulation_steps=2"])
-    two = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "two" / "adapter")
-    one = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "one" / "adapter")
+         "--set", "training.gradient_accumulation_steps=2"], returncode=3)
+    assert not (tmp_path / "two" / "adapter").exists() and not (tmp_path / "one" / "adapter").exists()
+    last = Path("training") / "seed-1" / "checkpoint-4"
+    two = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "two" / last)
+    one = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "one" / last)
     untrained = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=["female", "male"], init_seed=1))
     for a, b, init in zip(two.bottleneck.parameters(), one.bottleneck.parameters(), untrained.bottleneck.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # summation order differs (Adam amplifies it near g=0); 4 steps move ~4e-2
