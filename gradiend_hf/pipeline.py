@@ -214,6 +214,10 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
         encoder = evaluate_encoder(model, encoder_rows, tokenizer)
         plot_encoder(encoder, classes, run.plots / "encoder.png")
         encoder.frame.to_csv(run.results / "encoder_rows.csv", index=False)
+    if abs(encoder.correlation) < ENCODER_BAR:  # before the decoder grid: no edit is chosen from such an encoder
+        run.write_json("encoder.json", {**encoder.summary(), "rows": int(len(encoder_rows))})
+        fail(run, f"the held-out encoder |correlation| is {abs(encoder.correlation):.3f} < {ENCODER_BAR} on "
+                  f"{len(encoder_rows)} rows")
     with timed(run, "decoder grid"):
         decoder = evaluate_decoder(model, test.select(range(min(spec.decoder_rows, len(test)))), tokenizer,
                                    neutral_texts=data["neutral"]["text"][: spec.neutral_texts],
@@ -245,8 +249,6 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
         "candidates": int((~decoder.grid["skipped"]).sum()),
     }
     run.write_json("evaluation.json", results)
-    if abs(encoder.correlation) < ENCODER_BAR:
-        fail(run, f"the held-out encoder |correlation| is {abs(encoder.correlation):.3f} < {ENCODER_BAR}")
     if run.adapter.is_dir():  # the adapter's card now shows the held-out encoder correlation
         adapter_card(model.gradiend_config, model.num_entries, training_data=describe_data(job, data),
                      encoder_correlation=encoder.correlation).save(run.adapter / "README.md")

@@ -103,8 +103,23 @@ def flip_sign(model: GradiendModel, optimizer: Optional[torch.optim.Optimizer]) 
                     moment.neg_()
 
 
+# Both classes' mean h this far out on the same side: tanh is saturated for every row (its slope ~0), so the encoder
+# reads nothing and its gradient has vanished. Seen with a learning rate too high for the number of selected weights.
+COLLAPSED_MEAN = 0.9
+COLLAPSED_EVALUATIONS = 2  # consecutive evaluations before a run is stopped as collapsed
+
+
+def collapsed(record: dict, feature_classes: list[str]) -> bool:
+    means = [record.get(f"mean_h_{c}") for c in feature_classes]
+    return None not in means and means[0] * means[1] > 0 and min(abs(m) for m in means) >= COLLAPSED_MEAN
+
+
 class ConvergenceCallback(TrainerCallback, ExportableState):
-    """Tracks the best evaluation and decides at the end whether the run converged (kept in trainer_state.json)."""
+    """Tracks the best evaluation and decides at the end whether the run converged (kept in trainer_state.json).
+
+    Stops a run early whose encoder collapsed (COLLAPSED_EVALUATIONS evaluations in a row with both classes saturated on
+    the same side): it does not recover, and the seed search (seeds.train_seeds) can move on to the next seed.
+    """
 
     def __init__(self, feature_classes: list[str], best: Optional[dict] = None, history: Optional[list] = None) -> None:
         self.feature_classes = list(feature_classes)
@@ -121,7 +136,16 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
         self.history.append(record)
         if self.best is None or abs(record["correlation"]) > abs(self.best["correlation"]):
             self.best = record
+        if self.collapsed_steps():
+            control.should_training_stop = True
         state.stateful_callbacks[type(self).__name__] = self.state()
+
+    def collapsed_steps(self) -> list[int]:
+        """Steps of the last evaluations if they all show a collapsed encoder (see COLLAPSED_MEAN), else []."""
+        last = self.history[-COLLAPSED_EVALUATIONS:]
+        if len(last) == COLLAPSED_EVALUATIONS and all(collapsed(r, self.feature_classes) for r in last):
+            return [r["step"] for r in last]
+        return []
 
     def verdict(self, args: GradiendTrainingArguments) -> dict:
         """Converged: |corr| >= threshold, both class means |h| >= threshold with opposite signs, best step > 0."""
@@ -136,6 +160,10 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
             reasons.append(f"class means {first:.3f} / {second:.3f} are not both beyond +-{args.convergence_mean} with opposite signs")
         if best.get("step", 0) <= 0:
             reasons.append("the best evaluation is the untrained initialisation (step 0)")
+        steps = self.collapsed_steps()
+        if steps:
+            reasons.append(f"the encoder collapsed (h saturated on the same side for both classes at steps "
+                           f"{', '.join(map(str, steps))}; training stopped there): lower the learning rate")
         return {"converged": not reasons, "reasons": reasons, "best": best, "evaluations": len(self.history)}
 
 

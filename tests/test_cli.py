@@ -159,6 +159,21 @@ def test_a_run_whose_encoder_did_not_converge_fails_loudly_and_ships_nothing(tmp
     assert training["seeds_tried"] == 2 and training["seeds_converged"] == 0 and not training["chosen_converged"]
 
 
+def test_an_encoder_below_the_held_out_bar_stops_before_any_edit(tmp_path, capsys, monkeypatch):
+    """Converged on the validation rows but below the report's bar on held-out rows (the bar is raised past 1 here):
+    the run stops before the decoder grid, chooses no edit and saves no model, and exits 3."""
+    from gradiend_hf import report
+
+    monkeypatch.setattr(report, "ENCODER_BAR", 1.01)
+    job = write_job(tmp_path)
+    assert main(["run", str(job)]) == 3
+    assert "held-out encoder |correlation|" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert (run / "report.md").read_text().startswith("# GRADIEND run FAILED")
+    assert json.loads((run / "results" / "encoder.json").read_text())["correlation"] < 1.01
+    assert not (run / "results" / "evaluation.json").exists() and not (run / "models").exists()
+
+
 def test_bad_overrides_and_missing_steps_are_explained(tmp_path, capsys):
     job = write_job(tmp_path)
     assert main(["run", str(job), "--set", "training.max_steps"]) == 2

@@ -175,6 +175,31 @@ def test_failing_loudly_when_not_converged(tmp_path):
     assert not json.loads((tmp_path / "run" / "convergence.json").read_text())["converged"]
 
 
+@pytest.mark.parametrize("means, stops", [
+    ([(-0.99, -1.0), (-1.0, -0.97)], True),     # both classes saturated at -1, twice: collapsed
+    ([(0.95, 0.99), (1.0, 0.93)], True),        # ... or at +1
+    ([(-0.99, -1.0)], False),                    # once is not yet a collapse
+    ([(-0.99, -1.0), (0.99, -0.98)], False),    # recovered: opposite signs
+    ([(-0.99, -1.0), (-0.99, -0.6)], False),    # one class not saturated: tanh still has a slope there
+])
+def test_a_collapsed_encoder_stops_the_run_and_is_named_in_the_verdict(means, stops):
+    """The rule by hand: COLLAPSED_EVALUATIONS evaluations in a row with both class means >= COLLAPSED_MEAN in size on
+    the same side stop training; the verdict says so (and why: the learning rate)."""
+    from transformers import TrainerControl, TrainerState
+
+    from gradiend_hf.trainer import COLLAPSED_EVALUATIONS, COLLAPSED_MEAN, ConvergenceCallback
+
+    assert (COLLAPSED_EVALUATIONS, COLLAPSED_MEAN) == (2, 0.9)
+    callback, state, control = ConvergenceCallback(CLASSES), TrainerState(), TrainerControl()
+    for step, (first, second) in enumerate(means, start=1):
+        state.global_step = 50 * step
+        callback.on_evaluate(None, state, control, metrics={"eval_correlation": 0.1, f"eval_mean_h_{CLASSES[0]}": first,
+                                                            f"eval_mean_h_{CLASSES[1]}": second})
+    assert control.should_training_stop is stops
+    reasons = callback.verdict(GradiendTrainingArguments(output_dir="unused"))["reasons"]
+    assert any("collapsed" in r and "lower the learning rate" in r for r in reasons) is stops
+
+
 def test_bad_data_is_refused_with_a_clear_error(tmp_path):
     model = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=CLASSES))
     bad = [dict(r) for r in rows()]
