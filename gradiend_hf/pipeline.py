@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional, Union
 
 import datasets
 import pandas as pd
+import torch
 
 from .edit import Edit
 from .job import JobConfig, JobConfigError, RunFailed
@@ -178,6 +179,8 @@ def fail(run: RunFolder, why: str, write: bool = True) -> None:
 
     if write:
         atomic_write(run.report, failure_report(run, why))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process fails alike; none may end the launch before the report is written
     raise RunFailed(f"the encoder is not usable, so no edit was made: {why}. See {run.report}.")
 
 

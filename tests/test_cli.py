@@ -201,17 +201,19 @@ def test_python_dash_m_is_the_same_command():
 def test_train_under_accelerate_launch_with_two_processes_equals_one_process_accumulating(tmp_path):
     """The CLI's train under `accelerate launch` (2 CPU processes): one run folder, written once, and the adapter of
     2 processes x 1 batch equals the adapter of 1 process accumulating 2 batches (the trainer tests' oracle). Four steps
-    do not converge, so both exit 3 without a run adapter; the last checkpoints are compared."""
+    do not converge, so both exit 3 without a run adapter (the launcher reports its workers' 3 and exits 1) and the one
+    report.md says so; the last checkpoints are compared."""
     from test_multiprocess import CONFIG, free_port, run
 
     job = write_job(tmp_path, kind="gpt2", training={"learning_rate": 1e-2, "max_steps": 4, "eval_steps": 2,
                                                      "save_steps": 2, "per_device_train_batch_size": 2,
                                                      "disable_tqdm": True})
     run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--main_process_port",
-         str(free_port()), "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "two")], returncode=3)
+         str(free_port()), "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "two")], returncode=1)
     run([sys.executable, "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "one"),
          "--set", "training.gradient_accumulation_steps=2"], returncode=3)
     assert not (tmp_path / "two" / "adapter").exists() and not (tmp_path / "one" / "adapter").exists()
+    assert (tmp_path / "two" / "report.md").read_text().startswith("# GRADIEND run FAILED")
     last = Path("training") / "seed-1" / "checkpoint-4"
     two = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "two" / last)
     one = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "one" / last)

@@ -38,10 +38,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(command: list[str], returncode: int = 0) -> None:
+def run(command: list[str], returncode: int = 0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == returncode, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
 
 
 def evidence(folder: Path, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
