@@ -3,8 +3,9 @@
 transformers >= 5.24 still loads adapters with peft 0.21 (`AutoModel*.from_pretrained(adapter_dir)`,
 `model.load_adapter`), but manages them (`set_adapter`, `disable_adapters`/`enable_adapters`, `active_adapters`,
 `add_adapter`, `delete_adapter`, and `save_pretrained` of a model holding one) only with peft >= 0.22, which is not
-released yet: its own error then only says "please use a version >= 0.22.0". `explain_adapter_api_blocker()` (called at import) makes that same refusal name both installed
-versions and the ways out. Nothing changes where the versions fit: this is an error message, not a workaround.
+released yet: its own error then only says "please use a version >= 0.22.0". `explain_adapter_api_blocker()` (called
+at import) makes that same refusal name both installed versions and the ways out. Nothing changes where the versions
+fit: this is an error message, not a workaround.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def adapter_api_blocker() -> Optional[str]:
         "active_adapters, add_adapter, delete_adapter, save_pretrained of a model holding one) only with "
         f"peft >= {MIN_PEFT_VERSION}, but peft {installed} is installed. Loading still works, and so do "
         "gradiend_hf.GradiendModel.from_pretrained(base, path) and peft.PeftModel.from_pretrained(base, path) with all "
-        "their methods; a merged model loads anywhere. For the rest of transformers' adapter API, "
-        f"install the tested versions (pip install 'transformers<5.24' 'peft>=0.21', as in gradiend_hf's {TESTED_LOCK}) "
-        f"or peft >= {MIN_PEFT_VERSION} once it is released."
+        "their methods; a merged model loads anywhere. For the rest of transformers' adapter API, install the tested "
+        f"versions (pip install 'transformers<5.24' 'peft>=0.21', as in gradiend_hf's {TESTED_LOCK}) or "
+        f"peft >= {MIN_PEFT_VERSION} once it is released."
     )
 
 
