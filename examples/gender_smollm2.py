@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/gender")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)  # 1e-3 saturates the encoder
     parser.add_argument("--keep", type=float, default=0.01, help="fraction of backbone weights kept by pre-pruning")
     parser.add_argument("--rows", type=int, default=24, help="test rows and neutral texts for the decoder grid")
     args = parser.parse_args()
@@ -43,7 +43,8 @@ def main() -> None:
         model=model,
         args=GradiendTrainingArguments(output_dir=str(out / "training"), learning_rate=args.learning_rate,
                                        max_steps=args.steps, eval_steps=50, save_steps=50, logging_steps=10,
-                                       per_device_train_batch_size=4, max_eval_rows=32),
+                                       per_device_train_batch_size=4, max_eval_rows=32,
+                                       fail_if_not_converged=True),  # never edit with an encoder that learnt nothing
         train_dataset=data["train"], eval_dataset=data["validation"], processing_class=tokenizer,
     )  # pre-pruning happens here, from training rows
     trainer.train()
@@ -54,6 +55,8 @@ def main() -> None:
     encoder = evaluate_encoder(model, test, tokenizer)
     plot_encoder(encoder, classes, out / "encoder.png")
     print("encoder on held-out names:", json.dumps(encoder.summary(), indent=1))
+    if abs(encoder.correlation) < 0.8:
+        raise SystemExit(f"held-out encoder |correlation| {abs(encoder.correlation):.3f} < 0.8: no edit is made.")
 
     decoder = evaluate_decoder(model, test.select(range(args.rows)), tokenizer, neutral_texts=data["neutral"]["text"][: args.rows])
     contexts, words = gender_neutral_contexts(), class_words(list(test), classes, tokenizer)
