@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .serialization import load_tensors, save_tensors, write_atomically
+from .atomic import write_folder_atomically
+from .serialization import load_tensors, save_tensors
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
@@ -44,7 +45,7 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: Any, direc
     if scheduler is not None:
         sched = {k: _jsonable(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         writers[SCHEDULER_JSON] = lambda path: path.write_text(json.dumps(sched), encoding="utf-8")
-    write_atomically(directory, writers)
+    write_folder_atomically(directory, writers)
 
 
 def has_optimizer_state(directory: str | os.PathLike) -> bool:

@@ -29,13 +29,6 @@ from .gradients import copy_into
 SIDES = ("factual", "alternative")
 
 
-def source_passes(source: str) -> list[tuple[str, str]]:
-    """(side, how) backward passes that leave the source gradient in the buffer."""
-    if source == "diff":
-        return [("diff", "copy")]
-    return [(source, "copy")]
-
-
 def target_pass(source: str, target: str) -> Optional[tuple[str, str]]:
     """The one backward pass whose gradient g gives the target as it arrives: (side, rule) with t = g ('gradient'),
     s - g ('source_minus'), g - s ('minus_source'), or None when t = s needs no pass. Raises for combinations that
@@ -187,8 +180,7 @@ def fused_step(model, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.
     source = engine._buffer("source")
     plan = target_pass(config.source, config.target)
     with engine.passes(batch) as backward:
-        for side, _ in source_passes(config.source):
-            backward(side, [copy_into(source)], last=plan is None)
+        backward(config.source, [copy_into(source)], last=plan is None)  # 'diff' is one pass (BackwardPasses)
         pre = b.encode_linear(source).detach()
         h = b.activate(pre)
         if not torch.isfinite(h).all():

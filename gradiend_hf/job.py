@@ -29,9 +29,7 @@ from .config import GradiendConfig
 RECIPES = ("english_gender_names", "english_gender", "english_gender_pronouns", "english_pronoun_number", "religion",
            "race", "german_articles")
 TEXTS = ("wikipedia", "news")
-DATA_FILES = ("train", "validation", "test", "neutral")
 MODEL_CLASSES = ("auto", "causal_lm", "masked_lm")
-EMBEDDED_MODELS = ("smollm2",)
 
 
 class JobConfigError(ValueError):
@@ -216,7 +214,9 @@ class JobConfig:
     def save(self, path: Union[str, Path]) -> None:
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        from .atomic import write_text_atomically
+
+        write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def training_fields() -> list[str]:

@@ -17,6 +17,7 @@ from .config import CONFIG_NAME, GradiendConfig
 from .edit import Edit, InPlaceEditor, Scratch, applied, resolve_edit
 from .gradients import GradientEngine, encode_rows
 from .objective import AUXILIARY_MLM, CAUSAL_LM, lm_objective, resolve_objective
+from .atomic import write_folder_atomically
 from .selection import parameter_dict, select_parameters
 from .serialization import (
     WEIGHTS_NAME,
@@ -25,7 +26,6 @@ from .serialization import (
     parse_adapter_key,
     resolve_adapter_files,
     save_tensors,
-    write_atomically,
 )
 
 
@@ -279,7 +279,7 @@ class GradiendModel(nn.Module):
         head_files = {} if head is None else {name: (lambda path: None) for name in AUXILIARY_FILES}
         if head is not None:  # both head files are written by one call; the second entry only moves it into place
             head_files[AUXILIARY_FILES[0]] = lambda path: head.write_files(path.parent)
-        write_atomically(
+        write_folder_atomically(
             save_directory,
             {
                 **head_files,

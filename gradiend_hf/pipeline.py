@@ -17,6 +17,7 @@ import datasets
 import pandas as pd
 import torch
 
+from .atomic import write_file_atomically, write_text_atomically
 from .edit import Edit
 from .job import JobConfig, JobConfigError, RunFailed
 
@@ -55,7 +56,7 @@ class RunFolder:
 
     def write_json(self, name: str, value: Any) -> None:
         self.results.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.results / name, json.dumps(value, indent=2, default=float))
+        write_text_atomically(self.results / name, json.dumps(value, indent=2, default=float))
 
     def load_job(self) -> JobConfig:
         if not self.job.is_file():
@@ -63,10 +64,8 @@ class RunFolder:
         return JobConfig.from_file(self.job)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    write_file_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 @contextmanager
@@ -178,7 +177,7 @@ def fail(run: RunFolder, why: str, write: bool = True) -> None:
     from .report import failure_report
 
     if write:
-        atomic_write(run.report, failure_report(run, why))
+        write_text_atomically(run.report, failure_report(run, why))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every process fails alike; none may end the launch before the report is written
     raise RunFailed(f"the encoder is not usable, so no edit was made: {why}. See {run.report}.")
@@ -216,7 +215,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
         encoder_rows = test if spec.encoder_rows is None else test.select(range(min(spec.encoder_rows, len(test))))
         encoder = evaluate_encoder(model, encoder_rows, tokenizer)
         plot_encoder(encoder, classes, run.plots / "encoder.png")
-        encoder.frame.to_csv(run.results / "encoder_rows.csv", index=False)
+        write_csv(encoder.frame, run.results / "encoder_rows.csv")
     if abs(encoder.correlation) < ENCODER_BAR:  # before the decoder grid: no edit is chosen from such an encoder
         run.write_json("encoder.json", {**encoder.summary(), "rows": int(len(encoder_rows))})
         fail(run, f"the held-out encoder |correlation| is {abs(encoder.correlation):.3f} < {ENCODER_BAR} on "
@@ -227,7 +226,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
                                    feature_factors=spec.feature_factors, learning_rates=spec.learning_rates,
                                    lms_ratio=spec.lms_ratio)
         edits = {goal: decoder.best(goal) for goal in job.goals}
-        decoder.grid.to_csv(run.results / "decoder_grid.csv", index=False)
+        write_csv(decoder.grid, run.results / "decoder_grid.csv")
     contexts = None
     if spec.neutral_contexts is not None:
         with timed(run, "neutral contexts"):
@@ -235,12 +234,12 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
             words = class_words(list(test), classes, tokenizer)
             if "balance" in edits:  # debiasing is judged where the text leaves the class open
                 edits["balance"], table = balance_in_contexts(model, decoder, tokenizer, texts, words)
-                table.to_csv(run.results / "balance_in_contexts.csv", index=False)
+                write_csv(table, run.results / "balance_in_contexts.csv")
             frames = {"base": context_probabilities(model._base(), tokenizer, model.objective, texts, words)}
             for goal, edit in edits.items():
                 with model.apply_edit(edit):
                     frames[goal] = context_probabilities(model._base(), tokenizer, model.objective, texts, words)
-            pd.concat([f.assign(model=name) for name, f in frames.items()]).to_csv(run.results / "contexts.csv", index=False)
+            write_csv(pd.concat([f.assign(model=name) for name, f in frames.items()]), run.results / "contexts.csv")
             contexts = {name: summarise_contexts(f, classes) for name, f in frames.items()}
     plot_decoder(decoder, edits.values(), run.plots / "decoder.png")
     results = {
@@ -279,7 +278,7 @@ def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: O
         merged = model.merge_and_unload(edit)
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        merged_card(model.gradiend_config.with_updates(objective=config.objective), edit=edit, with_tokenizer=True,
+        merged_card(config, edit=edit, with_tokenizer=True,
                     training_data=data_text, encoder_correlation=encoder_correlation).save(out / "README.md")
     return out
 

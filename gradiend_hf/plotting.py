@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .atomic import write_file_atomically
 from .edit import Edit
 from .evaluation.decoder import DecoderEvaluation
 from .evaluation.encoder import NEUTRAL, EncoderEvaluation
@@ -22,8 +23,8 @@ COLOURS = ["#c0392b", "#2471a3", "#7f8c8d", "#27ae60", "#8e44ad"]
 
 def _save(figure: Figure, path: PathLike) -> Figure:
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=130, bbox_inches="tight")
+        suffix = Path(path).suffix.lstrip(".") or "png"
+        write_file_atomically(path, lambda tmp: figure.savefig(tmp, format=suffix, dpi=130, bbox_inches="tight"))
     return figure
 
 

@@ -12,6 +12,8 @@ from typing import Any, Optional, Sequence
 
 import pandas as pd
 
+from .atomic import write_text_atomically
+
 ENCODER_BAR = 0.8  # |correlation| on held-out rows that counts as "the encoder found the feature"
 
 
@@ -149,5 +151,5 @@ def write_report(run) -> Path:
     lines += ["## Training", "", "![training](plots/training.png)", "",
               "Files: `adapter/` (GRADIEND adapter: `GradiendModel.from_pretrained(base, 'adapter')`), `models/` (plain "
               "edited models), `results/` (JSON/CSV behind every number here), `plots/`, `training/` (checkpoints).", ""]
-    run.report.write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomically(run.report, "\n".join(lines))
     return run.report

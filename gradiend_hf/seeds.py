@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from .atomic import write_text_atomically
 from .comparison import seed_stability
 from .config import GradiendConfig
 from .model import GradiendModel
@@ -92,6 +93,5 @@ def train_seeds(
     }
     if args.should_save:
         best.save_pretrained(os.path.join(args.output_dir, "best"))
-        with open(os.path.join(args.output_dir, SEED_REPORT), "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+        write_text_atomically(os.path.join(args.output_dir, SEED_REPORT), json.dumps(report, indent=2))
     return SeedSearch(model=best, seed=best_entry["seed"], report=report)

@@ -58,11 +58,6 @@ def select_parameters(
     return chosen
 
 
-def count_entries(model: nn.Module, names: list[str]) -> int:
-    params = dict(model.named_parameters())
-    return sum(params[n].numel() for n in names)
-
-
 def parameter_dict(model: nn.Module, names: list[str]) -> dict[str, torch.nn.Parameter]:
     params = dict(model.named_parameters())
     return {n: params[n] for n in names}

@@ -1,4 +1,4 @@
-"""On-disk adapter format (PEFT's layout), atomic saves and resolving a local folder or Hub repo.
+"""On-disk adapter format (PEFT's layout) and resolving a local folder or Hub repo (atomic saves: atomic.py).
 
 adapter_model.safetensors keys: `base_model.model.<module path>.gradiend_<kind>.<parameter's own name>`, e.g.
 `base_model.model.model.layers.0.mlp.up_proj.gradiend_decoder.weight` for the decoder tensor of base parameter
@@ -8,10 +8,8 @@ adapter_model.safetensors keys: `base_model.model.<module path>.gradiend_<kind>.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,28 +38,6 @@ def parse_adapter_key(key: str) -> tuple[str, str]:
         raise ValueError(f"Adapter tensor {key!r} is not one of the GRADIEND kinds {list(KINDS)}.")
     name = f"{module}.{local}" if module else local
     return name, marker[len("gradiend_"):]
-
-
-def write_atomically(directory: str | os.PathLike, writers: dict[str, Callable[[Path], None]]) -> None:
-    """Write files into a temp folder beside `directory`, then move each into place with an atomic rename.
-
-    Files are moved in the given order, so put the file a reader checks first (the config) last: an interrupted
-    save leaves the previous adapter or no adapter, never a config pointing at half-written weights.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        for filename, write in writers.items():
-            write(staging / filename)
-        if not directory.exists():
-            os.replace(staging, directory)
-            return
-        for filename in writers:
-            os.replace(staging / filename, directory / filename)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:

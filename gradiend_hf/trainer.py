@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from . import fused
+from .atomic import write_text_atomically
 from .checkpointing import has_optimizer_state, load_optimizer_state, save_optimizer_state
 from .data import GradiendDataCollator
 from .evaluation.encoder import encode_dataset, encoder_metrics
@@ -330,9 +331,7 @@ class GradiendTrainer(Trainer):
         verdict = self.convergence.verdict(self.args)
         self.state.stateful_callbacks[type(self.convergence).__name__] = self.convergence.state()
         if self.args.should_save:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, CONVERGENCE_FILE), "w", encoding="utf-8") as handle:
-                json.dump(verdict, handle, indent=2)
+            write_text_atomically(os.path.join(self.args.output_dir, CONVERGENCE_FILE), json.dumps(verdict, indent=2))
             self.save_state()
         if not verdict["converged"]:
             message = "GRADIEND training did not converge: " + "; ".join(verdict["reasons"])

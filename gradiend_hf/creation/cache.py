@@ -10,12 +10,13 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ..atomic import write_file_atomically
 
 CacheSetting = Union[bool, str, Path, None]
 FORMAT_VERSION = 1  # bump when the cached content changes meaning, so old entries are not reused
@@ -50,17 +51,6 @@ def cache_key(kind: str, **settings: Any) -> str:
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def read_json(folder: Optional[Path], key: str) -> Optional[Any]:
     if folder is None:
         return None
@@ -75,11 +65,11 @@ def write_json(folder: Optional[Path], key: str, value: Any) -> None:
     if folder is None:
         return
 
-    def write(tmp: str) -> None:
+    def write(tmp: Path) -> None:
         with gzip.open(tmp, "wt", encoding="utf-8") as handle:
             json.dump(value, handle)
 
-    _atomic_write(folder / f"{key}.json.gz", write)
+    write_file_atomically(folder / f"{key}.json.gz", write)
 
 
 def read_columns(folder: Optional[Path], key: str) -> Optional[dict[str, list]]:
@@ -96,4 +86,4 @@ def write_columns(folder: Optional[Path], key: str, columns: dict[str, list]) ->
     if folder is None:
         return
     table = pa.table(columns)
-    _atomic_write(folder / f"{key}.parquet", lambda tmp: pq.write_table(table, tmp))
+    write_file_atomically(folder / f"{key}.parquet", lambda tmp: pq.write_table(table, tmp))

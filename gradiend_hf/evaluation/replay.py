@@ -121,15 +121,6 @@ class GridForward:
                 else:
                     layer.forward = forward
 
-    def close(self) -> None:
-        """Nothing to release (hooks live only during a call); kept so GridForward works as a context manager."""
-
-    def __enter__(self) -> "GridForward":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # --- internals ----------------------------------------------------------------------------------------------
     def _run(self, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor, reset=lambda: None) -> torch.Tensor:
         def call(inputs):
