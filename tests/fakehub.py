@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import huggingface_hub
-import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import CommitInfo
@@ -34,8 +33,8 @@ class FakeHub:
         return [kwargs for call, kwargs in self.calls if call == name]
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch) -> FakeHub:
+def install_fake_hub(tmp_path: Path, monkeypatch) -> FakeHub:
+    """Replace the Hub calls (see the module docstring) for one test; the `hub` fixture of conftest.py calls this."""
     fake = FakeHub(root=tmp_path / "fake-hub", cache=tmp_path / "hf-cache")
 
     def create_repo(self, repo_id, **kwargs):

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from fakehub import hub  # noqa: F401 (fixture)
 from test_trainer import CONTEXTS, feature_rows
 from tiny import tiny_model, tokenizer_for
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
