@@ -258,15 +258,6 @@ def sparse_weight_tangent(entries: torch.Tensor, index: torch.Tensor, shape: tor
         return coo.coalesce().to_sparse_csr()
 
 
-def scored_row_losses(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """objective.row_losses from the logits at scored positions only: `logits` (N, vocab), `labels` (N,) and the row of
-    each position (N,); positions a side does not score (label -100) add nothing."""
-    valid = labels != IGNORE_INDEX
-    token_nll = torch.nn.functional.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
-    per_row = torch.zeros(n_rows, dtype=token_nll.dtype, device=token_nll.device)
-    return per_row.index_add(0, rows[valid], token_nll)
-
-
 def logits_at(
     call: Callable[[dict], torch.Tensor], head: Optional[nn.Module], inputs: dict, positions: torch.Tensor, gathers: bool = True
 ) -> tuple[torch.Tensor, bool]:

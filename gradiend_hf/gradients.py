@@ -26,10 +26,9 @@ from .forward_mode import (
     logits_at,
     mask_kind,
     pack_rows,
-    scored_row_losses,
     sparse_weight_tangent,
 )
-from .objective import AUXILIARY_MASK_ID, CAUSAL_LM, IGNORE_INDEX, resolve_objective, row_losses
+from .objective import AUXILIARY_MASK_ID, CAUSAL_LM, IGNORE_INDEX, resolve_objective, row_losses, scored_row_losses
 
 SIDES = ("factual", "alternative")
 MODEL_INPUTS = ("input_ids", "attention_mask")

@@ -49,9 +49,15 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     `labels` is aligned with `logits` (labels[b, i] is the token that logits[b, i] should predict); the collator
     already did the causal shift, so nothing is shifted here.
     """
-    selected = labels != IGNORE_INDEX
-    rows = selected.nonzero(as_tuple=True)[0]
-    token_logits = logits[selected].float()
-    token_nll = torch.nn.functional.cross_entropy(token_logits, labels[selected], reduction="none")
-    per_row = torch.zeros(labels.shape[0], dtype=token_nll.dtype, device=token_nll.device)
-    return per_row.index_add(0, rows, token_nll)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+    return scored_row_losses(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), rows.reshape(-1), labels.shape[0])
+
+
+def scored_row_losses(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """row_losses from logits at gathered positions only: `logits` (N, vocab), `labels` (N,) and the row of each
+    position (N,); positions a side does not score (label -100) add nothing. The one per-row cross-entropy of the
+    package: gradients, forward-mode encodings and the decoder grid's probabilities all come from here."""
+    valid = labels != IGNORE_INDEX
+    token_nll = torch.nn.functional.cross_entropy(logits[valid].float(), labels[valid], reduction="none")
+    per_row = torch.zeros(n_rows, dtype=token_nll.dtype, device=token_nll.device)
+    return per_row.index_add(0, rows[valid], token_nll)

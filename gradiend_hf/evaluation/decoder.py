@@ -176,7 +176,6 @@ def evaluate_decoder(
                     given_up = records[-1]["lms"] < LMS_GIVE_UP * base_lms
     finally:
         editor.restore()
-        forward.close()
         bar.close()
     grid = score_columns(pd.DataFrame(records), classes)
     return DecoderEvaluation(grid=grid, feature_classes=list(classes), lms_ratio=lms_ratio, base_lms=base_lms)

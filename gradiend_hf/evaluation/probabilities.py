@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import torch
 
 from ..gradients import side_inputs
-from ..objective import IGNORE_INDEX, row_losses
+from ..objective import IGNORE_INDEX, row_losses, scored_row_losses
 
 if TYPE_CHECKING:
     from .replay import GridForward
@@ -87,16 +87,8 @@ def word_probabilities(
         logits = forward.logits(id(batch), batch.inputs, positions)
         rows = positions.nonzero(as_tuple=True)[0]
         for word, labels in batch.labels.items():
-            out[word] = torch.exp(-gathered_row_losses(logits, labels[positions], rows, labels.shape[0]))
+            out[word] = torch.exp(-scored_row_losses(logits, labels[positions], rows, labels.shape[0]))
     return out
-
-
-def gathered_row_losses(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """row_losses on gathered positions: logits (N, vocab), labels (N,) and the row of each position (N,)."""
-    selected = labels != IGNORE_INDEX
-    token_nll = torch.nn.functional.cross_entropy(logits[selected].float(), labels[selected], reduction="none")
-    per_row = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device)
-    return per_row.index_add(0, rows[selected], token_nll)
 
 
 def class_probabilities(word_probs: Mapping[str, torch.Tensor], words_by_class: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
