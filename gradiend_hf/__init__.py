@@ -6,7 +6,7 @@ from .data import GradiendDataCollator
 from .edit import Edit
 from .evaluation import DecoderEvaluation, EncoderEvaluation, evaluate_decoder, evaluate_encoder
 from .model import GradiendModel, get_gradiend_model
-from . import peft_integration  # registers the GRADIEND type with PEFT (PeftModel/transformers loading)
+from . import peft_integration  # noqa: F401 - registers the GRADIEND type with PEFT (PeftModel/transformers loading)
 from .seeds import SeedSearch, train_seeds
 from .trainer import GradiendTrainer, GradiendTrainingArguments
 

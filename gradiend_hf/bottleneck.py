@@ -19,6 +19,48 @@ ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x, "sigmoid": torch.sig
 FeatureValue = Union[float, Sequence[float], torch.Tensor]
 
 
+def latent_vector(value: FeatureValue, latent_dim: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A feature value as a latent vector: a float is broadcast to every latent unit."""
+    h = torch.as_tensor(value, dtype=dtype, device=device)
+    if h.dim() == 0:
+        h = h.expand(latent_dim)
+    if h.shape != (latent_dim,):
+        raise ValueError(f"A feature value for latent_dim={latent_dim} needs {latent_dim} numbers, got {tuple(h.shape)}.")
+    return h
+
+
+def decoded(weight: torch.Tensor, bias: Optional[torch.Tensor], h: torch.Tensor, activation: str,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """act_d(h . W_d[p] + b_d[p]) for one parameter's entries: the one decoder arithmetic of the package (training's
+    reconstruction, merges, temporary edits, decoder grids and the PEFT layer all compute it here, so their weights
+    agree bit for bit). `weight` is (latent_dim, *entry shape). With `out` (float32, no autograd) it is computed in
+    that buffer, so edits of big models need no temporaries."""
+    h = h.to(weight.device)
+    if out is None:
+        value = weight[0] * h[0] if weight.shape[0] == 1 else torch.tensordot(h, weight, dims=([0], [0]))
+        value = value + bias if bias is not None else value
+        return ACTIVATIONS[activation](value)
+    if weight.shape[0] == 1:
+        torch.mul(weight[0], h[0], out=out)
+    else:
+        out.copy_(torch.tensordot(h, weight, dims=([0], [0])))
+    if bias is not None:
+        out.add_(bias)
+    if activation != "identity":
+        getattr(out, f"{activation}_")()  # tanh_ / sigmoid_: in place
+    return out
+
+
+def edit_update(weight: torch.Tensor, bias: Optional[torch.Tensor], h: torch.Tensor, activation: str,
+                learning_rate: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """lr * act_d(h . W_d[p] + b_d[p]) in float32 (into `out` when given): what an edit adds to a parameter's entries."""
+    weight = weight.detach().float()
+    bias = None if bias is None else bias.detach().float()
+    if out is None:
+        out = torch.empty(weight.shape[1:], dtype=torch.float32, device=weight.device)
+    return decoded(weight, bias, h.detach().float(), activation, out=out).mul_(learning_rate)
+
+
 def _key(name: str) -> str:
     # ParameterDict keys may not contain '.', parameter names always do.
     return name.replace(".", "/")
@@ -127,20 +169,17 @@ class Bottleneck(nn.Module):
 
     def latent(self, value: FeatureValue) -> torch.Tensor:
         """A feature value as a latent vector: a float is broadcast to every latent unit."""
-        h = torch.as_tensor(value, dtype=self.encoder_bias.dtype, device=self.encoder_bias.device)
-        if h.dim() == 0:
-            h = h.expand(self.latent_dim)
-        if h.shape != (self.latent_dim,):
-            raise ValueError(f"A feature value for latent_dim={self.latent_dim} needs {self.latent_dim} numbers, got {tuple(h.shape)}.")
-        return h
+        return latent_vector(value, self.latent_dim, self.encoder_bias.device, self.encoder_bias.dtype)
 
     def decode_one(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        weight = self.decoder(name)
-        out = torch.tensordot(h.to(weight.device), weight, dims=([0], [0]))
-        bias = self.offset(name)
-        if bias is not None:
-            out = out + bias
-        return ACTIVATIONS[self.decoder_activation](out)
+        return decoded(self.decoder(name), self.offset(name), h, self.decoder_activation)
+
+    def edit_delta(self, name: str, feature_factor: FeatureValue, learning_rate: float,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """lr * dec(ff) for one parameter, on its kept entries, in float32 (into `out` when given: edits of big models
+        reuse one scratch buffer instead of allocating several temporaries per parameter)."""
+        return edit_update(self.decoder(name), self.offset(name), self.latent(feature_factor), self.decoder_activation,
+                           learning_rate, out=out)
 
     def decode(self, h: FeatureValue) -> dict[str, torch.Tensor]:
         """The per-parameter update for a feature value (entries only; see `to_full`)."""

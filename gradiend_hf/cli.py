@@ -55,7 +55,7 @@ def cmd_train(args) -> None:
     import torch
     from accelerate import PartialState
 
-    from .pipeline import RunFolder, build_data, load_base, prepare, timed, train
+    from .pipeline import RunFolder, build_data, load_base, prepare, train
 
     job = read_job(args.job, args.set, args.output_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():

@@ -70,7 +70,7 @@ class InPlaceEditor:
     @torch.no_grad()
     def apply(self, feature_factor: Any, learning_rate: float) -> None:
         for name, backup in self.backup.items():
-            delta = self.model.edit_delta(name, feature_factor, learning_rate, out=self.scratch.like(backup))
+            delta = self.model.bottleneck.edit_delta(name, feature_factor, learning_rate, out=self.scratch.like(backup))
             self.model.write_entries(name, backup, delta)
 
     @torch.no_grad()

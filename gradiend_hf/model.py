@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from collections import defaultdict
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -170,26 +169,6 @@ class GradiendModel(nn.Module):
         return {n: self.bottleneck.to_full(n, v) for n, v in self.bottleneck.decode(h).items()}
 
     # --- editing -------------------------------------------------------------------------------------------------
-    def edit_delta(
-        self, name: str, feature_factor: FeatureValue, learning_rate: float, out: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """lr * dec(ff) for one parameter, on its kept entries, in float32 (into `out` when given: edits of big
-        models reuse one scratch buffer instead of allocating several temporaries per parameter)."""
-        b = self.bottleneck
-        h = b.latent(feature_factor).detach()
-        weight = b.decoder(name).detach()
-        if out is None:
-            out = torch.empty(weight.shape[1:], dtype=torch.float32, device=weight.device)
-        if b.latent_dim == 1:
-            torch.mul(weight[0], h[0], out=out)
-        else:
-            out.copy_(torch.tensordot(h, weight, dims=([0], [0])))
-        if b.has_decoder_bias:
-            out.add_(b.offset(name).detach())
-        if b.decoder_activation == "tanh":
-            out.tanh_()
-        return out.mul_(learning_rate)
-
     def write_entries(self, name: str, base: torch.Tensor, delta: Optional[torch.Tensor] = None) -> None:
         """Set the kept entries of a base parameter to base + delta in place (scatter for pruned adapters).
 
@@ -238,7 +217,7 @@ class GradiendModel(nn.Module):
         scratch = Scratch()
         for name, p in self.selected_parameters().items():
             current = self.bottleneck.entries(name, p.detach())
-            self.write_entries(name, current, self.edit_delta(name, ff, lr, out=scratch.like(current)))
+            self.write_entries(name, current, self.bottleneck.edit_delta(name, ff, lr, out=scratch.like(current)))
         return self.unload()
 
     def unload(self) -> nn.Module:

@@ -32,7 +32,7 @@ import json
 import os
 import warnings
 from contextlib import nullcontext
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -40,14 +40,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils.integrations import init_empty_weights
 from torch import nn
 
-from .bottleneck import ACTIVATIONS
+from .bottleneck import FeatureValue, edit_update, latent_vector
 from .config import CONFIG_NAME, GradiendConfig, GradiendType
 from .selection import select_parameters
 from .serialization import KEY_PREFIX, KINDS
 
 # PEFT's per-method prefix: file keys read `<module>.gradiend_<kind>.<param>`, layer attributes `gradiend_<kind>`
 PREFIX = "gradiend_"
-FeatureValue = Union[float, Sequence[float], torch.Tensor]
 
 
 # --- configuration as PEFT loads it ---------------------------------------------------------------------------------
@@ -121,18 +120,6 @@ class _Entries(nn.Module):
 
     def get(self, local: str) -> Optional[torch.Tensor]:
         return self._buffers.get(local) if self.as_buffers else self._parameters.get(local)
-
-
-def _latent_vector(value: FeatureValue, latent_dim: int, device: torch.device) -> torch.Tensor:
-    """A feature value as a latent vector, as `Bottleneck.latent` builds it (float32; a float is broadcast)."""
-    h = torch.as_tensor(value, dtype=torch.float32, device=device)
-    if h.dim() == 0:
-        h = h.expand(latent_dim)
-    if h.shape != (latent_dim,):
-        raise ValueError(
-            f"A feature value for latent_dim={latent_dim} needs {latent_dim} numbers, got {tuple(h.shape)}."
-        )
-    return h
 
 
 class GradiendLayer(nn.Module, BaseTunerLayer):
@@ -290,12 +277,8 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
                 "transformers only load saved GRADIEND adapters; train new ones with GradiendModel."
             )
         edit = self.gradiend_edit[adapter_name]
-        h = _latent_vector(edit["feature_factor"], edit["latent_dim"], weight.device)
-        out = torch.tensordot(h, weight.float(), dims=([0], [0]))
-        if bias is not None:
-            out = out + bias.float()
-        out = ACTIVATIONS[edit["decoder_activation"]](out)
-        return edit["learning_rate"] * out
+        h = latent_vector(edit["feature_factor"], edit["latent_dim"], weight.device)
+        return edit_update(weight, bias, h, edit["decoder_activation"], edit["learning_rate"])
 
     def gradiend_indices(self, adapter_name: str, local: str) -> Optional[torch.Tensor]:
         holder = self.gradiend_index[adapter_name] if adapter_name in self.gradiend_index else None

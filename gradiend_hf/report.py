@@ -68,8 +68,8 @@ def failure_report(run, why: str) -> str:
         f"**The encoder is not usable, so no edit was made and no model was saved: {why}.**", "",
         "What to try: more training steps, another learning rate (the encoder saturates if it is too high: h = +-1 for "
         "both classes), more seeds (`seeds: [0, 1, 2]`), more or cleaner data.", "",
-        f"Training curves: `plots/training.png`; per-seed verdicts: `results/training.json`, "
-        f"`training/seed_report.json`.", "",
+        "Training curves: `plots/training.png`; per-seed verdicts: `results/training.json`, "
+        "`training/seed_report.json`.", "",
     ])
 
 
@@ -112,7 +112,7 @@ def write_report(run) -> Path:
               _table(pd.DataFrame([{"correlation": enc["correlation"], "binary accuracy": enc["binary_accuracy"],
                                     "ternary accuracy": enc["ternary_accuracy"], f"mean h ({a})": enc.get(f"mean_h_{a}"),
                                     f"mean h ({b})": enc.get(f"mean_h_{b}"), "neutral mean abs h": enc["neutral_mean_abs_h"]}])),
-              "", f"![encoder](plots/encoder.png)", ""]
+              "", "![encoder](plots/encoder.png)", ""]
 
     rows = []
     for goal, record in evaluation["edits"].items():

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakehub import FakeHub
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from tiny import rows, tiny_model, tokenizer_for

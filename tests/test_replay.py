@@ -96,7 +96,7 @@ def test_grid_equals_a_naive_deep_copy_grid_and_restores_the_model(kind, selecti
         params = dict(candidate.named_parameters())
         with torch.no_grad():
             for name in gradiend.bottleneck.names:
-                params[name].add_(gradiend.edit_delta(name, row.feature_factor, row.learning_rate))
+                params[name].add_(gradiend.bottleneck.edit_delta(name, row.feature_factor, row.learning_rate))
         probs, lms = plain_numbers(candidate, gradiend, tok, data, neutral)
         assert row.lms == pytest.approx(lms.lms, rel=1e-6) and row.nll == pytest.approx(lms.nll, rel=1e-5)
         for c in CLASSES:
