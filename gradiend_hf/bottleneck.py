@@ -174,6 +174,22 @@ class Bottleneck(nn.Module):
     def decode_one(self, name: str, h: torch.Tensor) -> torch.Tensor:
         return decoded(self.decoder(name), self.offset(name), h, self.decoder_activation)
 
+    @torch.no_grad()
+    def write_entries(self, name: str, param: torch.Tensor, base: torch.Tensor, delta: Optional[torch.Tensor] = None) -> None:
+        """Set the kept entries of base parameter `param` to base + delta in place (scatter for pruned adapters).
+
+        Merge, temporary edits and grids all write through here, so they produce bit-identical weights."""
+        p = param.data
+        idx = self.indices[name]
+        if idx is None and p.dtype == torch.float32 and delta is not None:
+            torch.add(base.reshape(p.shape), delta.reshape(p.shape), out=p)
+            return
+        values = base.float() + delta if delta is not None else base
+        if idx is None:
+            p.copy_(values.reshape(p.shape))
+        else:
+            p.view(-1).index_copy_(0, idx, values.to(p.dtype))
+
     def edit_delta(self, name: str, feature_factor: FeatureValue, learning_rate: float,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """lr * dec(ff) for one parameter, on its kept entries, in float32 (into `out` when given: edits of big models

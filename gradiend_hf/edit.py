@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 if TYPE_CHECKING:
-    from .model import GradiendModel
+    from .bottleneck import Bottleneck
 
 
 @dataclass(frozen=True)
@@ -62,28 +62,30 @@ class InPlaceEditor:
     backup, so trying many edits in a row does not accumulate rounding.
     """
 
-    def __init__(self, model: "GradiendModel") -> None:
-        self.model = model
-        self.backup = {name: model.bottleneck.entries(name, p.detach()).clone() for name, p in model.selected_parameters().items()}
+    def __init__(self, bottleneck: "Bottleneck", params: Mapping[str, torch.Tensor]) -> None:
+        self.bottleneck, self.params = bottleneck, dict(params)
+        self.backup = {name: bottleneck.entries(name, p.detach()).clone() for name, p in self.params.items()}
         self.scratch = Scratch()
 
     @torch.no_grad()
     def apply(self, feature_factor: Any, learning_rate: float) -> None:
         for name, backup in self.backup.items():
-            delta = self.model.bottleneck.edit_delta(name, feature_factor, learning_rate, out=self.scratch.like(backup))
-            self.model.write_entries(name, backup, delta)
+            delta = self.bottleneck.edit_delta(name, feature_factor, learning_rate, out=self.scratch.like(backup))
+            self.bottleneck.write_entries(name, self.params[name], backup, delta)
 
     @torch.no_grad()
     def restore(self) -> None:
         for name, backup in self.backup.items():
-            self.model.write_entries(name, backup)
+            self.bottleneck.write_entries(name, self.params[name], backup)
 
 
 @contextlib.contextmanager
-def applied(model: "GradiendModel", feature_factor: Any, learning_rate: float) -> Iterator["GradiendModel"]:
-    editor = InPlaceEditor(model)
+def applied(bottleneck: "Bottleneck", params: Mapping[str, torch.Tensor], feature_factor: Any,
+            learning_rate: float) -> Iterator[None]:
+    """The edit applied to `params` inside the block, restored bit-exactly after (GradiendModel.apply_edit)."""
+    editor = InPlaceEditor(bottleneck, params)
     try:
         editor.apply(feature_factor, learning_rate)
-        yield model
+        yield
     finally:
         editor.restore()

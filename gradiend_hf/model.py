@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -169,24 +170,9 @@ class GradiendModel(nn.Module):
         return {n: self.bottleneck.to_full(n, v) for n, v in self.bottleneck.decode(h).items()}
 
     # --- editing -------------------------------------------------------------------------------------------------
-    def write_entries(self, name: str, base: torch.Tensor, delta: Optional[torch.Tensor] = None) -> None:
-        """Set the kept entries of a base parameter to base + delta in place (scatter for pruned adapters).
-
-        Merge, temporary edits and grids all write through here, so they produce bit-identical weights."""
-        p = self.selected_parameters()[name].data
-        idx = self.bottleneck.indices[name]
-        if idx is None and p.dtype == torch.float32 and delta is not None:
-            torch.add(base.reshape(p.shape), delta.reshape(p.shape), out=p)
-            return
-        values = base.float() + delta if delta is not None else base
-        if idx is None:
-            p.copy_(values.reshape(p.shape))
-        else:
-            p.view(-1).index_copy_(0, idx, values.to(p.dtype))
-
     def editor(self) -> InPlaceEditor:
         """An editor for trying many edits in a row (decoder grids): apply(ff, lr) ... restore()."""
-        return InPlaceEditor(self)
+        return InPlaceEditor(self.bottleneck, self.selected_parameters())
 
     def record_edit(self, edit: Edit) -> None:
         """Store an edit (and its evaluation figures) in the config: `merge_and_unload()` without arguments, the saved
@@ -196,12 +182,14 @@ class GradiendModel(nn.Module):
             feature_factor=ff, learning_rate=edit.learning_rate, evaluation=dict(edit.metrics) or self.gradiend_config.evaluation
         )
 
+    @contextlib.contextmanager
     def apply_edit(
         self, edit: Optional[Edit] = None, *, feature_factor: Optional[FeatureValue] = None, learning_rate: Optional[float] = None
     ):
         """Context manager: the base model carries the edit inside the block and is restored bit-exactly after."""
         ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
-        return applied(self, ff, lr)
+        with applied(self.bottleneck, self.selected_parameters(), ff, lr):
+            yield self
 
     @torch.no_grad()
     def merge_and_unload(
@@ -217,7 +205,7 @@ class GradiendModel(nn.Module):
         scratch = Scratch()
         for name, p in self.selected_parameters().items():
             current = self.bottleneck.entries(name, p.detach())
-            self.write_entries(name, current, self.bottleneck.edit_delta(name, ff, lr, out=scratch.like(current)))
+            self.bottleneck.write_entries(name, p, current, self.bottleneck.edit_delta(name, ff, lr, out=scratch.like(current)))
         return self.unload()
 
     def unload(self) -> nn.Module:
