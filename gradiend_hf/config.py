@@ -190,3 +190,9 @@ class GradiendConfig(PeftConfig):
         data = self.to_dict()
         data.update(changes)
         return GradiendConfig.from_dict(data)
+
+
+def base_name(model: Any) -> Optional[str]:
+    """The base model's name or path as its transformers config records it (for `base_model_name_or_path`)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None

@@ -1,233 +1,26 @@
-"""Model cards (huggingface_hub's ModelCard API) and pushing adapters or edited models to the Hub.
-
-Two cards, both Jinja templates in `model_cards/` (shipped as `gradiend_hf.model_cards`):
-- `adapter.md`: the README.md of a saved GRADIEND adapter (written by `GradiendModel.save_pretrained`);
-- `merged.md`: the README.md of a plain transformers model rewritten by GRADIEND (`merge_and_unload`).
-
-Both read the figures that decoder evaluation stores in `GradiendConfig.evaluation` (every key optional):
-`goal, feature_factor, learning_rate, lms, base_lms, perplexity, base_perplexity, probabilities, base_probabilities,
-encoder_correlation, training_rows, training_data`. A missing figure renders as "not evaluated".
+"""Pushing GRADIEND adapters and models rewritten by GRADIEND to the Hugging Face Hub.
 
 Pushing never goes through a model's own `push_to_hub`: the folder is written locally (adapter files, or the
-transformers model + tokenizer) together with our card, then uploaded with `HfApi.create_repo` + `upload_folder`.
+transformers model + tokenizer) together with our card (cards.py), then uploaded with `HfApi.create_repo` +
+`upload_folder`.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi
 
-from .config import GradiendConfig
+from .cards import merged_card
+from .config import GradiendConfig, base_name
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
     from torch import nn
 
     from .edit import Edit
-    from .model import GradiendModel
-
-NOT_EVALUATED = "not evaluated"
-# Figures that do not depend on which edit was chosen (they stay valid when another edit is merged).
-EDIT_INDEPENDENT = ("encoder_correlation", "training_rows", "training_data", "base_lms", "base_perplexity", "base_probabilities")
-# Figures measured on the edited model: they belong to the evaluation's (feature_factor, learning_rate).
-EDIT_DEPENDENT = ("goal", "feature_factor", "learning_rate", "lms", "perplexity", "probabilities")
-EVALUATION_KEYS = EDIT_INDEPENDENT + EDIT_DEPENDENT
-
-
-def template_path(name: str) -> str:
-    return str(resources.files("gradiend_hf.model_cards").joinpath(name))
-
-
-# --- formatting --------------------------------------------------------------------------------------------------
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
-def _number(value: float, sign: str = "") -> str:
-    return f"{value:{sign},.0f}" if abs(value) >= 1e4 else f"{value:{sign}.4g}"
-
-
-def format_figure(value: Any) -> str:
-    """A measured figure, 4 significant digits (0.8123, 1.234e-05, 37.41, 12,346); missing reads 'not evaluated'."""
-    if value is None:
-        return NOT_EVALUATED
-    if _is_number(value):
-        return _number(float(value))
-    return str(value)
-
-
-def format_change(before: Any, after: Any) -> str:
-    if _is_number(before) and _is_number(after):
-        return _number(float(after) - float(before), "+")
-    return ""
-
-
-def format_edit_value(value: Any) -> str:
-    """An edit parameter, exactly (shortest float repr) so that it can be copied into merge_and_unload."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_edit_value(v) for v in value) + "]"
-    if _is_number(value):
-        return repr(float(value))
-    return str(value)
-
-
-def describe_goal(goal: Optional[str], feature_classes: Sequence[str]) -> Optional[str]:
-    """Plain words for an edit goal: 'balance', '<class>' (strengthen) or '-<class>' (weaken)."""
-    if not goal:
-        return None
-    first, second = feature_classes
-    if goal == "balance":
-        return f'balance "{first}" and "{second}" (debias: neither class is preferred)'
-    if goal in feature_classes:
-        other = second if goal == first else first
-        return f'strengthen "{goal}" (prefer {goal} over {other})'
-    if goal.startswith("-") and goal[1:] in feature_classes:
-        return f'weaken "{goal[1:]}"'
-    return goal
-
-
-def _same_edit(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        a_list = list(a) if isinstance(a, (list, tuple)) else [a]
-        b_list = list(b) if isinstance(b, (list, tuple)) else [b]
-        return len(a_list) == len(b_list) and all(_same_edit(x, y) for x, y in zip(a_list, b_list))
-    return _is_number(a) and _is_number(b) and math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-
-
-# --- what both cards show ----------------------------------------------------------------------------------------
-def template_fields(
-    config: GradiendConfig,
-    *,
-    edit: Optional["Edit"] = None,
-    training_data: Optional[str] = None,
-    encoder_correlation: Optional[float] = None,
-    repo_id: Optional[str] = None,
-) -> dict[str, Any]:
-    """The template variables shared by the adapter and merged cards, every figure already formatted.
-
-    The chosen edit is `edit` if given, else the one stored in the config (what `merge_and_unload()` applies), else
-    the evaluation's. Figures measured on an edited model are only shown for the edit they were measured with.
-    """
-    evaluation: dict[str, Any] = {k: v for k, v in (config.evaluation or {}).items() if k in EVALUATION_KEYS}
-    if edit is not None:
-        feature_factor, learning_rate, goal = edit.feature_factor, edit.learning_rate, edit.goal
-        extra = {k: v for k, v in (edit.metrics or {}).items() if k in EVALUATION_KEYS}
-    elif config.feature_factor is not None:
-        feature_factor, learning_rate, goal, extra = config.feature_factor, config.learning_rate, None, {}
-    else:
-        feature_factor, learning_rate, goal, extra = evaluation.get("feature_factor"), evaluation.get("learning_rate"), None, {}
-    measured_for_this_edit = feature_factor is not None and (
-        ("feature_factor" not in evaluation and "learning_rate" not in evaluation)
-        or (
-            _same_edit(evaluation.get("feature_factor"), feature_factor)
-            and _same_edit(evaluation.get("learning_rate"), learning_rate)
-        )
-    )
-    if not measured_for_this_edit:
-        evaluation = {k: v for k, v in evaluation.items() if k in EDIT_INDEPENDENT}
-    evaluation.update(extra)
-    goal = goal if goal is not None else evaluation.get("goal")
-
-    classes = list(config.feature_classes)
-    probabilities = dict(evaluation.get("probabilities") or {})
-    base_probabilities = dict(evaluation.get("base_probabilities") or {})
-    prob_classes = classes + [c for c in {**base_probabilities, **probabilities} if c not in classes]
-    metric_rows = [
-        ("language modelling score (LMS)", evaluation.get("base_lms"), evaluation.get("lms")),
-        ("perplexity", evaluation.get("base_perplexity"), evaluation.get("perplexity")),
-    ] + [(f"P({c})", base_probabilities.get(c), probabilities.get(c)) for c in prob_classes]
-    rows = [
-        dict(name=name, before=format_figure(before), after=format_figure(after), change=format_change(before, after))
-        for name, before, after in metric_rows
-    ]
-    correlation = encoder_correlation if encoder_correlation is not None else evaluation.get("encoder_correlation")
-    rows_used = evaluation.get("training_rows")
-    objective = config.objective
-    return dict(
-        feature_classes=classes,
-        base_model=config.base_model_name_or_path,
-        objective=objective,
-        auto_class={"masked_lm": "AutoModelForMaskedLM", "causal_lm": "AutoModelForCausalLM"}.get(objective, "AutoModelForCausalLM"),
-        source=config.source,
-        target=config.target,
-        repo_id=repo_id,
-        has_edit=feature_factor is not None,
-        feature_factor=format_edit_value(feature_factor) if feature_factor is not None else None,
-        learning_rate=format_edit_value(learning_rate) if learning_rate is not None else None,
-        goal=goal,
-        goal_text=describe_goal(goal, classes) or NOT_EVALUATED,
-        evaluated=any(r["before"] != NOT_EVALUATED or r["after"] != NOT_EVALUATED for r in rows),
-        figures=rows[:2],
-        probabilities=rows[2:],
-        encoder_correlation=format_figure(correlation),
-        training_data=training_data or evaluation.get("training_data"),
-        training_rows=f"{int(rows_used):,}" if _is_number(rows_used) else None,
-    )
-
-
-def _tags(config: GradiendConfig, *extra: str) -> list[str]:
-    return ["gradiend", *(f"feature:{c}" for c in config.feature_classes), *extra]
-
-
-# --- cards -------------------------------------------------------------------------------------------------------
-def adapter_card(
-    config: GradiendConfig,
-    num_entries: int,
-    repo_id: Optional[str] = None,
-    training_data: Optional[str] = None,
-    encoder_correlation: Optional[float] = None,
-    license: str = "apache-2.0",
-) -> ModelCard:
-    """The README.md of a saved adapter: Hub metadata, what the feature neuron means, the stored edit and its figures."""
-    data = ModelCardData(
-        library_name="gradiend_hf",
-        base_model=config.base_model_name_or_path,
-        base_model_relation="adapter" if config.base_model_name_or_path else None,
-        license=license,
-        tags=_tags(config, "peft"),
-    )
-    fields = template_fields(config, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id)
-    fields.update(num_entries=f"{int(num_entries):,}", latent_dim=config.latent_dim)
-    return ModelCard.from_template(data, template_path=template_path("adapter.md"), **fields)
-
-
-def merged_card(
-    config: GradiendConfig,
-    repo_id: Optional[str] = None,
-    license: str = "apache-2.0",
-    *,
-    edit: Optional["Edit"] = None,
-    with_tokenizer: bool = True,
-    training_data: Optional[str] = None,
-    encoder_correlation: Optional[float] = None,
-) -> ModelCard:
-    """The README.md of a model edited by GRADIEND: an ordinary transformers model, loadable without gradiend_hf.
-
-    `config` is the adapter's GradiendConfig (`model.gradiend_config`); `edit` is the merged edit when it is not the
-    one stored in the config. `with_tokenizer=False` tells readers to take the tokenizer from the base model.
-    """
-    fields = template_fields(config, edit=edit, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id)
-    if not fields["has_edit"]:
-        raise ValueError(
-            "merged_card needs the merged edit: pass edit= (e.g. evaluate_decoder(...).best('balance')) or a config with "
-            "feature_factor and learning_rate."
-        )
-    pipeline = {"masked_lm": "fill-mask", "causal_lm": "text-generation"}.get(config.objective)
-    data = ModelCardData(
-        library_name="transformers",
-        base_model=config.base_model_name_or_path,
-        base_model_relation="finetune" if config.base_model_name_or_path else None,
-        license=license,
-        pipeline_tag=pipeline,
-        tags=_tags(config, "debiased" if fields["goal"] == "balance" else "edited"),
-    )
-    fields.update(with_tokenizer=with_tokenizer)
-    return ModelCard.from_template(data, template_path=template_path("merged.md"), **fields)
 
 
 # --- pushing -----------------------------------------------------------------------------------------------------
@@ -257,37 +50,6 @@ def upload_folder(
     )
 
 
-def push_adapter(
-    model: "GradiendModel",
-    repo_id: str,
-    *,
-    private: Optional[bool] = None,
-    token: Optional[str] = None,
-    revision: Optional[str] = None,
-    commit_message: Optional[str] = None,
-    **card_fields: Any,
-) -> "CommitInfo":
-    """Upload a GRADIEND adapter (adapter_config.json, adapter_model.safetensors, README.md card) to a Hub repo.
-
-    The files are exactly those of `model.save_pretrained`; `card_fields` go to `adapter_card` (training_data=,
-    encoder_correlation=, license=). `revision` names the branch to commit to (created if missing). Load it back with
-    `GradiendModel.from_pretrained(base, repo_id, revision=...)`.
-    """
-    card_fields.setdefault("repo_id", repo_id)
-    first, second = model.gradiend_config.feature_classes
-    with tempfile.TemporaryDirectory(prefix="gradiend-push-") as tmp:
-        folder = Path(tmp) / "adapter"
-        model.save_pretrained(folder, **card_fields)
-        return upload_folder(
-            folder,
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message or f"Upload GRADIEND adapter ({first} vs {second})",
-        )
-
-
 def push_merged(
     model: "nn.Module",
     repo_id: str,
@@ -309,10 +71,9 @@ def push_merged(
     if given, and the merged-model card as README.md. `config` is the adapter's config (`gradiend_model.gradiend_config`
     before merging); pass `edit=` when the merged edit is not the one stored in it.
     """
-    from .model import GradiendModel, base_name
     from .objective import resolve_objective
 
-    if isinstance(model, GradiendModel):
+    if hasattr(model, "gradiend_config"):  # a GradiendModel, not its merged result
         raise TypeError(
             "push_merged uploads an edited transformers model: call model.merge_and_unload(edit) first and push its "
             "result, or push the adapter itself with model.push_to_hub(repo_id)."

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .bottleneck import Bottleneck, FeatureValue
-from .config import CONFIG_NAME, GradiendConfig
+from .config import CONFIG_NAME, GradiendConfig, base_name
 from .edit import Edit, InPlaceEditor, Scratch, applied, resolve_edit
 from .gradients import GradientEngine, encode_rows
 from .objective import AUXILIARY_MLM, CAUSAL_LM, lm_objective, resolve_objective
@@ -35,11 +35,6 @@ class GradiendOutput(ModelOutput):
 
     loss: Optional[torch.Tensor] = None
     encoded: Optional[torch.Tensor] = None
-
-
-def base_name(model: nn.Module) -> Optional[str]:
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
 
 
 class GradiendModel(nn.Module):
@@ -238,7 +233,7 @@ class GradiendModel(nn.Module):
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **card_fields: Any) -> None:
         """adapter_config.json + adapter_model.safetensors + README.md, written atomically."""
-        from .hub import adapter_card
+        from .cards import adapter_card
 
         config = self.saved_config()
         tensors = self.adapter_state()
@@ -315,12 +310,24 @@ class GradiendModel(nn.Module):
         commit_message: Optional[str] = None,
         **card_fields: Any,
     ):
-        """Upload this adapter (the save_pretrained files and its card) to a Hub repo; see `hub.push_adapter`."""
-        from .hub import push_adapter
+        """Upload this adapter (adapter_config.json, adapter_model.safetensors, README.md card) to a Hub repo.
 
-        return push_adapter(
-            self, repo_id, private=private, token=token, revision=revision, commit_message=commit_message, **card_fields
-        )
+        The files are exactly those of `save_pretrained`; `card_fields` go to `cards.adapter_card` (training_data=,
+        encoder_correlation=, license=). `revision` names the branch to commit to (created if missing). Load it back with
+        `GradiendModel.from_pretrained(base, repo_id, revision=...)`.
+        """
+        import tempfile
+        from pathlib import Path
+
+        from .hub import upload_folder
+
+        card_fields.setdefault("repo_id", repo_id)
+        first, second = self.gradiend_config.feature_classes
+        with tempfile.TemporaryDirectory(prefix="gradiend-push-") as tmp:
+            folder = Path(tmp) / "adapter"
+            self.save_pretrained(folder, **card_fields)
+            return upload_folder(folder, repo_id, private=private, token=token, revision=revision,
+                                 commit_message=commit_message or f"Upload GRADIEND adapter ({first} vs {second})")
 
 
 AUXILIARY_FILES = ("auxiliary_head.safetensors", "auxiliary_head_config.json")  # = aux_head.HEAD_*_NAME

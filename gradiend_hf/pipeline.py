@@ -200,7 +200,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
     from .evaluation import evaluate_decoder, evaluate_encoder
     from .evaluation.contexts import balance_in_contexts, context_probabilities, summarise_contexts
     from .evaluation.probabilities import class_words
-    from .hub import adapter_card
+    from .cards import adapter_card
     from .plotting import plot_decoder, plot_encoder
     from .report import ENCODER_BAR
 
@@ -269,7 +269,7 @@ def edit_from_record(record: dict[str, Any]) -> Edit:
 def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: Optional[Path] = None,
             data_text: Optional[str] = None, encoder_correlation: Optional[float] = None) -> Path:
     """Merge `edit` into the base (in place; the adapter lets go of it) and save a plain transformers model + card."""
-    from .hub import merged_card
+    from .cards import merged_card
 
     out = Path(out) if out is not None else run.model(edit.goal or "custom")
     config = model.gradiend_config

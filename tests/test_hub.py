@@ -1,6 +1,6 @@
 """Model cards and Hub pushes: the Hub calls are recorded into a fake hub folder (no network) and loaded back.
 
-The recorder replaces `HfApi.create_repo` / `create_branch` / `upload_folder` (what `push_adapter`/`push_merged` call)
+The recorder replaces `HfApi.create_repo` / `create_branch` / `upload_folder` (what `GradiendModel.push_to_hub` and `push_merged` call)
 and `huggingface_hub.hf_hub_download` (what `serialization.resolve_adapter_files` calls for a repo id). Files live in
 `<fake hub>/<user>/<repo>/<revision>/`; a new branch starts from main, as on the Hub.
 """
@@ -17,7 +17,8 @@ from tiny import rows, tiny_model, tokenizer_for
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from gradiend_hf import Edit, GradiendConfig, GradiendDataCollator, GradiendModel, get_gradiend_model
-from gradiend_hf.hub import NOT_EVALUATED, adapter_card, merged_card, push_merged
+from gradiend_hf.cards import NOT_EVALUATED, adapter_card, merged_card
+from gradiend_hf.hub import push_merged
 from gradiend_hf.serialization import WEIGHTS_NAME
 
 CLASSES = ["female", "male"]
