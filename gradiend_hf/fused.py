@@ -177,7 +177,7 @@ def fused_step(model, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.
     b: Bottleneck = model.bottleneck
     engine = model.engine
     step = step or AdamWSteps(optimizer)
-    source = engine._buffer("source")
+    source = engine.buffer("source")
     plan = target_pass(config.source, config.target)
     with engine.passes(batch) as backward:
         backward(config.source, [copy_into(source)], last=plan is None)  # 'diff' is one pass (BackwardPasses)

@@ -188,7 +188,7 @@ class GradientEngine:
         self._actions: list[Action] = []
 
     # --- plumbing ----------------------------------------------------------------------------------------------
-    def _buffer(self, kind: str) -> dict[str, torch.Tensor]:
+    def buffer(self, kind: str) -> dict[str, torch.Tensor]:
         """A float32 buffer per selected parameter, allocated once and reused by every step (no page faults per step)."""
         if kind not in self.buffers:
             self.buffers[kind] = {
@@ -251,12 +251,12 @@ class GradientEngine:
         """
         wanted = set(kinds)
         if wanted == {"diff"}:
-            plan = [("diff", [copy_into(self._buffer("diff"))])]
+            plan = [("diff", [copy_into(self.buffer("diff"))])]
         else:
-            factual_actions = [copy_into(self._buffer(k)) for k in ("factual", "diff") if k in wanted]
-            alternative_actions = [copy_into(self._buffer("alternative"))] if "alternative" in wanted else []
+            factual_actions = [copy_into(self.buffer(k)) for k in ("factual", "diff") if k in wanted]
+            alternative_actions = [copy_into(self.buffer("alternative"))] if "alternative" in wanted else []
             if "diff" in wanted:
-                alternative_actions.append(subtract_from(self._buffer("diff")))
+                alternative_actions.append(subtract_from(self.buffer("diff")))
             plan = [(side, actions) for side, actions in (("factual", factual_actions), ("alternative", alternative_actions)) if actions]
         with self.passes(batch) as backward:
             for i, (side, actions) in enumerate(plan):

@@ -81,16 +81,29 @@ class GradiendModel(nn.Module):
         self.engine = GradientEngine(base_model, self.bottleneck, auxiliary_head)
 
     # --- state -------------------------------------------------------------------------------------------------
-    def _base(self) -> nn.Module:
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (as PeftModel.get_base_model); an error once it was handed back."""
         if "base_model" not in self._modules:
             raise RuntimeError("This GradiendModel has been unloaded or merged; its base model was handed back.")
         return self._modules["base_model"]
 
+    def take_bottleneck(self, other: "GradiendModel") -> "GradiendModel":
+        """Take `other`'s bottleneck, gradient engine and config in place (same base): pruning swaps in a smaller one."""
+        self.bottleneck, self.engine, self.gradiend_config = other.bottleneck, other.engine, other.gradiend_config
+        self._selected = None
+        return self
+
+    def keep_base_flags_of(self, other: "GradiendModel") -> "GradiendModel":
+        """Restore the base's flags that `other` recorded on unload (the base was already frozen when self wrapped it)."""
+        self._base_requires_grad = dict(other._base_requires_grad)
+        self._base_training = other._base_training
+        return self
+
     def selected_parameters(self) -> dict[str, nn.Parameter]:
         """The base parameters the adapter reads and edits, by name (looked up once: edits loop over them often)."""
-        self._base()
+        self.get_base_model()
         if getattr(self, "_selected", None) is None:
-            self._selected = parameter_dict(self._base(), self.bottleneck.names)
+            self._selected = parameter_dict(self.get_base_model(), self.bottleneck.names)
         return self._selected
 
     @property
@@ -123,7 +136,7 @@ class GradiendModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.bottleneck.parameters())
-        total = sum(p.numel() for p in self._base().parameters())
+        total = sum(p.numel() for p in self.get_base_model().parameters())
         print(
             f"GRADIEND reads/edits {self.num_entries:,} of {total:,} base weights "
             f"({100 * self.num_entries / total:.2f}%) in {len(self.bottleneck.names)} tensors; trainable params: {trainable:,}"
@@ -205,7 +218,7 @@ class GradiendModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Hand back the base model as it is (untouched unless merged), with its original training flags."""
-        base = self._base()
+        base = self.get_base_model()
         del self._modules["base_model"]
         self.engine = None
         self._selected = None
@@ -282,7 +295,7 @@ class GradiendModel(nn.Module):
         config, grouped = read_adapter(path)
         if set(grouped) != set(self.bottleneck.names):
             raise ValueError(f"The adapter at {path} covers other parameters than this model; it belongs to another run.")
-        check_fits(self._base(), config, grouped)
+        check_fits(self.get_base_model(), config, grouped)
         for name, tensors in grouped.items():
             mine, saved = self.bottleneck.indices[name], tensors.get("index")
             if (mine is None) != (saved is None) or (mine is not None and not torch.equal(mine.cpu(), saved.cpu())):

@@ -234,10 +234,10 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
             if "balance" in edits:  # debiasing is judged where the text leaves the class open
                 edits["balance"], table = balance_in_contexts(model, decoder, tokenizer, texts, words)
                 write_csv(table, run.results / "balance_in_contexts.csv")
-            frames = {"base": context_probabilities(model._base(), tokenizer, model.objective, texts, words)}
+            frames = {"base": context_probabilities(model.get_base_model(), tokenizer, model.objective, texts, words)}
             for goal, edit in edits.items():
                 with model.apply_edit(edit):
-                    frames[goal] = context_probabilities(model._base(), tokenizer, model.objective, texts, words)
+                    frames[goal] = context_probabilities(model.get_base_model(), tokenizer, model.objective, texts, words)
             write_csv(pd.concat([f.assign(model=name) for name, f in frames.items()]), run.results / "contexts.csv")
             contexts = {name: summarise_contexts(f, classes) for name, f in frames.items()}
     plot_decoder(decoder, edits.values(), run.plots / "decoder.png")

@@ -346,14 +346,7 @@ def _rebuilt(
         config = config.with_updates(target_parameters=[f"^{re.escape(n)}$" for n in order], pruning=steps)
     new = GradiendModel(base, config, parameter_names=order, indices=kept)
     if isinstance(model, GradiendModel):
-        if inplace:
-            model.bottleneck = new.bottleneck
-            model.engine = new.engine
-            model.gradiend_config = new.gradiend_config
-            model._selected = None
-            return model
-        new._base_requires_grad = dict(model._base_requires_grad)  # the base is already frozen by `model`
-        new._base_training = model._base_training
+        return model.take_bottleneck(new) if inplace else new.keep_base_flags_of(model)
     return new
 
 
@@ -396,7 +389,7 @@ def pre_prune(
     if isinstance(model, GradiendModel):
         if config is not None:
             raise ValueError("config= is for a plain base model; a GradiendModel brings its own gradiend_config.")
-        base, config = model._base(), model.gradiend_config
+        base, config = model.get_base_model(), model.gradiend_config
         selection = Selection(model.bottleneck.shapes, model.bottleneck.indices)
     else:
         if config is None:
@@ -476,7 +469,7 @@ def post_prune(
     record = {"method": "post", "keep": keep, "threshold": threshold, "by": by, "kept": info["kept"], "total": info["total"],
               "cutoff": info["cutoff"]}
     config = _record(model.saved_config(), record)
-    new = _rebuilt(model, model._base(), config, indices, inplace)
+    new = _rebuilt(model, model.get_base_model(), config, indices, inplace)
     nb = new.bottleneck
     for name in nb.names:
         enc, dec, off = old[name]

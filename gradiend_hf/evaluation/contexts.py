@@ -102,7 +102,7 @@ def balance_in_contexts(
     from ..edit import Edit
 
     classes = list(words_by_class)
-    base_model = model._base()
+    base_model = model.get_base_model()
     scored = []
     editor = model.editor()
     try:

@@ -137,7 +137,7 @@ def evaluate_decoder(
     chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     prepared = [word_batches(chunk, [w for ws in words.values() for w in ws], collate) for chunk in chunks]
     neutral = lms_batches(tokenizer, list(neutral_texts), objective, batch_size=batch_size, seed=seed)
-    base_model = model._base()
+    base_model = model.get_base_model()
     # the base runs first: it records what the first edited layer receives, the candidates start from there
     forward = GridForward(base_model, model.selected_parameters().values(), causal=objective == CAUSAL_LM)
 
