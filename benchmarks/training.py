@@ -99,7 +99,7 @@ def step_times(name: str, repeats: int) -> list[dict]:
                     "largest_difference_fused_vs_plain": worst})
         print(f"{name} keep={keep}: {times}", file=sys.stderr)
         base = model.unload()
-        del model, fused_optimizer, plain_optimizer
+        model = fused_optimizer = plain_optimizer = None  # free before the next model (the closures are done)
     return out
 
 
