@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from .bottleneck import Bottleneck
+from .topk import count_to_keep, kth_largest_bits, magnitude_bits
 
 BY = ("decoder", "encoder", "decoder_bias", "decoder_sum")  # the names pruning's `post_prune_by` uses too
 _ALIASES = {"offset": "decoder_bias"}
@@ -188,44 +189,6 @@ class KeySet:
         return {(n, int(i)) for n, idx in self.indices.items() for i in idx}
 
 
-def _resolve_k(k: Union[int, float], total: int) -> int:
-    """An int is a count; a float in (0, 1] is a fraction of the adapter's own entries, rounded half up and at least 1
-    (as pruning's `keep_count`, so a top-1% set is the set 1% post-pruning keeps)."""
-    if isinstance(k, bool):
-        raise TypeError("k must be an int (a count) or a float in (0, 1] (a fraction of the adapter's entries).")
-    if isinstance(k, float):
-        if not 0.0 < k <= 1.0:
-            raise ValueError(f"A fractional k must lie in (0, 1], got {k}.")
-        return min(total, max(1, math.floor(k * total + 0.5)))
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}.")
-    return min(int(k), total)
-
-
-def _magnitude_bits(vector: torch.Tensor) -> torch.Tensor:
-    """|v| as int32 bit patterns: for non-negative floats the integer order is the numeric order (NaN counts as 0)."""
-    return torch.nan_to_num(vector.float().abs(), nan=0.0).contiguous().view(torch.int32)
-
-
-def _kth_largest_bits(adapter: AdapterTensors, by: str, unit: Unit, k: int) -> int:
-    """Bit pattern of the k-th largest |weight| over all parameters: an exact two-pass radix select (16 + 15 bits),
-    so no concatenated copy of all weights is ever made."""
-    high = torch.zeros(1 << 16, dtype=torch.long)
-    for name in adapter.names:
-        bits = _magnitude_bits(adapter.vector(name, by, unit))
-        high += torch.bincount((bits >> 15).long(), minlength=1 << 16).cpu()
-    at_least = high.flip(0).cumsum(0).flip(0)  # number of weights in bins >= i
-    bin_ = int((at_least >= k).nonzero().max())
-    need = k - (int(at_least[bin_ + 1]) if bin_ + 1 < at_least.numel() else 0)
-    low = torch.zeros(1 << 15, dtype=torch.long)
-    for name in adapter.names:
-        bits = _magnitude_bits(adapter.vector(name, by, unit))
-        inside = bits[(bits >> 15) == bin_]
-        low += torch.bincount((inside & 0x7FFF).long(), minlength=1 << 15).cpu()
-    at_least_low = low.flip(0).cumsum(0).flip(0)
-    return (bin_ << 15) | int((at_least_low >= need).nonzero().max())
-
-
 def top_k(adapter: Any, k: Union[int, float], by: str = "decoder", unit: Unit = 0) -> KeySet:
     """The exact global top-k keys of an adapter by |weight| over all its parameters.
 
@@ -236,13 +199,13 @@ def top_k(adapter: Any, k: Union[int, float], by: str = "decoder", unit: Unit = 
     if isinstance(adapter, KeySet):
         return adapter
     tensors = adapter_tensors(adapter, by)
-    count = _resolve_k(k, tensors.num_entries)
+    count = count_to_keep(k, tensors.num_entries, allow_zero=True)
     if count == 0:
         return KeySet()
-    threshold = _kth_largest_bits(tensors, by, unit, count)
+    threshold = kth_largest_bits(lambda: (magnitude_bits(tensors.vector(name, by, unit)) for name in tensors.names), count)
     above, ties = {}, {}
     for name in tensors.names:
-        bits = _magnitude_bits(tensors.vector(name, by, unit))
+        bits = magnitude_bits(tensors.vector(name, by, unit))
         keys = tensors.keys(name).to(bits.device)
         above[name] = keys[bits > threshold].cpu()
         ties[name] = torch.sort(keys[bits == threshold].cpu()).values

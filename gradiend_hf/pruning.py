@@ -15,8 +15,6 @@ that keeps every entry stays dense (no index tensor); one that keeps none is dro
 
 from __future__ import annotations
 
-import math
-import numbers
 import random
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -29,8 +27,8 @@ from .gradients import GradientEngine
 from .model import GradiendModel
 from .objective import resolve_objective
 from .selection import parameter_dict, select_parameters
+from .topk import Keep, bits_to_float, count_to_keep, kth_largest_bits
 
-Keep = Union[float, int]
 AGGREGATES = ("mean", "label", "abs")
 POST_CRITERIA = POST_PRUNE_CRITERIA
 CHUNK = 1 << 22  # entries per pass over an accumulator: bounds the temporaries of comparisons to a few MB
@@ -51,17 +49,8 @@ __all__ = [
 
 # --- exact global top-k over per-parameter score tensors, without concatenating them -------------------------------
 def keep_count(keep: Keep, total: int) -> int:
-    """Entries to keep: a fraction 0 < keep <= 1 of `total` (rounded half up, at least 1), or a count (int >= 1,
-    at most `total`). 1.0 means everything, 1 means one entry."""
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise TypeError(f"keep must be a fraction (0 < keep <= 1) or a count (int >= 1), got {keep!r}.")
-    if isinstance(keep, numbers.Integral):
-        if keep < 1:
-            raise ValueError(f"keep={keep!r}: a count of entries to keep must be at least 1.")
-        return min(int(keep), total)
-    if not 0.0 < float(keep) <= 1.0:
-        raise ValueError(f"keep={keep!r}: a fraction must lie in (0, 1]; give an int to keep a count of entries.")
-    return min(total, max(1, int(math.floor(float(keep) * total + 0.5))))
+    """Entries to keep (topk.count_to_keep): a fraction of `total` rounded half up and at least 1, or a count."""
+    return count_to_keep(keep, total)
 
 
 def _chunks(tensor: torch.Tensor):
@@ -83,33 +72,11 @@ def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
                 raise ValueError(f"The importance of {name} holds negative or non-finite values (NaN/inf gradients?).")
 
 
-def _histogram(scores: Mapping[str, torch.Tensor], bins: int, digit) -> torch.Tensor:
-    counts = torch.zeros(bins, dtype=torch.long)
-    for s in scores.values():
-        for _, chunk in _chunks(s):
-            values = digit(chunk.view(torch.int32))
-            if values.numel():
-                counts += torch.bincount(values, minlength=bins).cpu()
-    return counts
-
-
-def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """(bin holding the k-th largest entry, entries in higher bins)."""
-    above = torch.flip(counts, [0]).cumsum(0)
-    position = int(torch.searchsorted(above, k))  # first cumulative count >= k
-    return counts.numel() - 1 - position, int(above[position] - counts[counts.numel() - 1 - position])
-
-
 def kth_largest(scores: Mapping[str, torch.Tensor], k: int) -> float:
-    """The exact k-th largest value over all score tensors (non-negative float32), by a two-pass radix select on the
-    bit patterns (for non-negative floats the int32 view orders like the values): a histogram of the high 16 bits
-    finds the bucket of the k-th value, a histogram of the low 16 bits within that bucket finds the value. Only
-    chunk-sized temporaries, never a copy of the scores."""
-    high_counts = _histogram(scores, 1 << 15, lambda bits: bits >> 16)
-    high, above = _from_top(high_counts, k)
-    low_counts = _histogram(scores, 1 << 16, lambda bits: bits[(bits >> 16) == high] & 0xFFFF)
-    low, _ = _from_top(low_counts, k - above)
-    return float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
+    """The exact k-th largest value over all score tensors (non-negative float32; topk.kth_largest_bits), read in
+    chunk-sized pieces: never a copy of the scores."""
+    chunks = lambda: (chunk.view(torch.int32) for s in scores.values() for _, chunk in _chunks(s))  # noqa: E731
+    return bits_to_float(kth_largest_bits(chunks, k))
 
 
 def select_top(
