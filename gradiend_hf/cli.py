@@ -92,7 +92,7 @@ def cmd_evaluate(args) -> None:
 
 def cmd_rewrite(args) -> None:
     from .edit import Edit
-    from .pipeline import describe_data, edit_from_record, rewrite
+    from .pipeline import describe_data, rewrite
 
     run, job, model, tokenizer, data = _load_run(args.run)
     if args.feature_factor is not None or args.learning_rate is not None:
@@ -105,7 +105,7 @@ def cmd_rewrite(args) -> None:
         goal = args.goal or job.rewrite
         if goal not in evaluation["edits"]:
             raise JobConfigError(f"no edit was selected for goal {goal!r}; evaluated goals: {list(evaluation['edits'])}.")
-        edit = edit_from_record(evaluation["edits"][goal])
+        edit = Edit.from_dict(evaluation["edits"][goal])
         correlation = evaluation["encoder"]["correlation"]
     folder = rewrite(job, run, model, tokenizer, edit, out=Path(args.output) if args.output else None,
                      data_text=describe_data(job, data), encoder_correlation=correlation)

@@ -21,6 +21,16 @@ class Edit:
     goal: Optional[str] = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (the run folder's results/evaluation.json); `from_dict` reads it back."""
+        ff = self.feature_factor if isinstance(self.feature_factor, (int, float)) else list(self.feature_factor)
+        return {"feature_factor": ff, "learning_rate": self.learning_rate, "goal": self.goal, "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "Edit":
+        return cls(feature_factor=record["feature_factor"], learning_rate=record["learning_rate"], goal=record.get("goal"),
+                   metrics=record.get("metrics") or {})
+
 
 def resolve_edit(
     edit: Optional[Edit], feature_factor: Optional[float], learning_rate: Optional[float], stored: tuple

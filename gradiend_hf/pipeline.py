@@ -195,7 +195,8 @@ def prepare(job: JobConfig, run: RunFolder) -> datasets.DatasetDict:
     return data
 
 
-def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.DatasetDict) -> dict[str, Any]:
+def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
+             data: datasets.DatasetDict) -> tuple[dict[str, Any], dict[str, Edit]]:
     """Encoder on held-out rows, the decoder grid, one edit per goal, P(class) in neutral contexts; plots + results."""
     from .evaluation import evaluate_decoder, evaluate_encoder
     from .evaluation.contexts import balance_in_contexts, context_probabilities, summarise_contexts
@@ -243,7 +244,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
     plot_decoder(decoder, edits.values(), run.plots / "decoder.png")
     results = {
         "encoder": {**encoder.summary(), "rows": int(len(encoder_rows))},
-        "edits": {goal: edit_record(edit) for goal, edit in edits.items()},
+        "edits": {goal: edit.to_dict() for goal, edit in edits.items()},
         "contexts": contexts,
         "decoder_rows": int(min(spec.decoder_rows, len(test))),
         "neutral_texts": int(min(spec.neutral_texts, len(data["neutral"]))),
@@ -253,17 +254,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer, data: datasets.Da
     if run.adapter.is_dir():  # the adapter's card now shows the held-out encoder correlation
         adapter_card(model.gradiend_config, model.num_entries, training_data=describe_data(job, data),
                      encoder_correlation=encoder.correlation).save(run.adapter / "README.md")
-    return results
-
-
-def edit_record(edit: Edit) -> dict[str, Any]:
-    return {"feature_factor": edit.feature_factor, "learning_rate": edit.learning_rate, "goal": edit.goal,
-            "metrics": edit.metrics}
-
-
-def edit_from_record(record: dict[str, Any]) -> Edit:
-    return Edit(feature_factor=record["feature_factor"], learning_rate=record["learning_rate"], goal=record["goal"],
-                metrics=record.get("metrics") or {})
+    return results, edits
 
 
 def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: Optional[Path] = None,
@@ -307,9 +298,8 @@ def run_all(job: JobConfig, report: bool = True) -> Path:
     with timed(run, "load model"):
         base, tokenizer = load_base(job)
     model = train(job, run, base, tokenizer, data)
-    results = evaluate(job, run, model, tokenizer, data)
-    edit = edit_from_record(results["edits"][job.rewrite])
-    folder = rewrite(job, run, model, tokenizer, edit, data_text=describe_data(job, data),
+    results, edits = evaluate(job, run, model, tokenizer, data)
+    folder = rewrite(job, run, model, tokenizer, edits[job.rewrite], data_text=describe_data(job, data),
                      encoder_correlation=results["encoder"]["correlation"])
     del base, model
     with timed(run, "reload check"):
