@@ -1,5 +1,5 @@
 """The demo with the Python API: English gender on the real SmolLM2-135M, found and debiased (what `gradiend-hf demo`
-does through gradiend_hf.pipeline, written out step by step).
+does through gradiend_hf.app.pipeline, written out step by step).
 
 Rows come from the data-creation recipe (Wikipedia name templates, names held out between splits); pre-pruning keeps
 the top 1% of the backbone's weights by |mean gradient|; the encoder is evaluated on held-out names; the decoder grid

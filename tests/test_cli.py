@@ -16,8 +16,8 @@ from tiny import tiny_model, tokenizer_for
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from gradiend_hf import GradiendConfig, GradiendModel, get_gradiend_model
-from gradiend_hf.cli import main
-from gradiend_hf.job import JobConfig, JobConfigError, demo_job
+from gradiend_hf.app.cli import main
+from gradiend_hf.app.job import JobConfig, JobConfigError, demo_job
 
 ROOT = Path(__file__).resolve().parents[1]
 NEUTRAL = ["the results were good and they went home", "it was in the room", "the nurse and the doctor went home",
@@ -161,7 +161,7 @@ def test_a_run_whose_encoder_did_not_converge_fails_loudly_and_ships_nothing(tmp
 def test_an_encoder_below_the_held_out_bar_stops_before_any_edit(tmp_path, capsys, monkeypatch):
     """Converged on the validation rows but below the report's bar on held-out rows (the bar is raised past 1 here):
     the run stops before the decoder grid, chooses no edit and saves no model, and exits 3."""
-    from gradiend_hf import report
+    from gradiend_hf.app import report
 
     monkeypatch.setattr(report, "ENCODER_BAR", 1.01)
     job = write_job(tmp_path)

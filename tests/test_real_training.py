@@ -14,8 +14,8 @@ import importlib.util
 import pytest
 
 from gradiend_hf import GradiendModel, GradiendTrainer, evaluate_encoder
-from gradiend_hf.job import demo_job
-from gradiend_hf.pipeline import build_data, load_base
+from gradiend_hf.app.job import demo_job
+from gradiend_hf.app.pipeline import build_data, load_base
 
 STEPS = 50
 HELD_OUT_ROWS = 48

@@ -70,7 +70,7 @@ def cmd_train(args) -> None:
 
 
 def _load_run(folder: str):
-    from .model import GradiendModel
+    from ..model import GradiendModel
     from .pipeline import RunFolder, load_base, load_data
 
     run = RunFolder(Path(folder))
@@ -91,7 +91,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_rewrite(args) -> None:
-    from .edit import Edit
+    from ..edit import Edit
     from .pipeline import describe_data, rewrite
 
     run, job, model, tokenizer, data = _load_run(args.run)
@@ -113,7 +113,7 @@ def cmd_rewrite(args) -> None:
 
 
 def cmd_push(args) -> None:
-    from .hub import upload_folder
+    from ..hub import upload_folder
 
     folder = Path(args.folder)
     if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import pandas as pd
 
-from .atomic import write_text_atomically
+from ..atomic import write_text_atomically
 
 ENCODER_BAR = 0.8  # |correlation| on held-out rows that counts as "the encoder found the feature"
 

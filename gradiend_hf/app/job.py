@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from .config import GradiendConfig
+from ..config import GradiendConfig
 
 RECIPES = ("english_gender_names", "english_gender", "english_gender_pronouns", "english_pronoun_number", "religion",
            "race", "german_articles")
@@ -109,7 +109,7 @@ class EvaluationSpec:
         if self.neutral_contexts is None:
             return None
         if self.neutral_contexts == "gender":
-            from .evaluation.contexts import gender_neutral_contexts
+            from ..evaluation.contexts import gender_neutral_contexts
 
             return gender_neutral_contexts()
         return list(self.neutral_contexts)
@@ -164,7 +164,7 @@ class JobConfig:
         return list(self.evaluation.goals or self.default_goals())
 
     def training_arguments(self, output_dir: Union[str, Path]):
-        from .trainer import GradiendTrainingArguments
+        from ..trainer import GradiendTrainingArguments
 
         try:
             return GradiendTrainingArguments(output_dir=str(output_dir), **self.training)
@@ -214,13 +214,13 @@ class JobConfig:
     def save(self, path: Union[str, Path]) -> None:
         import yaml
 
-        from .atomic import write_text_atomically
+        from ..atomic import write_text_atomically
 
         write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def training_fields() -> list[str]:
-    from .trainer import GradiendTrainingArguments
+    from ..trainer import GradiendTrainingArguments
 
     return [f.name for f in dataclasses.fields(GradiendTrainingArguments) if f.init]
 

@@ -16,8 +16,8 @@ import datasets
 import pandas as pd
 import torch
 
-from .atomic import write_file_atomically, write_text_atomically
-from .edit import Edit
+from ..atomic import write_file_atomically, write_text_atomically
+from ..edit import Edit
 from .job import JobConfig, JobConfigError, RunFailed
 
 logger = logging.getLogger("gradiend_hf")
@@ -82,7 +82,7 @@ def timed(run: RunFolder, phase: str) -> Iterator[None]:
 def load_base(job: JobConfig):
     """(model, tokenizer) of the job's base model; weights are read from safetensors only (never pickle)."""
     if job.model == "smollm2":
-        from .offline import load_smollm2
+        from ..offline import load_smollm2
 
         return load_smollm2()
     from transformers import AutoTokenizer
@@ -124,7 +124,7 @@ def build_data(job: JobConfig) -> datasets.DatasetDict:
         splits = {name: read_rows(getattr(spec, name)) for name in ("train", "validation", "test", "neutral")
                   if getattr(spec, name) is not None}
         return datasets.DatasetDict(splits)
-    from . import creation
+    from .. import creation
 
     text = {"wikipedia": creation.wikipedia_texts, "news": creation.news_texts}.get(spec.text) if isinstance(spec.text, str) else None
     source = text() if text is not None else spec.text
@@ -149,8 +149,8 @@ def describe_data(job: JobConfig, data: datasets.DatasetDict) -> str:
 # --- steps -----------------------------------------------------------------------------------------------------------
 def train(job: JobConfig, run: RunFolder, base, tokenizer, data: datasets.DatasetDict):
     """Train one adapter per seed (keeping the best convergent one), save it to run/adapter, plot training."""
-    from .plotting import plot_training
-    from .seeds import train_seeds
+    from ..plotting import plot_training
+    from ..seeds import train_seeds
 
     args = job.training_arguments(run.training)
     with timed(run, "training"):
@@ -198,11 +198,11 @@ def prepare(job: JobConfig, run: RunFolder) -> datasets.DatasetDict:
 def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
              data: datasets.DatasetDict) -> tuple[dict[str, Any], dict[str, Edit]]:
     """Encoder on held-out rows, the decoder grid, one edit per goal, P(class) in neutral contexts; plots + results."""
-    from .evaluation import evaluate_decoder, evaluate_encoder
-    from .evaluation.contexts import balance_in_contexts, context_probabilities, summarise_contexts
-    from .evaluation.probabilities import class_words
-    from .cards import adapter_card
-    from .plotting import plot_decoder, plot_encoder
+    from ..evaluation import evaluate_decoder, evaluate_encoder
+    from ..evaluation.contexts import balance_in_contexts, context_probabilities, summarise_contexts
+    from ..evaluation.probabilities import class_words
+    from ..cards import adapter_card
+    from ..plotting import plot_decoder, plot_encoder
     from .report import ENCODER_BAR
 
     spec, classes = job.evaluation, model.gradiend_config.feature_classes
@@ -260,7 +260,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
 def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: Optional[Path] = None,
             data_text: Optional[str] = None, encoder_correlation: Optional[float] = None) -> Path:
     """Merge `edit` into the base (in place; the adapter lets go of it) and save a plain transformers model + card."""
-    from .cards import merged_card
+    from ..cards import merged_card
 
     out = Path(out) if out is not None else run.model(edit.goal or "custom")
     config = model.gradiend_config
@@ -275,9 +275,9 @@ def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: O
 
 def check_reload(job: JobConfig, run: RunFolder, folder: Path, tokenizer, classes: list[str]) -> Optional[dict]:
     """Load the saved plain model with transformers alone and recompute P(class) in the neutral contexts."""
-    from .evaluation.contexts import context_probabilities, summarise_contexts
-    from .evaluation.probabilities import class_words
-    from .objective import resolve_objective
+    from ..evaluation.contexts import context_probabilities, summarise_contexts
+    from ..evaluation.probabilities import class_words
+    from ..objective import resolve_objective
 
     texts = job.evaluation.context_texts()
     if texts is None:
