@@ -106,8 +106,24 @@ class Bottleneck(nn.Module):
         """n: the number of base-model weights the bottleneck reads and writes."""
         return sum(self.entry_shape(n).numel() for n in self.names)
 
+    @property
+    def allocated(self) -> bool:
+        """False for a placeholder on the meta device (shapes only, no memory): see GradiendModel.awaits_pre_pruning."""
+        return not self.encoder_bias.is_meta
+
     def _initialise(self, seed: int, device) -> None:
-        """nn.Linear-style encoder (uniform +-1/sqrt(n)); decoder weight and bias uniform in +-max|W_e|."""
+        """nn.Linear-style encoder (uniform +-1/sqrt(n)); decoder weight and bias uniform in +-max|W_e|.
+
+        device="meta" makes a placeholder that holds shapes only (nothing allocated, nothing initialised)."""
+        if device is not None and not isinstance(device, Mapping) and torch.device(device).type == "meta":
+            self.encoder_bias = nn.Parameter(torch.empty(self.latent_dim, device="meta"))
+            for name in self.names:
+                shape = (self.latent_dim, *self.entry_shape(name))
+                self.encoder_weight[_key(name)] = nn.Parameter(torch.empty(shape, device="meta"))
+                self.decoder_weight[_key(name)] = nn.Parameter(torch.empty(shape, device="meta"))
+                if self.has_decoder_bias:
+                    self.decoder_bias[_key(name)] = nn.Parameter(torch.empty(shape[1:], device="meta"))
+            return
         generator = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(max(self.num_entries, 1))
         d = self.latent_dim

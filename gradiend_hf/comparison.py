@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from .bottleneck import Bottleneck
+from .serialization import read_adapter
 from .topk import count_to_keep, kth_largest_bits, magnitude_bits
 
 BY = ("decoder", "encoder", "decoder_bias", "decoder_sum")  # the names pruning's `post_prune_by` uses too
@@ -137,8 +138,6 @@ def adapter_tensors(adapter: Any, by: Optional[str] = None, label: str = "") -> 
             tensors[name] = parts
         return AdapterTensors(tensors, bottleneck.latent_dim, label or type(adapter).__name__)
     if isinstance(adapter, (str, os.PathLike)):
-        from .model import read_adapter
-
         config, grouped = read_adapter(adapter)
         keep = set(_KINDS[_check_by(by)]) | {"index"} if by is not None else None
         tensors = {n: {k: t for k, t in parts.items() if keep is None or k in keep} for n, parts in grouped.items()}

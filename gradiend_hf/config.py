@@ -185,11 +185,15 @@ class GradiendConfig(PeftConfig):
         own = [f for f in fields(cls) if "help" in f.metadata]
         return "\n".join(f"{f.name}: {f.metadata['help']}" for f in own)
 
+    def pruned_by(self, method: str) -> bool:
+        """Whether the recorded pruning steps include one of `method` ('pre' or 'post')."""
+        return any(step.get("method") == method for step in self.pruning or [])
+
     def with_updates(self, **changes: Any) -> "GradiendConfig":
         """A validated copy with some fields changed."""
         data = self.to_dict()
         data.update(changes)
-        return GradiendConfig.from_dict(data)
+        return type(self).from_dict(data)
 
 
 def base_name(model: Any) -> Optional[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
@@ -19,14 +18,7 @@ from .gradients import GradientEngine, encode_rows
 from .objective import AUXILIARY_MLM, CAUSAL_LM, lm_objective, resolve_objective
 from .atomic import write_folder_atomically
 from .selection import parameter_dict, select_parameters
-from .serialization import (
-    WEIGHTS_NAME,
-    adapter_key,
-    load_tensors,
-    parse_adapter_key,
-    resolve_adapter_files,
-    save_tensors,
-)
+from .serialization import WEIGHTS_NAME, adapter_key, check_fits, read_adapter, save_tensors
 
 
 @dataclass
@@ -61,6 +53,9 @@ class GradiendModel(nn.Module):
         )
         params = parameter_dict(base_model, names)
         self.base_model = base_model
+        # with pre_prune set, the dense bottleneck would be thrown away at training start: build a shapes-only
+        # placeholder until pre-pruning builds the real one at the pruned size
+        self.awaits_pre_pruning = indices is None and config.pre_prune is not None and not config.pruned_by("pre")
         self.bottleneck = Bottleneck(
             {n: p.shape for n, p in params.items()},
             latent_dim=config.latent_dim,
@@ -69,9 +64,9 @@ class GradiendModel(nn.Module):
             decoder_bias=config.decoder_bias,
             indices=indices,
             seed=config.init_seed,
-            device={n: p.device for n, p in params.items()},
+            device="meta" if self.awaits_pre_pruning else {n: p.device for n, p in params.items()},
         )
-        if config.encoder_bias is not None:
+        if config.encoder_bias is not None and not self.awaits_pre_pruning:
             with torch.no_grad():
                 self.bottleneck.encoder_bias.copy_(torch.tensor(config.encoder_bias))
         self.auxiliary_head = auxiliary_head
@@ -90,7 +85,26 @@ class GradiendModel(nn.Module):
     def take_bottleneck(self, other: "GradiendModel") -> "GradiendModel":
         """Take `other`'s bottleneck, gradient engine and config in place (same base): pruning swaps in a smaller one."""
         self.bottleneck, self.engine, self.gradiend_config = other.bottleneck, other.engine, other.gradiend_config
+        self.awaits_pre_pruning = other.awaits_pre_pruning
         self._selected = None
+        return self
+
+    def require_bottleneck(self) -> None:
+        """A clear error instead of meta-tensor failures while the bottleneck is a placeholder awaiting pre-pruning."""
+        if self.awaits_pre_pruning:
+            raise RuntimeError(
+                f"This GradiendModel's config sets pre_prune={self.gradiend_config.pre_prune!r}, so its bottleneck is "
+                "built at the pruned size only when pre-pruning runs: GradiendTrainer does it at the start (it needs a "
+                "train_dataset), or call gradiend_hf.pruning.pre_prune(model, rows, tokenizer, keep=..., inplace=True)."
+            )
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`/`.float()`... leave a placeholder bottleneck on the meta device (it holds no data to move)."""
+        if not self.awaits_pre_pruning:
+            return super()._apply(fn, recurse)
+        for module in self.children():
+            if module is not self.bottleneck:
+                module._apply(fn)
         return self
 
     def keep_base_flags_of(self, other: "GradiendModel") -> "GradiendModel":
@@ -151,6 +165,7 @@ class GradiendModel(nn.Module):
 
     def forward(self, **batch: torch.Tensor) -> GradiendOutput:
         """Training step body: gather the batch's gradients, encode the source, reconstruct the target (MSE)."""
+        self.require_bottleneck()
         source, target = self.gradients(batch)
         encoded = self.bottleneck.encode(source)
         if not torch.isfinite(encoded).all():
@@ -164,22 +179,26 @@ class GradiendModel(nn.Module):
     @torch.no_grad()
     def encode(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """h of the batch gradient (one value per latent unit)."""
+        self.require_bottleneck()
         source, _ = self.gradients(batch)
         return self.bottleneck.encode(source)
 
     @torch.no_grad()
     def encode_rows(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """h of every row's own gradient (rows x latent), by forward-mode AD instead of a backward per row."""
+        self.require_bottleneck()
         return encode_rows(self.engine, batch, self.gradiend_config.source)
 
     @torch.no_grad()
     def decode(self, h: FeatureValue) -> dict[str, torch.Tensor]:
         """The decoder's parameter-shaped update for a feature value h."""
+        self.require_bottleneck()
         return {n: self.bottleneck.to_full(n, v) for n, v in self.bottleneck.decode(h).items()}
 
     # --- editing -------------------------------------------------------------------------------------------------
     def editor(self) -> InPlaceEditor:
         """An editor for trying many edits in a row (decoder grids): apply(ff, lr) ... restore()."""
+        self.require_bottleneck()
         return InPlaceEditor(self.bottleneck, self.selected_parameters())
 
     def record_edit(self, edit: Edit) -> None:
@@ -195,6 +214,7 @@ class GradiendModel(nn.Module):
         self, edit: Optional[Edit] = None, *, feature_factor: Optional[FeatureValue] = None, learning_rate: Optional[float] = None
     ):
         """Context manager: the base model carries the edit inside the block and is restored bit-exactly after."""
+        self.require_bottleneck()
         ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
         with applied(self.bottleneck, self.selected_parameters(), ff, lr):
             yield self
@@ -208,6 +228,7 @@ class GradiendModel(nn.Module):
         Without arguments, the edit stored in the config (feature_factor, learning_rate) is applied. The adapter lets
         go of the base model; the result loads anywhere with `from_pretrained` once saved.
         """
+        self.require_bottleneck()
         ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
         self.record_edit(edit if edit is not None else Edit(feature_factor=ff, learning_rate=lr))
         scratch = Scratch()
@@ -230,6 +251,7 @@ class GradiendModel(nn.Module):
     # --- save / load ---------------------------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter tensors keyed in PEFT's layout (see serialization.py)."""
+        self.require_bottleneck()
         b = self.bottleneck
         tensors = {}
         for name in b.names:
@@ -248,6 +270,7 @@ class GradiendModel(nn.Module):
         """adapter_config.json + adapter_model.safetensors + README.md, written atomically."""
         from .cards import adapter_card
 
+        self.require_bottleneck()
         config = self.saved_config()
         tensors = self.adapter_state()
         head = self.auxiliary_head
@@ -292,6 +315,7 @@ class GradiendModel(nn.Module):
 
     def load_adapter_weights(self, path: Union[str, os.PathLike]) -> None:
         """Load the trained tensors of a saved adapter (e.g. a checkpoint) into this model's bottleneck."""
+        self.require_bottleneck()
         config, grouped = read_adapter(path)
         if set(grouped) != set(self.bottleneck.names):
             raise ValueError(f"The adapter at {path} covers other parameters than this model; it belongs to another run.")
@@ -368,50 +392,6 @@ def check_auxiliary(base_model: nn.Module, config: GradiendConfig, head: Optiona
     from .aux_head import check_head_fits
 
     check_head_fits(base_model, head, config.feature_classes)
-
-
-def read_adapter(path_or_repo_id, revision: Optional[str] = None, **hub_kwargs: Any):
-    """(config, tensors grouped by base parameter name and kind) of a saved adapter."""
-    config_file, weights_file = resolve_adapter_files(path_or_repo_id, revision=revision, **hub_kwargs)
-    config = GradiendConfig.from_file(config_file)
-    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in load_tensors(weights_file).items():
-        name, kind = parse_adapter_key(key)
-        grouped[name][kind] = tensor
-    return config, grouped
-
-
-def check_fits(base_model: nn.Module, config: GradiendConfig, grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Clear errors when an adapter does not belong to this base model, or its file lacks tensors."""
-    made_for = config.base_model_name_or_path or "an unnamed base model"
-    given = base_name(base_model) or type(base_model).__name__
-    if not grouped:
-        raise ValueError("The adapter file holds no GRADIEND tensors; it is empty or not a GRADIEND adapter.")
-    params = dict(base_model.named_parameters())
-    missing = [n for n in grouped if n not in params]
-    if missing:
-        raise ValueError(
-            f"This adapter was made for {made_for}, but the base model ({given}, {type(base_model).__name__}) has no "
-            f"parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}. Load it onto the base model it was made for."
-        )
-    needed = ["encoder", "decoder"] + (["offset"] if config.decoder_bias else [])
-    for name, tensors in grouped.items():
-        lacking = [k for k in needed if k not in tensors]
-        if lacking:
-            raise ValueError(f"The adapter file lacks the {lacking} tensor(s) of {name}; it is incomplete, save it again.")
-        shape = tuple(params[name].shape)
-        if "index" in tensors:
-            index = tensors["index"]
-            if index.numel() and (index.min() < 0 or index.max() >= params[name].numel()):
-                raise ValueError(f"Pruning indices of {name} exceed its {params[name].numel()} entries in {given}.")
-            expected = (config.latent_dim, index.numel())
-        else:
-            expected = (config.latent_dim, *shape)
-        if tuple(tensors["encoder"].shape) != expected:
-            raise ValueError(
-                f"This adapter was made for {made_for}: its tensor for {name} has shape {tuple(tensors['encoder'].shape)}, "
-                f"but this base model ({given}) needs {expected}. Load it onto a base model of the same size."
-            )
 
 
 def get_gradiend_model(

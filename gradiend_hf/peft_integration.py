@@ -28,7 +28,6 @@ Paths (b) and (c) keep only the wrapped layers (the tuner object is dropped), so
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import warnings
 from contextlib import nullcontext
@@ -43,7 +42,7 @@ from torch import nn
 from .bottleneck import FeatureValue, edit_update, latent_vector
 from .config import CONFIG_NAME, GradiendConfig, GradiendType
 from .selection import select_parameters
-from .serialization import KEY_PREFIX, KINDS
+from .serialization import KINDS, check_fits, entry_problems, group_adapter_tensors
 
 # PEFT's per-method prefix: file keys read `<module>.gradiend_<kind>.<param>`, layer attributes `gradiend_<kind>`
 PREFIX = "gradiend_"
@@ -78,12 +77,7 @@ class GradiendPeftConfig(GradiendConfig):
                 path = hf_hub_download(repo, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
             except Exception as error:
                 raise ValueError(f"Can't find '{CONFIG_NAME}' at '{repo}': {error}") from error
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON ({error}); the adapter folder is damaged.") from None
-        config = cls.from_dict(data)
+        config = cls.from_file(path)
         if feature_factor is not None or learning_rate is not None:
             if feature_factor is None or learning_rate is None:
                 raise ValueError("Choose an edit with both feature_factor= and learning_rate=.")
@@ -126,14 +120,14 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
     """Wraps one base module; applies p + delta to the module's own (direct) parameters that the adapter edits.
 
     Per adapter name the layer holds `gradiend_encoder/decoder/offset[adapter].<param>` (float tensors),
-    `gradiend_index[adapter].<param>` (kept flat indices, pruned adapters only) and `gradiend_edit[adapter]` (feature
-    factor, learning rate, decoder activation, latent size). A parameter tied to an edited parameter of another layer
+    `gradiend_index[adapter].<param>` (kept flat indices, pruned adapters only) and `gradiend_config[adapter]` (the
+    adapter's GradiendConfig: the stored edit, decoder activation and latent size are read from it, never copied). A parameter tied to an edited parameter of another layer
     (GPT-2 `lm_head.weight` = `wte.weight`) is listed in `gradiend_tied[adapter]` and takes its delta from that layer,
     so the unmerged model behaves like the merged one; on merge only the owning layer writes (the storage is shared).
     """
 
     adapter_layer_names = ("gradiend_encoder", "gradiend_decoder", "gradiend_offset")
-    other_param_names = ("gradiend_index", "gradiend_edit", "gradiend_tied")
+    other_param_names = ("gradiend_index", "gradiend_config", "gradiend_tied")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GradiendConfig, **spec: Any) -> None:
         super().__init__()
@@ -142,7 +136,7 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
         self.gradiend_decoder = nn.ModuleDict()
         self.gradiend_offset = nn.ModuleDict()
         self.gradiend_index = nn.ModuleDict()
-        self.gradiend_edit: dict[str, dict[str, Any]] = {}
+        self.gradiend_config: dict[str, GradiendConfig] = {}
         self.gradiend_tied: dict[str, dict[str, tuple[GradiendLayer, str]]] = {}
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
@@ -178,12 +172,7 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
             self.gradiend_index[adapter_name] = _Entries(index, buffers=True)
         if tied:
             self.gradiend_tied[adapter_name] = dict(tied)
-        self.gradiend_edit[adapter_name] = {
-            "feature_factor": config.feature_factor,
-            "learning_rate": config.learning_rate,
-            "decoder_activation": config.decoder_activation,
-            "latent_dim": latent,
-        }
+        self.gradiend_config[adapter_name] = config
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
@@ -197,33 +186,18 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
                 continue
             attribute, adapter, local = parts
             kind = attribute[len(PREFIX):]
-            if kind in KINDS and adapter in self.gradiend_edit and local in base._parameters:
+            if kind in KINDS and adapter in self.gradiend_config and local in base._parameters:
                 incoming.setdefault((adapter, local), {})[kind] = (key, value)
-        for (adapter, local), found in incoming.items():
-            p = base._parameters[local]
-            latent = self.gradiend_edit[adapter]["latent_dim"]
-            entries = tuple(p.shape)
-            if "index" in found:
-                index = found["index"][1]
-                if index.dim() != 1 or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= p.numel())):
-                    error_msgs.append(
-                        f"The GRADIEND pruning indices {found['index'][0]} do not fit {local} of shape "
-                        f"{tuple(p.shape)}; the adapter was made for another base model."
-                    )
-                    continue
-                entries = (index.numel(),)
-            weights = (latent, *entries)
-            expected = {"encoder": weights, "decoder": weights, "offset": entries, "index": entries}
-            wrong = [
-                f"{key} has shape {tuple(v.shape)}, needs {expected[kind]}"
-                for kind, (key, v) in found.items()
-                if tuple(v.shape) != expected[kind]
-            ]
+        for (adapter, local), found in list(incoming.items()):
+            p, config = base._parameters[local], self.gradiend_config[adapter]
+            tensors = {kind: value for kind, (_, value) in found.items()}
+            wrong = entry_problems(prefix + local, p, tensors, config.latent_dim, config.decoder_bias)
             if wrong:
                 error_msgs.append(
-                    f"The GRADIEND adapter does not fit this base model ({local} has shape {tuple(p.shape)}): "
-                    + "; ".join(wrong) + ". Load it onto the base model it was made for."
+                    f"The GRADIEND adapter does not fit this base model: {'; '.join(wrong)}. Load it onto the base "
+                    "model it was made for."
                 )
+                del incoming[(adapter, local)]
                 continue
             for kind, (key, value) in found.items():
                 container = getattr(self, PREFIX + kind)
@@ -258,8 +232,8 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
 
     # --- the edit ---------------------------------------------------------------------------------------------------
     def has_edit(self, adapter_name: str) -> bool:
-        edit = self.gradiend_edit.get(adapter_name)
-        return edit is not None and edit["feature_factor"] is not None and edit["learning_rate"] is not None
+        config = self.gradiend_config.get(adapter_name)
+        return config is not None and config.feature_factor is not None and config.learning_rate is not None
 
     def gradiend_delta(self, adapter_name: str, local: str) -> Optional[torch.Tensor]:
         """lr * act_d(ff . W_d + b_d) for one own parameter (its kept entries), float32; None without a stored edit."""
@@ -276,9 +250,9 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
                 "for another base model or its file is incomplete (see the loader's report of missing keys). PEFT and "
                 "transformers only load saved GRADIEND adapters; train new ones with GradiendModel."
             )
-        edit = self.gradiend_edit[adapter_name]
-        h = latent_vector(edit["feature_factor"], edit["latent_dim"], weight.device)
-        return edit_update(weight, bias, h, edit["decoder_activation"], edit["learning_rate"])
+        config = self.gradiend_config[adapter_name]
+        h = latent_vector(config.feature_factor, config.latent_dim, weight.device)
+        return edit_update(weight, bias, h, config.decoder_activation, config.learning_rate)
 
     def gradiend_indices(self, adapter_name: str, local: str) -> Optional[torch.Tensor]:
         holder = self.gradiend_index[adapter_name] if adapter_name in self.gradiend_index else None
@@ -326,7 +300,7 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         replaced: dict[str, torch.Tensor] = {}
         for adapter_name in self.active_adapters:
-            if adapter_name not in self.gradiend_edit:
+            if adapter_name not in self.gradiend_config:
                 continue
             for local in self.edited_locals(adapter_name):
                 current = replaced.get(local, base._parameters[local])
@@ -341,7 +315,7 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for adapter_name in adapter_names:
-            if adapter_name not in self.gradiend_edit:
+            if adapter_name not in self.gradiend_config:
                 continue
             self._require_edit(adapter_name)
             own = [n for n in self.edited_locals(adapter_name) if n not in self.gradiend_tied.get(adapter_name, {})]
@@ -431,25 +405,12 @@ def _split(name: str) -> tuple[str, str]:
     return module, local
 
 
-def _targets_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Size, Optional[int]]]:
-    """Parameter name -> (entry shape, kept count or None) from adapter tensors (with or without the adapter name)."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        body = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-        head, marker, tail = body.rpartition("." + PREFIX)
-        if not marker:
-            continue
-        kind, _, rest = tail.partition(".")
-        local = rest.rpartition(".")[2]
-        if kind in KINDS:
-            found.setdefault(f"{head}.{local}", {})[kind] = value
-    specs = {}
-    for name, tensors in found.items():
-        if "decoder" not in tensors:
-            continue
-        kept = tensors["index"].numel() if "index" in tensors else None
-        specs[name] = (torch.Size(tensors["decoder"].shape[1:]), kept)
-    return specs
+def _targets_from_state_dict(grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Size, Optional[int]]]:
+    """Parameter name -> (entry shape, kept count or None) of checked adapter tensors (see check_fits)."""
+    return {
+        name: (torch.Size(t["decoder"].shape[1:]), t["index"].numel() if "index" in t else None)
+        for name, t in grouped.items()
+    }
 
 
 class GradiendTuner(BaseTuner):
@@ -512,10 +473,12 @@ class GradiendTuner(BaseTuner):
         if not isinstance(config, GradiendConfig):
             raise TypeError(f"A GRADIEND adapter needs a GradiendConfig, got {type(config).__name__}.")
         layers = _layer_paths(model)
+        view = _UnwrappedView(model) if layers else model
         if state_dict is not None:
-            specs = _targets_from_state_dict(state_dict)
+            grouped = group_adapter_tensors(state_dict)
+            check_fits(view, config, grouped)
+            specs = _targets_from_state_dict(grouped)
         else:
-            view = _UnwrappedView(model) if layers else model
             names = select_parameters(view, config.target_parameters, config.exclude_parameters)
             shapes = dict(view.named_parameters())
             specs = {n: (shapes[n].shape, None) for n in names}
@@ -617,7 +580,7 @@ def set_gradiend_edit(
     layers = gradiend_layers(model)
     if not layers:
         raise ValueError("This model holds no GRADIEND adapter layers; load one (e.g. PeftModel.from_pretrained).")
-    names = {n for layer in layers for n in layer.gradiend_edit}
+    names = {n for layer in layers for n in layer.gradiend_config}
     if adapter_name is None:
         if len(names) != 1:
             raise ValueError(f"The model holds several GRADIEND adapters {sorted(names)}; pass adapter_name=.")
@@ -626,13 +589,14 @@ def set_gradiend_edit(
         raise ValueError(f"No GRADIEND adapter named {adapter_name!r}; loaded: {sorted(names)}.")
     if any(adapter_name in layer.merged_adapters for layer in layers):
         raise ValueError(f"The GRADIEND adapter {adapter_name!r} is merged; unmerge it before changing the edit.")
+    current = next(layer.gradiend_config[adapter_name] for layer in layers if adapter_name in layer.gradiend_config)
+    chosen = current.with_updates(feature_factor=feature_factor, learning_rate=float(learning_rate))
     for layer in layers:
-        if adapter_name in layer.gradiend_edit:
-            layer.gradiend_edit[adapter_name].update(feature_factor=feature_factor, learning_rate=float(learning_rate))
+        if adapter_name in layer.gradiend_config:
+            layer.gradiend_config[adapter_name] = chosen
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict) and adapter_name in configs:
-        configs[adapter_name].feature_factor = feature_factor
-        configs[adapter_name].learning_rate = float(learning_rate)
+        configs[adapter_name] = chosen
 
 
 def merge_and_unload_gradiend(model: nn.Module, safe_merge: bool = False) -> nn.Module:

@@ -451,15 +451,14 @@ def post_prune(
 
 
 # --- trainer hooks: honour GradiendConfig.pre_prune / post_prune ----------------------------------------------------
-def pruned_by(model: GradiendModel, method: str) -> bool:
-    return any(step.get("method") == method for step in model.gradiend_config.pruning or [])
-
-
 def maybe_pre_prune(model: GradiendModel, train_dataset: Any, collator: Any, batch_size: int, seed: int) -> GradiendModel:
     """Pre-prune in place when the config asks for it and the model was not pre-pruned yet (the trainer calls this
     before it builds anything from the model's bottleneck)."""
     config = model.gradiend_config
-    if config.pre_prune is None or train_dataset is None or pruned_by(model, "pre"):
+    if config.pre_prune is None or config.pruned_by("pre"):
+        return model
+    if train_dataset is None:
+        model.require_bottleneck()  # a placeholder bottleneck cannot train: the error names what to do
         return model
     return pre_prune(model, train_dataset, keep=config.pre_prune, rows=config.pre_prune_rows, batch_size=batch_size,
                      seed=seed, collator=collator, inplace=True)
@@ -468,6 +467,6 @@ def maybe_pre_prune(model: GradiendModel, train_dataset: Any, collator: Any, bat
 def maybe_post_prune(model: GradiendModel) -> GradiendModel:
     """Post-prune in place when the config asks for it and the model was not post-pruned yet (end of training)."""
     config = model.gradiend_config
-    if config.post_prune is None or pruned_by(model, "post"):
+    if config.post_prune is None or config.pruned_by("post"):
         return model
     return post_prune(model, config.post_prune, by=config.post_prune_by, inplace=True)

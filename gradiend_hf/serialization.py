@@ -1,4 +1,6 @@
-"""On-disk adapter format (PEFT's layout) and resolving a local folder or Hub repo (atomic saves: atomic.py).
+"""Adapter files, the one place for them: the on-disk format (PEFT's layout), resolving a local folder or Hub repo,
+parsing the tensors and checking that they fit a base model. Every load path (GradiendModel.from_pretrained, checkpoint
+reloads, comparison, PEFT and transformers) reads through here. Atomic saves: atomic.py.
 
 adapter_model.safetensors keys: `base_model.model.<module path>.gradiend_<kind>.<parameter's own name>`, e.g.
 `base_model.model.model.layers.0.mlp.up_proj.gradiend_decoder.weight` for the decoder tensor of base parameter
@@ -8,13 +10,15 @@ adapter_model.safetensors keys: `base_model.model.<module path>.gradiend_<kind>.
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, GradiendConfig, base_name
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -25,19 +29,6 @@ def adapter_key(parameter_name: str, kind: str) -> str:
     module, _, local = parameter_name.rpartition(".")
     path = f"{module}." if module else ""
     return f"{KEY_PREFIX}{path}gradiend_{kind}.{local}"
-
-
-def parse_adapter_key(key: str) -> tuple[str, str]:
-    """(base parameter name, kind) of an adapter tensor key."""
-    if not key.startswith(KEY_PREFIX):
-        raise ValueError(f"Adapter tensor {key!r} does not start with {KEY_PREFIX!r}; this is not a GRADIEND adapter file.")
-    body = key[len(KEY_PREFIX):]
-    head, _, local = body.rpartition(".")
-    module, _, marker = head.rpartition(".")
-    if not marker.startswith("gradiend_") or marker[len("gradiend_"):] not in KINDS:
-        raise ValueError(f"Adapter tensor {key!r} is not one of the GRADIEND kinds {list(KINDS)}.")
-    name = f"{module}.{local}" if module else local
-    return name, marker[len("gradiend_"):]
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
@@ -68,3 +59,81 @@ def resolve_adapter_files(path_or_repo_id: str | os.PathLike, revision: Optional
     config = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, revision=revision, **hub_kwargs)
     weights = hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, revision=revision, **hub_kwargs)
     return Path(config), Path(weights)
+
+
+# --- reading: the one parser of adapter tensors, for every load path ------------------------------------------------
+def group_adapter_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Base parameter name -> {kind: tensor} from adapter tensor keys.
+
+    Accepts the file's keys (`base_model.model.<module>.gradiend_<kind>.<param>`), the same without the prefix (as
+    transformers hands them over) and keys carrying an adapter name (`...gradiend_<kind>.<adapter>.<param>`). Keys
+    that are not GRADIEND tensors are an error: a file mixing adapters is not a GRADIEND adapter."""
+    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in state_dict.items():
+        body = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+        head, marker, tail = body.rpartition(".gradiend_")
+        if not marker and body.startswith("gradiend_"):  # a parameter of the root module
+            head, marker, tail = "", "gradiend_", body[len("gradiend_"):]
+        kind, _, rest = tail.partition(".")
+        if not marker or kind not in KINDS or not rest:
+            raise ValueError(f"Adapter tensor {key!r} is not one of the GRADIEND kinds {list(KINDS)}; this is not a "
+                             "GRADIEND adapter file.")
+        local = rest.rpartition(".")[2]
+        grouped[f"{head}.{local}" if head else local][kind] = tensor
+    return dict(grouped)
+
+
+def read_adapter(path_or_repo_id: str | os.PathLike, revision: Optional[str] = None, **hub_kwargs: Any):
+    """(config, tensors grouped by base parameter name and kind) of a saved adapter, local or on the Hub."""
+    config_file, weights_file = resolve_adapter_files(path_or_repo_id, revision=revision, **hub_kwargs)
+    return GradiendConfig.from_file(config_file), group_adapter_tensors(load_tensors(weights_file))
+
+
+# --- validation: the one check that tensors fit a base model --------------------------------------------------------
+def needed_kinds(decoder_bias: bool) -> list[str]:
+    return ["encoder", "decoder"] + (["offset"] if decoder_bias else [])
+
+
+def entry_problems(
+    name: str, parameter: torch.Tensor, tensors: Mapping[str, torch.Tensor], latent_dim: int, decoder_bias: bool
+) -> list[str]:
+    """What is wrong with one base parameter's adapter tensors (empty when they fit): a missing kind, pruning indices
+    outside the parameter, or a shape other than (latent_dim, *entries) for W_e/W_d and entries for b_d/index."""
+    lacking = [k for k in needed_kinds(decoder_bias) if k not in tensors]
+    if lacking:
+        return [f"the {lacking} tensor(s) of {name} are missing; the file is incomplete, save it again"]
+    entries = tuple(parameter.shape)
+    if "index" in tensors:
+        index = tensors["index"]
+        if index.dim() != 1 or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= parameter.numel())):
+            return [f"the pruning indices of {name} do not fit its {parameter.numel()} entries"]
+        entries = (index.numel(),)
+    expected = {"encoder": (latent_dim, *entries), "decoder": (latent_dim, *entries), "offset": entries, "index": entries}
+    return [
+        f"the {kind} tensor of {name} has shape {tuple(t.shape)}, but this base model needs {expected[kind]}"
+        for kind, t in tensors.items()
+        if tuple(t.shape) != expected[kind]
+    ]
+
+
+def check_fits(base_model: nn.Module, config: GradiendConfig, grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Clear errors when an adapter does not belong to this base model, or its file lacks tensors (before any
+    tensor is copied anywhere)."""
+    made_for = config.base_model_name_or_path or "an unnamed base model"
+    given = base_name(base_model) or type(base_model).__name__
+    if not grouped:
+        raise ValueError("The adapter file holds no GRADIEND tensors; it is empty or not a GRADIEND adapter.")
+    params = dict(base_model.named_parameters())
+    missing = [n for n in grouped if n not in params]
+    if missing:
+        raise ValueError(
+            f"This adapter was made for {made_for}, but the base model ({given}, {type(base_model).__name__}) has no "
+            f"parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}. Load it onto the base model it was made for."
+        )
+    problems = [p for n, t in grouped.items() for p in entry_problems(n, params[n], t, config.latent_dim, config.decoder_bias)]
+    if problems:
+        raise ValueError(
+            f"This adapter was made for {made_for} and does not fit this base model ({given}): "
+            + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+            + ". Load it onto a base model of the same size (the one it was made for)."
+        )

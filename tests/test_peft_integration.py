@@ -390,6 +390,36 @@ def test_an_adapter_for_another_model_size_is_refused_at_load(bases, tmp_path):
         tiny_model("gpt2", hidden=32).load_adapter(path)
 
 
+def test_an_incomplete_adapter_file_is_refused_by_every_loader_with_the_same_reason(bases, tmp_path):
+    """One validator (serialization.entry_problems) behind GradiendModel's loader and PEFT's layer loading."""
+    from safetensors.torch import save_file
+
+    path = save_adapter(bases, "llama", tmp_path / "adapter")
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    dropped = next(k for k in tensors if ".gradiend_offset." in k)
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"\['offset'\] tensor\(s\) of .* are missing"):
+        GradiendModel.from_pretrained(fresh(bases, "llama"), path)
+    with pytest.raises(RuntimeError, match=r"\['offset'\] tensor\(s\) of .* are missing"):
+        PeftModel.from_pretrained(fresh(bases, "llama"), path)
+
+
+def test_adapter_keys_parse_the_same_in_every_form_the_loaders_hand_over():
+    from gradiend_hf.serialization import adapter_key, group_adapter_tensors
+
+    t = torch.zeros(1)
+    file_form = {adapter_key("model.layers.0.mlp.up_proj.weight", "decoder"): t, adapter_key("scale", "encoder"): t}
+    assert list(file_form) == ["base_model.model.model.layers.0.mlp.up_proj.gradiend_decoder.weight",
+                               "base_model.model.gradiend_encoder.scale"]
+    bare = {k.removeprefix("base_model.model."): v for k, v in file_form.items()}
+    named = {"model.layers.0.mlp.up_proj.gradiend_decoder.default.weight": t, "gradiend_encoder.default.scale": t}
+    expected = {"model.layers.0.mlp.up_proj.weight": {"decoder": t}, "scale": {"encoder": t}}
+    for form in (file_form, bare, named):
+        assert group_adapter_tensors(form) == expected
+    with pytest.raises(ValueError, match="not one of the GRADIEND kinds"):
+        group_adapter_tensors({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": t})
+
+
 def test_edited_parameters_in_a_module_and_its_submodule_are_refused():
     from peft import inject_adapter_in_model
 

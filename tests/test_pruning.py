@@ -208,6 +208,28 @@ def args(tmp_path, **overrides):
     return GradiendTrainingArguments(**base)
 
 
+def test_a_config_with_pre_prune_allocates_no_dense_bottleneck_before_pre_pruning(tmp_path):
+    """The dense bottleneck would be thrown away at training start: until pre-pruning, it is a shapes-only placeholder
+    (meta tensors, no bytes), every use names the fix, and moving the model leaves it alone."""
+    config = GradiendConfig(feature_classes=CLASSES, pre_prune=0.15, pre_prune_rows=8)
+    dense = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=CLASSES))
+    model = get_gradiend_model(tiny_model("gpt2"), config)
+    assert model.awaits_pre_pruning and not model.bottleneck.allocated
+    assert all(p.is_meta for p in model.bottleneck.parameters())
+    assert model.num_entries == dense.num_entries  # the shapes are known
+    model.to("cpu")
+    assert all(not p.is_meta for p in model.get_base_model().parameters())
+    batch = GradiendDataCollator(tokenizer_for("gpt2"), "causal_lm", CLASSES)(feature_rows(CONTEXTS[:2]))
+    for use in (lambda: model(**batch), lambda: model.save_pretrained(tmp_path / "a"), lambda: model.merge_and_unload(
+            feature_factor=1.0, learning_rate=0.1), lambda: model.decode(1.0)):
+        with pytest.raises(RuntimeError, match="pre_prune=0.15.*GradiendTrainer"):
+            use()
+    GradiendTrainer(model=model, args=args(tmp_path, max_steps=1, per_device_train_batch_size=2),
+                    train_dataset=feature_rows(CONTEXTS[:4]), processing_class=tokenizer_for("gpt2"))
+    assert not model.awaits_pre_pruning and model.bottleneck.allocated
+    assert model.num_entries == keep_count(0.15, dense.num_entries)
+
+
 def test_training_a_pre_pruned_adapter_equals_a_full_adapter_with_masked_input(tmp_path):
     """GradiendTrainer with config.pre_prune == hand-written dense auto-encoder on naive FULL gradients, whose input and
     target are masked to the kept entries (MSE over the kept entries), with AdamW from the same initial values."""
