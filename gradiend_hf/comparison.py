@@ -35,10 +35,11 @@ import pandas as pd
 import torch
 
 from .bottleneck import Bottleneck
+from .config import POST_PRUNE_CRITERIA
 from .serialization import read_adapter
 from .topk import count_to_keep, kth_largest_bits, magnitude_bits
 
-BY = ("decoder", "encoder", "decoder_bias", "decoder_sum")  # the names pruning's `post_prune_by` uses too
+BY = POST_PRUNE_CRITERIA  # the same views post-pruning ranks entries by
 _ALIASES = {"offset": "decoder_bias"}
 _KINDS = {"decoder": ("decoder",), "encoder": ("encoder",), "decoder_bias": ("offset",), "decoder_sum": ("decoder", "offset")}
 MODULE_TYPES = ("attention", "mlp", "embeddings", "norm", "other")
