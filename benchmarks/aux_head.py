@@ -66,8 +66,10 @@ def rows_for(frames: list[str], pairs: list[tuple[str, str]]) -> list[dict]:
                 masked = frame.format(role=pair[0] if female else pair[1])
                 factual, alternative = pronoun(frame, female), pronoun(frame, not female)
                 cls, other = ("female", "male") if female else ("male", "female")
-                out.append(dict(masked=masked, factual=factual, alternative=alternative, factual_class=cls, alternative_class=other))
-                out.append(dict(masked=masked, factual=factual, alternative=factual, factual_class=cls, alternative_class=cls))
+                out.append(dict(masked=masked, factual=factual, alternative=alternative, factual_class=cls,
+                                alternative_class=other))
+                out.append(dict(masked=masked, factual=factual, alternative=factual, factual_class=cls,
+                                alternative_class=cls))
     return out
 
 
@@ -121,8 +123,8 @@ def run(objective: str, data: dict, args, head=None) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     figures = encoder_figures(model, data["test"], tokenizer)
-    best = max((e for e in trainer.state.log_history if "eval_correlation" in e), key=lambda e: abs(e["eval_correlation"]),
-               default={})
+    best = max((e for e in trainer.state.log_history if "eval_correlation" in e),
+               key=lambda e: abs(e["eval_correlation"]), default={})
     return {"objective": objective, "train_seconds": seconds, "best_eval_correlation": best.get("eval_correlation"),
             **figures}
 
@@ -150,7 +152,8 @@ def main() -> None:
     head = train_auxiliary_head(base, tokenizer, data["train"], CLASSES, steps=args.head_steps, seed=args.seed)
     head_seconds = time.perf_counter() - start
     head_test = head_accuracy(base, tokenizer, head, data["test"])
-    print(f"head: train accuracy {head.head_config.training['train_accuracy']:.3f}, held-out {head_test:.3f}, {head_seconds:.1f}s")
+    print(f"head: train accuracy {head.head_config.training['train_accuracy']:.3f}, "
+          f"held-out {head_test:.3f}, {head_seconds:.1f}s")
     del base
 
     results = [run("causal_lm", data, args), run("auxiliary_mlm", data, args, head=head)]
@@ -166,11 +169,14 @@ def main() -> None:
           "mean h female / male | best val corr | train s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['objective']} | {r['corr_feature']:.3f} | {r['corr_with_identity']:.3f} | {r['mean_abs_h_identity']:.3f} | "
+        print(f"| {r['objective']} | {r['corr_feature']:.3f} | {r['corr_with_identity']:.3f} | "
+              f"{r['mean_abs_h_identity']:.3f} | "
               f"{r.get('mean_h_female', float('nan')):+.3f} / {r.get('mean_h_male', float('nan')):+.3f} | "
-              f"{r['best_eval_correlation'] if r['best_eval_correlation'] is None else round(r['best_eval_correlation'], 3)} | "
+              f"""{r['best_eval_correlation'] if r['best_eval_correlation'] is None
+                   else round(r['best_eval_correlation'], 3)} | """
               f"{r['train_seconds']:.0f} |")
-    print(f"\nauxiliary head: held-out class accuracy {head_test:.3f} (train {head.head_config.training['train_accuracy']:.3f})")
+    print(f"\nauxiliary head: held-out class accuracy {head_test:.3f} "
+          f"(train {head.head_config.training['train_accuracy']:.3f})")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def main() -> None:
     def step(name, what, pipes, sentences, seconds, **extra):
         steps.append({"step": name, "what": what, "pipes": pipes, "sentences": sentences, "seconds": seconds,
                       "sentences_per_second": sentences / seconds, **extra})
-        print(f"{name}: {sentences} sentences in {seconds:.2f} s ({sentences / seconds:,.0f}/s)", file=sys.stderr, flush=True)
+        print(f"{name}: {sentences} sentences in {seconds:.2f} s ({sentences / seconds:,.0f}/s)", file=sys.stderr,
+              flush=True)
 
     texts, seconds = timed(lambda: wikipedia_texts(limit=args.articles))
     chars = sum(len(t) for t in texts)
@@ -183,7 +184,8 @@ def main() -> None:
     header = ["step", "what", "spaCy components", "sentences", "seconds", "sentences/s"]
     text = (f"Data creation on the first {len(texts)} gensim Wikipedia articles ({chars:,} characters), "
             f"{NLP}, nlp.pipe batch size {args.batch_size}, {common.machine()['threads']} torch thread(s), "
-            "fresh cache folder; every fresh step computed once, cached re-reads best of 3 (wall clock).\n\n" + common.markdown(header, table_rows) +
+            "fresh cache folder; every fresh step computed once, cached re-reads best of 3 (wall clock).\n\n" +
+            common.markdown(header, table_rows) +
             "\n\nChecks:\n" + "\n".join(f"- {'ok' if ok else 'FAILED'}: {name}" for name, ok in checks))
     common.write_results("data_creation", {"articles": len(texts), "characters": chars, "paragraphs": len(blocks),
                                            "batch_size": args.batch_size, "steps": steps,

@@ -188,7 +188,8 @@ def table(runs: list[dict]) -> str:
         fast, slow = r["inplace"], r["deepcopy"]
         edits = fast["parts"].get("edit", 0.0) + fast["parts"].get("backup", 0.0)
         lines.append([
-            r["model"], r["selection"], f"{r['selected_weights']:,}", f"{fast['seconds']:.2f}", f"{slow['seconds']:.2f}",
+            r["model"], r["selection"], f"{r['selected_weights']:,}", f"{fast['seconds']:.2f}",
+            f"{slow['seconds']:.2f}",
             f"**{r['speedup']:.2f}x**", f"{fast['parts']['forwards']:.2f} / {edits:.2f}",
             f"{slow['parts']['forwards']:.2f} / {slow['parts']['copy'] + slow['parts']['edit']:.2f}",
             f"{r['speedup_bound_forwards_only']:.2f}x",
@@ -222,7 +223,8 @@ def main() -> None:
             pair: dict = {}
             for _ in range(args.repeat):  # alternating, so that a busy spell of the machine hits both variants
                 for variant in ("inplace", "deepcopy"):
-                    command = [sys.executable, __file__, "--models", model_name, "--variant", variant, "--selection", selection]
+                    command = [sys.executable, __file__, "--models", model_name, "--variant", variant,
+                               "--selection", selection]
                     out = subprocess.run(command, capture_output=True, text=True)
                     if out.returncode:
                         raise SystemExit(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
@@ -240,8 +242,9 @@ def main() -> None:
             "Speed-up = deep-copy s / in-place s; bound = deep-copy s / in-place forwards s (the speed-up if writing "
             "edits cost nothing). Extra MB = peak resident memory over the state before the grid (model and adapter "
             "loaded); models held = 1 + extra / model size. Both variants give the same numbers (checked).\n\n")
-    common.write_results("decoder_grid", {"candidates": len(CANDIDATES), "rows": len(rows()), "neutral_texts": len(NEUTRAL),
-                                          "repeat": args.repeat, "runs": runs}, text + table(runs))
+    common.write_results("decoder_grid", {"candidates": len(CANDIDATES), "rows": len(rows()),
+                                          "neutral_texts": len(NEUTRAL), "repeat": args.repeat, "runs": runs},
+                         text + table(runs))
 
 
 if __name__ == "__main__":

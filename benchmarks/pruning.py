@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pruning.json"
-FEMALE = ["Mary", "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan", "Jessica", "Sarah", "Karen", "Nancy",
-          "Lisa", "Betty", "Margaret", "Sandra", "Ashley", "Emily", "Donna", "Michelle", "Carol", "Amanda", "Melissa",
-          "Deborah", "Stephanie"]
-MALE = ["James", "John", "Robert", "Michael", "William", "David", "Richard", "Joseph", "Thomas", "Charles", "Christopher",
-        "Daniel", "Matthew", "Anthony", "Mark", "Donald", "Steven", "Paul", "Andrew", "Joshua", "Kenneth", "Kevin", "Brian",
-        "George"]
+FEMALE = ["Mary", "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan", "Jessica", "Sarah", "Karen",
+          "Nancy", "Lisa", "Betty", "Margaret", "Sandra", "Ashley", "Emily", "Donna", "Michelle", "Carol", "Amanda",
+          "Melissa", "Deborah", "Stephanie"]
+MALE = ["James", "John", "Robert", "Michael", "William", "David", "Richard", "Joseph", "Thomas", "Charles",
+        "Christopher", "Daniel", "Matthew", "Anthony", "Mark", "Donald", "Steven", "Paul", "Andrew", "Joshua",
+        "Kenneth", "Kevin", "Brian", "George"]
 TEMPLATES = [
     "{name} said that [MASK] would be late today.",
     "{name} called because [MASK] needed some help.",
@@ -47,7 +47,8 @@ TEST_NAMES = 8  # per class, held out from training
 def pronoun_rows(names: dict[str, list[str]], templates: list[str]) -> list[dict]:
     word = {"female": "she", "male": "he"}
     other = {"female": "male", "male": "female"}
-    return [dict(masked=t.format(name=n), factual=word[c], alternative=word[other[c]], factual_class=c, alternative_class=other[c])
+    return [dict(masked=t.format(name=n), factual=word[c], alternative=word[other[c]], factual_class=c,
+                 alternative_class=other[c])
             for c, ns in names.items() for n in ns for t in templates]
 
 
@@ -105,7 +106,8 @@ def worker(keep: float, steps: int, learning_rate: float, rows: int, seed: int, 
     params = dict(base.named_parameters())
     selected = sum(params[n].numel() for n in names)
     collate = GradiendDataCollator(tokenizer, "causal_lm", config.feature_classes)
-    batches = [collate(b) for b in importance_batches(train, config.feature_classes, rows=rows, batch_size=8, seed=seed)]
+    batches = [collate(b)
+               for b in importance_batches(train, config.feature_classes, rows=rows, batch_size=8, seed=seed)]
     base_rss = memory()["VmRSS"]
 
     reset_peak()
@@ -134,9 +136,10 @@ def worker(keep: float, steps: int, learning_rate: float, rows: int, seed: int, 
     reset_peak()
     trainer = GradiendTrainer(
         model=model,
-        args=GradiendTrainingArguments(output_dir="/tmp/gradiend_pruning_benchmark", max_steps=steps, learning_rate=learning_rate,
-                                       per_device_train_batch_size=4, eval_strategy="no", save_strategy="no",
-                                       load_best_model_at_end=False, logging_steps=max(steps, 1), disable_tqdm=True, seed=seed),
+        args=GradiendTrainingArguments(output_dir="/tmp/gradiend_pruning_benchmark", max_steps=steps,
+                                       learning_rate=learning_rate, per_device_train_batch_size=4, eval_strategy="no",
+                                       save_strategy="no", load_best_model_at_end=False, logging_steps=max(steps, 1),
+                                       disable_tqdm=True, seed=seed),
         train_dataset=train, processing_class=tokenizer, callbacks=[StepTimer()],
     )
     trainer.train()
@@ -181,10 +184,12 @@ def table(results: list[dict]) -> str:
         if r["prune_seconds"] is None:
             prune = "- (dense) | - | -"
         else:
-            prune = f"{r['prune_seconds']:.1f} | {gb(r['prune_peak_bytes'])} | {r['prune_overhead_bytes_per_selected']:.2f}"
+            prune = (f"{r['prune_seconds']:.1f} | {gb(r['prune_peak_bytes'])} | "
+                     f"{r['prune_overhead_bytes_per_selected']:.2f}")
         lines.append(
             f"| {100 * r['keep']:g}% | {r['kept']:,} | {prune} | {gb(r['train_peak_bytes'])} "
-            f"({r['train_peak_bytes_per_selected']:.2f}) | {r['step_seconds_median']:.2f} | {r['encoder_abs_correlation']:.3f} |"
+            f"({r['train_peak_bytes_per_selected']:.2f}) | {r['step_seconds_median']:.2f} | "
+            f"{r['encoder_abs_correlation']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -201,7 +206,8 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.keeps[0], args.steps, args.learning_rate, args.rows, args.seed, args.threads)))
+        print("RESULT " + json.dumps(worker(args.keeps[0], args.steps, args.learning_rate, args.rows, args.seed,
+                                            args.threads)))
         return
     results = []
     for keep in args.keeps:
@@ -218,7 +224,8 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"results": results}, indent=2) + "\n")
     print(f"SmolLM2-135M, default selection ({results[0]['selected']:,} weights), {args.steps} steps of 4 rows, lr "
-          f"{args.learning_rate}, {results[0]['threads']} thread(s), importance from {args.rows} rows; peaks: resident memory "
+          f"{args.learning_rate}, {results[0]['threads']} thread(s), importance from {args.rows} rows; "
+          f"peaks: resident memory "
           f"beyond the loaded base; plain fwd+bwd passes over the same 8-row batches peak at "
           f"{results[0]['plain_gradient_pass_peak_bytes'] / 1e9:.2f} GB\n")
     print(table(results))

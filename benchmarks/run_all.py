@@ -41,10 +41,12 @@ def main() -> None:
     for name in SUITE:
         table = RESULTS / f"{name}.md"
         if table.exists():
-            sections.append(f"### {SUITE[name]}\n\n`.venv/bin/python benchmarks/{name}.py`\n\n{table.read_text().strip()}\n")
+            sections.append(f"### {SUITE[name]}\n\n`.venv/bin/python benchmarks/{name}.py`\n\n"
+                            f"{table.read_text().strip()}\n")
     machine = json.loads((RESULTS / f"{args.only[0]}.json").read_text())["machine"]
-    header = (f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({machine['threads']} threads), "
-              f"Python {machine['python']}. Suite time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".\n")
+    header = (f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+              f"({machine['threads']} threads), Python {machine['python']}. Suite time: " +
+              ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".\n")
     (RESULTS / "latest.md").write_text(header + "\n" + "\n".join(sections))
     print(f"\nwrote {RESULTS / 'latest.md'}")
 

@@ -29,7 +29,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, alternating, benchmark_rows, load_model, markdown, memory, mixed_rows, reset_peak, write_results  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    alternating,
+    benchmark_rows,
+    load_model,
+    markdown,
+    memory,
+    mixed_rows,
+    reset_peak,
+    write_results,
+)
 
 CLASSES = ["female", "male"]
 ROWS = 32
@@ -92,10 +102,12 @@ def step_times(name: str, repeats: int) -> list[dict]:
             worst = max(worst, float((fused_after[key] - value).abs().max()))
         del start, fused_after
         plain_optimizer = optimizer(model)
-        times = alternating({"plain_fwd_bwd": plain_forward_backward, "fused": lambda: fused_step(model, batch, fused_optimizer),
+        times = alternating({"plain_fwd_bwd": plain_forward_backward,
+                             "fused": lambda: fused_step(model, batch, fused_optimizer),
                              "plain_step": plain_step}, repeats)
         out.append({"model": name, "keep": keep, "selected": model.num_entries, "seconds": times,
-                    "ratio_fused": times["fused"] / times["plain_fwd_bwd"], "ratio_plain_step": times["plain_step"] / times["plain_fwd_bwd"],
+                    "ratio_fused": times["fused"] / times["plain_fwd_bwd"],
+                    "ratio_plain_step": times["plain_step"] / times["plain_fwd_bwd"],
                     "largest_difference_fused_vs_plain": worst})
         print(f"{name} keep={keep}: {times}", file=sys.stderr)
         base = model.unload()
@@ -112,10 +124,10 @@ def memory_worker(name: str, variant: str, steps: int) -> dict:
     model = adapter(base, tokenizer, 1.0)
     trainer = GradiendTrainer(
         model=model,
-        args=GradiendTrainingArguments(output_dir="/tmp/gradiend_training_benchmark", max_steps=steps, learning_rate=1e-4,
-                                       per_device_train_batch_size=ROWS, eval_strategy="no", save_strategy="no",
-                                       load_best_model_at_end=False, disable_tqdm=True, logging_steps=steps,
-                                       max_grad_norm=1e9 if variant == "plain" else 0.0,
+        args=GradiendTrainingArguments(output_dir="/tmp/gradiend_training_benchmark", max_steps=steps,
+                                       learning_rate=1e-4, per_device_train_batch_size=ROWS, eval_strategy="no",
+                                       save_strategy="no", load_best_model_at_end=False, disable_tqdm=True,
+                                       logging_steps=steps, max_grad_norm=1e9 if variant == "plain" else 0.0,
                                        optimizer_state_dtype="bfloat16" if variant == "fused-bf16" else "float32"),
         train_dataset=mixed_rows(2 * ROWS * steps), processing_class=tokenizer,
     )
@@ -148,18 +160,24 @@ def main() -> None:
         print("RESULT " + json.dumps(memory_worker(*args.memory_worker, args.memory_steps)))
         return
     steps = [r for name in args.models for r in step_times(name, args.repeats)]
-    peaks = [] if args.skip_memory else [memory_of(name, v, args.memory_steps) for name in args.models for v in VARIANTS]
+    peaks = [] if args.skip_memory else [memory_of(name, v, args.memory_steps)
+                                         for name in args.models for v in VARIANTS]
     kept = lambda r: "all (default selection)" if r["keep"] >= 1 else f"{100 * r['keep']:g}% after pre-pruning"
     target = lambda r: 2.5 if r["keep"] >= 1 else 2.1
-    table = "Training step of 32 rows / plain forward+backward of the same batch (best of alternating runs)\n\n" + markdown(
-        ["model", "selected weights", "plain fwd+bwd s", "GRADIEND step s", "ratio", "target", "plain GRADIEND step s", "its ratio"],
-        [[r["model"], kept(r) + f", {r['selected']:,}", f"{r['seconds']['plain_fwd_bwd']:.3f}", f"{r['seconds']['fused']:.3f}",
-          f"**{r['ratio_fused']:.2f}x**", f"<= {target(r)}x", f"{r['seconds']['plain_step']:.3f}", f"{r['ratio_plain_step']:.2f}x"]
+    table = ("Training step of 32 rows / plain forward+backward of the same batch "
+             "(best of alternating runs)\n\n") + markdown(
+        ["model", "selected weights", "plain fwd+bwd s", "GRADIEND step s", "ratio", "target", "plain GRADIEND step s",
+         "its ratio"],
+        [[r["model"], kept(r) + f", {r['selected']:,}", f"{r['seconds']['plain_fwd_bwd']:.3f}",
+          f"{r['seconds']['fused']:.3f}", f"**{r['ratio_fused']:.2f}x**", f"<= {target(r)}x",
+          f"{r['seconds']['plain_step']:.3f}", f"{r['ratio_plain_step']:.2f}x"]
          for r in steps])
     if peaks:
-        table += "\n\nPeak resident memory of training beyond the loaded base, all default-selected weights\n\n" + markdown(
+        table += ("\n\nPeak resident memory of training beyond the loaded base, "
+                  "all default-selected weights\n\n") + markdown(
             ["model", "selected weights", "step", "peak GB", "bytes per selected weight", "target"],
-            [[r["model"], f"{r['selected']:,}", r["variant"], f"{r['peak_bytes'] / 1e9:.2f}", f"**{r['bytes_per_selected']:.1f}**",
+            [[r["model"], f"{r['selected']:,}", r["variant"], f"{r['peak_bytes'] / 1e9:.2f}",
+              f"**{r['bytes_per_selected']:.1f}**",
               "(56 for the textbook layout)" if r["variant"] == "plain" else "<= 40"] for r in peaks])
     write_results("training", {"steps": steps, "memory": peaks}, table)
 

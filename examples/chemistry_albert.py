@@ -184,9 +184,11 @@ def main() -> None:
     edits = {goal: decoder.best(goal) for goal in ("balance", "chlorine", "bromine")}
     for goal, edit in edits.items():
         m = edit.metrics
-        print(f"{goal:9s} ff={edit.feature_factor:+.0f} lr={edit.learning_rate:g}  P(Cl)={m['probabilities']['chlorine']:.3f} "
+        print(f"{goal:9s} ff={edit.feature_factor:+.0f} lr={edit.learning_rate:g}  "
+              f"P(Cl)={m['probabilities']['chlorine']:.3f} "
               f"P(Br)={m['probabilities']['bromine']:.3f}  (base {m['base_probabilities']['chlorine']:.3f} / "
-              f"{m['base_probabilities']['bromine']:.3f})  masked-atom accuracy {m['lms']:.3f} (base {m['base_lms']:.3f})")
+              f"{m['base_probabilities']['bromine']:.3f})  masked-atom accuracy {m['lms']:.3f} "
+              f"(base {m['base_lms']:.3f})")
     out.mkdir(parents=True, exist_ok=True)
     decoder.grid.to_csv(out / "decoder_grid.csv", index=False)
     encoder.frame.to_csv(out / "encoder_rows.csv", index=False)

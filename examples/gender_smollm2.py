@@ -58,7 +58,8 @@ def main() -> None:
     if abs(encoder.correlation) < 0.8:
         raise SystemExit(f"held-out encoder |correlation| {abs(encoder.correlation):.3f} < 0.8: no edit is made.")
 
-    decoder = evaluate_decoder(model, test.select(range(args.rows)), tokenizer, neutral_texts=data["neutral"]["text"][: args.rows])
+    decoder = evaluate_decoder(model, test.select(range(args.rows)), tokenizer,
+                               neutral_texts=data["neutral"]["text"][: args.rows])
     contexts, words = gender_neutral_contexts(), class_words(list(test), classes, tokenizer)
     edits = {goal: decoder.best(goal) for goal in classes}
     edits["balance"], _ = balance_in_contexts(model, decoder, tokenizer, contexts, words)
@@ -67,7 +68,8 @@ def main() -> None:
     print(f"base: P(female)/P(male) in neutral contexts {before['ratio']:.3f}")
     for goal, edit in edits.items():
         with model.apply_edit(edit):
-            after = summarise_contexts(context_probabilities(base, tokenizer, model.objective, contexts, words), classes)
+            after = summarise_contexts(context_probabilities(base, tokenizer, model.objective, contexts, words),
+                                       classes)
         m = edit.metrics
         print(f"{goal}: ff={edit.feature_factor} lr={edit.learning_rate} -> P(female)/P(male) in neutral contexts "
               f"{after['ratio']:.3f}; LMS {m['lms']:.4f} (base {m['base_lms']:.4f})")

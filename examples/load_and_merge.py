@@ -26,7 +26,8 @@ from gradiend_hf import GradiendModel, offline
 BASES = {
     offline.RXN_NAME: (offline.load_rxnmapper_albert, "Brc1ccc([MASK])cc1.OB(O)c1ccccc1>>[MASK]c1ccc(-c2ccccc2)cc1",
                        AutoModelForMaskedLM),
-    offline.MINILM_NAME: (offline.load_minilm_mlm, "[MASK] said that [MASK] would come back tomorrow.", AutoModelForMaskedLM),
+    offline.MINILM_NAME: (offline.load_minilm_mlm, "[MASK] said that [MASK] would come back tomorrow.",
+                          AutoModelForMaskedLM),
     offline.HUB_ID: (offline.load_smollm2, "The nurse said that", AutoModelForCausalLM),
 }
 

@@ -87,7 +87,8 @@ def main() -> None:
         log(f"{transition}: per-row encodings = {[round(v, 4) for v in rows[:, 0].tolist()]}")
 
     ff, lr = args.feature_factor, args.learning_rate
-    largest = max(float(gradiend_model.bottleneck.edit_delta(n, ff, lr).abs().max()) for n in gradiend_model.bottleneck.names)
+    largest = max(float(gradiend_model.bottleneck.edit_delta(n, ff, lr).abs().max())
+                  for n in gradiend_model.bottleneck.names)
     log(f"edit theta += lr * dec(ff) moves each selected weight by at most {largest:.2e} (untrained decoder)")
     with gradiend_model.apply_edit(feature_factor=ff, learning_rate=lr):
         inside = she_he(model, tokenizer)

@@ -10,11 +10,11 @@ process group (gloo). Without a config file: `accelerate launch --multi_gpu --nu
 keeps the training on the CPU.
 
 How it divides the work: GradiendTrainer deals the transition sampler's batches round robin to the processes (whole
-batches, one transition each), so each process computes its own gradient rows with the frozen base model. DDP all-reduces only
-the parameters that require grad when it wraps the model: the bottleneck's. The base parameters require grad only
-for a moment inside `GradiendModel.forward` (the gradient engine's inner backward), and their gradients are taken
-by hooks into per-process buffers, so they are never averaged across processes. One optimizer step thus trains on
-the mean of the processes' bottleneck gradients, as gradient accumulation over their batches would.
+batches, one transition each), so each process computes its own gradient rows with the frozen base model. DDP
+all-reduces only the parameters that require grad when it wraps the model: the bottleneck's. The base parameters
+require grad only for a moment inside `GradiendModel.forward` (the gradient engine's inner backward), and their
+gradients are taken by hooks into per-process buffers, so they are never averaged across processes. One optimizer step
+thus trains on the mean of the processes' bottleneck gradients, as gradient accumulation over their batches would.
 
 Evaluation (forward-mode encodings of the evaluation rows) runs on every process over all evaluation rows: the
 bottlenecks are identical, so every process takes the same sign-normalisation and best-checkpoint decisions.
@@ -140,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/multiprocess"), help="output folder")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps (each process trains one batch per step)")
-    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="tiny GPT-2 (seconds) or SmolLM2-135M")
+    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny GPT-2 (seconds) or SmolLM2-135M")
     parser.add_argument("--batch-size", type=int, default=4, help="rows behind one gradient (per process)")
     parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-2 (tiny) / 1e-4 (smollm2)")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1,
@@ -216,7 +217,8 @@ def main() -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         print(
-            f"trained {trainer.state.global_step} steps on {world_size} process(es); train loss {output.training_loss:.6g}; "
+            f"trained {trainer.state.global_step} steps on {world_size} process(es); "
+            f"train loss {output.training_loss:.6g}; "
             f"adapter in {args.out / 'adapter'}, evidence in {args.out}/rank*.json|safetensors",
             flush=True,
         )

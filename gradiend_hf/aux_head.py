@@ -52,8 +52,8 @@ def backbone_of(base: nn.Module) -> nn.Module:
     backbone = getattr(base, "base_model", None)
     if backbone is None or backbone is base:
         raise ValueError(
-            f"{type(base).__name__} exposes no separate backbone (`base_model`); the auxiliary head needs a transformers "
-            "causal LM (a *ForCausalLM / *LMHeadModel class)."
+            f"{type(base).__name__} exposes no separate backbone (`base_model`); the auxiliary head needs a "
+            "transformers causal LM (a *ForCausalLM / *LMHeadModel class)."
         )
     return backbone
 
@@ -133,7 +133,9 @@ class AuxiliaryMaskedHead(nn.Module):
         expected = {k: tuple(v.shape) for k, v in head.state_tensors().items()}
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         if got != expected:
-            raise ValueError(f"{weights_file} holds tensors {got}, but its config needs {expected}; the files are damaged.")
+            raise ValueError(
+                f"{weights_file} holds tensors {got}, but its config needs {expected}; the files are damaged."
+            )
         with torch.no_grad():
             for key, tensor in head.state_tensors().items():
                 tensor.copy_(tensors[key])
@@ -153,13 +155,16 @@ class AuxiliaryObjective(nn.Module):
         return self.head(self.base, input_ids, attention_mask).unsqueeze(1)
 
 
-def check_head_fits(base: nn.Module, head: AuxiliaryMaskedHead, feature_classes: Optional[Sequence[str]] = None) -> None:
+def check_head_fits(
+    base: nn.Module, head: AuxiliaryMaskedHead, feature_classes: Optional[Sequence[str]] = None
+) -> None:
     """Clear errors when a head was made for another model size or another class pair."""
     hidden = base.get_input_embeddings().embedding_dim
     if head.head_config.hidden_size != hidden:
         raise ValueError(
             f"The auxiliary head reads hidden size {head.head_config.hidden_size}, but this base model has {hidden}; "
-            f"it was made for {head.head_config.base_model_name_or_path or 'another model'}. Train a head for this base."
+            f"it was made for {head.head_config.base_model_name_or_path or 'another model'}. "
+            "Train a head for this base."
         )
     if feature_classes is not None and list(feature_classes) != head.classes:
         raise ValueError(
@@ -250,7 +255,10 @@ def _fit(head, base, collate, examples, steps, learning_rate, weight_decay, batc
     if not train_mask_embedding:  # the backbone's features never change: compute them once
         with torch.no_grad():
             parts = [_batch(collate, examples[i : i + batch_size], device) for i in range(0, len(examples), batch_size)]
-            cached = (torch.cat([head.features(base, ids, att) for ids, att, _ in parts]), torch.cat([y for *_, y in parts]))
+            cached = (
+                torch.cat([head.features(base, ids, att) for ids, att, _ in parts]),
+                torch.cat([y for *_, y in parts]),
+            )
     losses = []
     for _ in tqdm(range(steps), desc="auxiliary head", disable=not progress, leave=False):
         chosen = rng.sample(range(len(examples)), min(batch_size, len(examples)))
@@ -278,7 +286,8 @@ def _fit(head, base, collate, examples, steps, learning_rate, weight_decay, batc
             accuracy = right / len(examples)
     head.head_config.training = {"steps": steps, "learning_rate": learning_rate, "weight_decay": weight_decay,
                                  "batch_size": batch_size, "examples": len(examples), "seed": seed,
-                                 "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "train_accuracy": accuracy}
+                                 "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+                                 "train_accuracy": accuracy}
     return head
 
 

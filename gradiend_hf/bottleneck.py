@@ -19,13 +19,17 @@ ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x, "sigmoid": torch.sig
 FeatureValue = Union[float, Sequence[float], torch.Tensor]
 
 
-def latent_vector(value: FeatureValue, latent_dim: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def latent_vector(
+    value: FeatureValue, latent_dim: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A feature value as a latent vector: a float is broadcast to every latent unit."""
     h = torch.as_tensor(value, dtype=dtype, device=device)
     if h.dim() == 0:
         h = h.expand(latent_dim)
     if h.shape != (latent_dim,):
-        raise ValueError(f"A feature value for latent_dim={latent_dim} needs {latent_dim} numbers, got {tuple(h.shape)}.")
+        raise ValueError(
+            f"A feature value for latent_dim={latent_dim} needs {latent_dim} numbers, got {tuple(h.shape)}."
+        )
     return h
 
 
@@ -53,7 +57,8 @@ def decoded(weight: torch.Tensor, bias: Optional[torch.Tensor], h: torch.Tensor,
 
 def edit_update(weight: torch.Tensor, bias: Optional[torch.Tensor], h: torch.Tensor, activation: str,
                 learning_rate: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """lr * act_d(h . W_d[p] + b_d[p]) in float32 (into `out` when given): what an edit adds to a parameter's entries."""
+    """lr * act_d(h . W_d[p] + b_d[p]) in float32 (into `out` when given): what an edit adds to a parameter's
+    entries."""
     weight = weight.detach().float()
     bias = None if bias is None else bias.detach().float()
     if out is None:
@@ -191,7 +196,9 @@ class Bottleneck(nn.Module):
         return decoded(self.decoder(name), self.offset(name), h, self.decoder_activation)
 
     @torch.no_grad()
-    def write_entries(self, name: str, param: torch.Tensor, base: torch.Tensor, delta: Optional[torch.Tensor] = None) -> None:
+    def write_entries(
+        self, name: str, param: torch.Tensor, base: torch.Tensor, delta: Optional[torch.Tensor] = None
+    ) -> None:
         """Set the kept entries of base parameter `param` to base + delta in place (scatter for pruned adapters).
 
         Merge, temporary edits and grids all write through here, so they produce bit-identical weights."""

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 NOT_EVALUATED = "not evaluated"
 # Figures that do not depend on which edit was chosen (they stay valid when another edit is merged).
-EDIT_INDEPENDENT = ("encoder_correlation", "training_rows", "training_data", "base_lms", "base_perplexity", "base_probabilities")
+EDIT_INDEPENDENT = (
+    "encoder_correlation", "training_rows", "training_data", "base_lms", "base_perplexity", "base_probabilities"
+)
 # Figures measured on the edited model: they belong to the evaluation's (feature_factor, learning_rate).
 EDIT_DEPENDENT = ("goal", "feature_factor", "learning_rate", "lms", "perplexity", "probabilities")
 EVALUATION_KEYS = EDIT_INDEPENDENT + EDIT_DEPENDENT
@@ -111,7 +113,9 @@ def template_fields(
     elif config.feature_factor is not None:
         feature_factor, learning_rate, goal, extra = config.feature_factor, config.learning_rate, None, {}
     else:
-        feature_factor, learning_rate, goal, extra = evaluation.get("feature_factor"), evaluation.get("learning_rate"), None, {}
+        feature_factor, learning_rate, goal, extra = (
+            evaluation.get("feature_factor"), evaluation.get("learning_rate"), None, {}
+        )
     measured_for_this_edit = feature_factor is not None and (
         ("feature_factor" not in evaluation and "learning_rate" not in evaluation)
         or (
@@ -143,7 +147,9 @@ def template_fields(
         feature_classes=classes,
         base_model=config.base_model_name_or_path,
         objective=objective,
-        auto_class={"masked_lm": "AutoModelForMaskedLM", "causal_lm": "AutoModelForCausalLM"}.get(objective, "AutoModelForCausalLM"),
+        auto_class={"masked_lm": "AutoModelForMaskedLM", "causal_lm": "AutoModelForCausalLM"}.get(
+            objective, "AutoModelForCausalLM"
+        ),
         source=config.source,
         target=config.target,
         repo_id=repo_id,
@@ -174,7 +180,8 @@ def adapter_card(
     encoder_correlation: Optional[float] = None,
     license: str = "apache-2.0",
 ) -> ModelCard:
-    """The README.md of a saved adapter: Hub metadata, what the feature neuron means, the stored edit and its figures."""
+    """The README.md of a saved adapter: Hub metadata, what the feature neuron means, the stored edit and its
+    figures."""
     data = ModelCardData(
         library_name="gradiend_hf",
         base_model=config.base_model_name_or_path,
@@ -182,7 +189,9 @@ def adapter_card(
         license=license,
         tags=_tags(config, "peft"),
     )
-    fields = template_fields(config, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id)
+    fields = template_fields(
+        config, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id
+    )
     fields.update(num_entries=f"{int(num_entries):,}", latent_dim=config.latent_dim)
     return ModelCard.from_template(data, template_path=template_path("adapter.md"), **fields)
 
@@ -202,11 +211,13 @@ def merged_card(
     `config` is the adapter's GradiendConfig (`model.gradiend_config`); `edit` is the merged edit when it is not the
     one stored in the config. `with_tokenizer=False` tells readers to take the tokenizer from the base model.
     """
-    fields = template_fields(config, edit=edit, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id)
+    fields = template_fields(
+        config, edit=edit, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id
+    )
     if not fields["has_edit"]:
         raise ValueError(
-            "merged_card needs the merged edit: pass edit= (e.g. evaluate_decoder(...).best('balance')) or a config with "
-            "feature_factor and learning_rate."
+            "merged_card needs the merged edit: pass edit= (e.g. evaluate_decoder(...).best('balance')) or a config "
+            "with feature_factor and learning_rate."
         )
     pipeline = {"masked_lm": "fill-mask", "causal_lm": "text-generation"}.get(config.objective)
     data = ModelCardData(

@@ -59,7 +59,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: Any, direc
     for key, value in load_tensors(directory / OPTIMIZER_TENSORS).items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": [{k: _from_json(v) for k, v in g.items()} for g in groups]})
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": [{k: _from_json(v) for k, v in g.items()} for g in groups]}
+    )
     if scheduler is not None and (directory / SCHEDULER_JSON).is_file():
         saved = json.loads((directory / SCHEDULER_JSON).read_text(encoding="utf-8"))
         scheduler.load_state_dict({**scheduler.state_dict(), **{k: _from_json(v) for k, v in saved.items()}})

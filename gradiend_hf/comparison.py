@@ -41,7 +41,9 @@ from .topk import count_to_keep, kth_largest_bits, magnitude_bits
 
 BY = POST_PRUNE_CRITERIA  # the same views post-pruning ranks entries by
 _ALIASES = {"offset": "decoder_bias"}
-_KINDS = {"decoder": ("decoder",), "encoder": ("encoder",), "decoder_bias": ("offset",), "decoder_sum": ("decoder", "offset")}
+_KINDS = {
+    "decoder": ("decoder",), "encoder": ("encoder",), "decoder_bias": ("offset",), "decoder_sum": ("decoder", "offset")
+}
 MODULE_TYPES = ("attention", "mlp", "embeddings", "norm", "other")
 Unit = Union[int, str]
 
@@ -143,7 +145,10 @@ def adapter_tensors(adapter: Any, by: Optional[str] = None, label: str = "") -> 
         keep = set(_KINDS[_check_by(by)]) | {"index"} if by is not None else None
         tensors = {n: {k: t for k, t in parts.items() if keep is None or k in keep} for n, parts in grouped.items()}
         return AdapterTensors(tensors, config.latent_dim, label or str(adapter))
-    raise TypeError(f"Cannot compare a {type(adapter).__name__}: pass a GradiendModel, a Bottleneck, a saved adapter path or AdapterTensors.")
+    raise TypeError(
+        f"Cannot compare a {type(adapter).__name__}: pass a GradiendModel, a Bottleneck, a saved adapter path or "
+        "AdapterTensors."
+    )
 
 
 # --- top-k sets of global keys ---------------------------------------------------------------------------------------
@@ -193,8 +198,8 @@ def top_k(adapter: Any, k: Union[int, float], by: str = "decoder", unit: Unit = 
     """The exact global top-k keys of an adapter by |weight| over all its parameters.
 
     `k` is a count (int) or a fraction (float in (0, 1]) of the adapter's own entries (for a pruned adapter: of its
-    kept entries, rounded half up; pass an int to compare sets of equal size). Ties at the threshold are broken deterministically:
-    parameters in sorted name order, then ascending flat index."""
+    kept entries, rounded half up; pass an int to compare sets of equal size). Ties at the threshold are broken
+    deterministically: parameters in sorted name order, then ascending flat index."""
     by = _check_by(by)
     if isinstance(adapter, KeySet):
         return adapter
@@ -202,7 +207,9 @@ def top_k(adapter: Any, k: Union[int, float], by: str = "decoder", unit: Unit = 
     count = count_to_keep(k, tensors.num_entries, allow_zero=True)
     if count == 0:
         return KeySet()
-    threshold = kth_largest_bits(lambda: (magnitude_bits(tensors.vector(name, by, unit)) for name in tensors.names), count)
+    threshold = kth_largest_bits(
+        lambda: (magnitude_bits(tensors.vector(name, by, unit)) for name in tensors.names), count
+    )
     above, ties = {}, {}
     for name in tensors.names:
         bits = magnitude_bits(tensors.vector(name, by, unit))
@@ -217,14 +224,16 @@ def top_k(adapter: Any, k: Union[int, float], by: str = "decoder", unit: Unit = 
     return KeySet.of(above)
 
 
-# --- overlap and cosine matrices ---------------------------------------------------------------------------------------
+# --- overlap and cosine matrices -------------------------------------------------------------------------------------
 def _labelled(adapters: Union[Mapping[Any, Any], Sequence[Any]]) -> list[tuple[str, Any]]:
     if isinstance(adapters, (str, os.PathLike, AdapterTensors, Bottleneck, torch.nn.Module)):
         raise TypeError("Pass several adapters: a dict {label: adapter} or a list.")
     if isinstance(adapters, Mapping):
         items = [(str(label), adapter) for label, adapter in adapters.items()]
     else:
-        items = [(Path(a).name if isinstance(a, (str, os.PathLike)) else f"adapter {i}", a) for i, a in enumerate(adapters)]
+        items = [
+            (Path(a).name if isinstance(a, (str, os.PathLike)) else f"adapter {i}", a) for i, a in enumerate(adapters)
+        ]
     if len({label for label, _ in items}) != len(items):
         raise ValueError("The adapters need distinct labels; pass a dict {label: adapter}.")
     return items
@@ -314,14 +323,14 @@ def decoder_cosine(
     return frame
 
 
-# --- where a feature lives ---------------------------------------------------------------------------------------------
+# --- where a feature lives -------------------------------------------------------------------------------------------
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|albert_layers)\.(\d+)(?:\.|$)")
 _ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query", "key", "value", "query_key_value",
               "q_lin", "k_lin", "v_lin", "out_lin", "out_proj", "wq", "wk", "wv"}
-_MLP = {"fc", "fc1", "fc2", "c_fc", "up_proj", "down_proj", "gate_proj", "gate_up_proj", "lin1", "lin2", "w1", "w2", "w3",
-        "dense_h_to_4h", "dense_4h_to_h", "experts"}
-_HEAD = ("lm_head", "cls", "predictions", "vocab_transform", "vocab_projector", "vocab_layer_norm", "pooler", "classifier",
-         "score", "head")
+_MLP = {"fc", "fc1", "fc2", "c_fc", "up_proj", "down_proj", "gate_proj", "gate_up_proj", "lin1", "lin2", "w1", "w2",
+        "w3", "dense_h_to_4h", "dense_4h_to_h", "experts"}
+_HEAD = ("lm_head", "cls", "predictions", "vocab_transform", "vocab_projector", "vocab_layer_norm", "pooler",
+         "classifier", "score", "head")
 
 
 def module_type(name: str) -> str:
@@ -406,10 +415,12 @@ def feature_location(adapter: Any, by: str = "decoder", unit: Unit = 0, measure:
     table = parameters.pivot_table(index="layer", columns="module", values="share", aggfunc="sum", fill_value=0.0)
     table = table.reindex(index=layers, columns=modules, fill_value=0.0).astype(float)
     table.index.name, table.columns.name = "layer", "module"
-    return FeatureLocation(parameters=parameters, by_layer=by_layer, by_module=by_module, table=table, measure=measure, by=by)
+    return FeatureLocation(
+        parameters=parameters, by_layer=by_layer, by_module=by_module, table=table, measure=measure, by=by
+    )
 
 
-# --- seed stability ------------------------------------------------------------------------------------------------------
+# --- seed stability --------------------------------------------------------------------------------------------------
 def _summary(values: list[float]) -> dict[str, Optional[float]]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return {"mean": sum(finite) / len(finite) if finite else None, "min": min(finite) if finite else None}
@@ -445,7 +456,8 @@ def seed_stability(
     pairs = []
     for a, b in itertools.combinations(seeds, 2):
         pairs.append({"seeds": [a, b], "overlap": _finite(overlap.overlap.loc[str(a), str(b)]),
-                      "jaccard": _finite(overlap.jaccard.loc[str(a), str(b)]), "cosine": _finite(cosine.loc[str(a), str(b)])})
+                      "jaccard": _finite(overlap.jaccard.loc[str(a), str(b)]),
+                      "cosine": _finite(cosine.loc[str(a), str(b)])})
 
     def summarise(chosen: list[dict]) -> dict[str, Any]:
         out: dict[str, Any] = {"pairs": len(chosen)}
@@ -463,5 +475,9 @@ def seed_stability(
         "converged_seeds": good,
         "pairs": pairs,
         "all": summarise(pairs),
-        "converged": summarise([p for p in pairs if good is not None and set(p["seeds"]) <= set(good)]) if good is not None else None,
+        "converged": (
+            summarise([p for p in pairs if good is not None and set(p["seeds"]) <= set(good)])
+            if good is not None
+            else None
+        ),
     }

@@ -31,19 +31,99 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class GradiendConfig(PeftConfig):
-    """Configuration of a GRADIEND adapter: which gradients it reads, which base weights, and the chosen edit.
+    """Configuration of a GRADIEND adapter ([`GradiendModel`]): which gradients it reads, of which base weights, how
+    its one-neuron bottleneck is shaped, and the edit chosen after training. A `PeftConfig`, so the same
+    adapter_config.json loads with `GradiendModel.from_pretrained`, `PeftModel.from_pretrained` and transformers'
+    `load_adapter`. Every field also carries a help string (`GradiendConfig.help()` prints them).
 
-    The field help strings double as documentation (`GradiendConfig.help()` prints them).
+    Args:
+        > The feature
+
+        feature_classes (`list[str]`):
+            The two feature classes, in order, e.g. `["female", "male"]`. The first reads h = +1 on the feature neuron,
+            the second h = -1. Required.
+
+        > The bottleneck
+
+        latent_dim (`int`, defaults to `1`):
+            Size of the bottleneck. 1 is the method's single feature neuron; more units learn several directions.
+        encoder_activation (`str`, defaults to `"tanh"`):
+            Activation of h = act(<W_e, s> + b_e): `"tanh"`, `"identity"` or `"sigmoid"`.
+        decoder_activation (`str`, defaults to `"identity"`):
+            Activation of the decoder output dec(h) = act_d(h W_d + b_d): `"identity"` or `"tanh"`.
+        decoder_bias (`bool`, defaults to `True`):
+            Learn the decoder bias b_d, the part of the update that does not depend on h (dec(0) = b_d is the
+            "balance" direction used for debiasing).
+        init_seed (`int`, defaults to `0`):
+            Seed of the initialisation (W_e uniform in +-1/sqrt(n), W_d and b_d uniform in +-max|W_e|).
+
+        > Which gradients and which base weights
+
+        source (`str`, defaults to `"alternative"`):
+            The gradient the encoder reads: `"factual"` (loss of the row's own class word), `"alternative"` (loss of
+            the other class's word) or `"diff"` (factual - alternative).
+        target (`str`, defaults to `"diff"`):
+            The gradient the decoder reconstructs, same choices as `source`.
+        target_parameters (`list[str]`, *optional*):
+            Regular expressions (`re.search`) over base parameter names to read and edit. `None` selects every
+            backbone parameter including the input embeddings, excluding the LM head and anything tied to it.
+        exclude_parameters (`list[str]`, *optional*):
+            Regular expressions of parameter names to leave out of the selection.
+        objective (`str`, defaults to `"auto"`):
+            How gradients are taken: `"masked_lm"`, `"causal_lm"`, `"auto"` (from the base model's class when
+            wrapping) or `"auxiliary_mlm"` (a causal LM whose gradients come from a trained masked-prediction head
+            that also reads the right context; see `gradiend_hf.aux_head`).
+
+        > Pruning (run by GradiendTrainer)
+
+        pre_prune (`float` or `int`, *optional*):
+            Before training keep this fraction (0 < x <= 1) or count (int >= 1) of the selected entries with the
+            largest |mean gradient| of the source. Until then the model holds a shapes-only placeholder: the dense
+            bottleneck is never allocated.
+        pre_prune_rows (`int`, defaults to `32`):
+            Training rows (stratified by transition) the pre-pruning importance is estimated from.
+        post_prune (`float` or `int`, *optional*):
+            After the best checkpoint is loaded keep this fraction or count of the adapter's entries.
+        post_prune_by (`str`, defaults to `"decoder"`):
+            Post-pruning criterion: `"decoder"` |W_d|, `"encoder"` |W_e|, `"decoder_bias"` |b_d| or `"decoder_sum"`
+            |W_d + b_d|.
+
+        > Written by training and evaluation (read back on load)
+
+        encoder_bias (`list[float]`, *optional*):
+            The trained encoder bias b_e, one value per latent unit.
+        feature_factor (`float` or `list[float]`, *optional*):
+            The chosen edit's feature value h fed to the decoder; `merge_and_unload()` without arguments uses it.
+        learning_rate (`float`, *optional*):
+            The chosen edit's step size: theta' = theta + learning_rate * dec(feature_factor). Set both or neither.
+        evaluation (`dict`, *optional*):
+            Figures recorded with the chosen edit (metrics, LMS before and after), shown on the model card.
+        pruning (`list[dict]`, *optional*):
+            The pruning steps applied, in order (method, keep, kept, total, cutoff, ...).
+
+    Inherited from `PeftConfig`: `base_model_name_or_path` (filled in from the base model when wrapping), `revision`,
+    `task_type`, `inference_mode`.
+
+    Example:
+
+        >>> from gradiend_hf import GradiendConfig
+        >>> config = GradiendConfig(feature_classes=["female", "male"], pre_prune=0.01)
+        >>> config.with_updates(feature_factor=0.0, learning_rate=1e-3).learning_rate
+        0.001
     """
 
     feature_classes: list[str] = field(
         default=None,
-        metadata={"help": "The two feature classes, in order: the first reads +1 on the feature neuron, the second -1."},
+        metadata={
+            "help": "The two feature classes, in order: the first reads +1 on the feature neuron, the second -1."
+        },
     )
     latent_dim: int = field(default=1, metadata={"help": "Size of the bottleneck (1 = one feature neuron)."})
     encoder_activation: str = field(default="tanh", metadata={"help": f"One of {ENCODER_ACTIVATIONS}."})
     decoder_activation: str = field(default="identity", metadata={"help": f"One of {DECODER_ACTIVATIONS}."})
-    decoder_bias: bool = field(default=True, metadata={"help": "Learn a decoder bias b_d (the 'debias' direction at h=0)."})
+    decoder_bias: bool = field(
+        default=True, metadata={"help": "Learn a decoder bias b_d (the 'debias' direction at h=0)."}
+    )
     source: str = field(
         default="alternative",
         metadata={"help": "Gradient the encoder reads: 'factual', 'alternative' or 'diff' (factual - alternative)."},
@@ -85,17 +165,20 @@ class GradiendConfig(PeftConfig):
     pre_prune: Optional[Union[float, int]] = field(
         default=None,
         metadata={
-            "help": "Pre-pruning (GradiendTrainer, before training): keep this fraction (0 < x <= 1) or count (int >= 1) "
-            "of the selected entries with the largest |mean gradient| of the source over `pre_prune_rows` training rows "
-            "stratified by transition (see gradiend_hf.pruning.pre_prune). None = no pre-pruning."
+            "help": "Pre-pruning (GradiendTrainer, before training): keep this fraction (0 < x <= 1) or count "
+            "(int >= 1) of the selected entries with the largest |mean gradient| of the source over `pre_prune_rows` "
+            "training rows stratified by transition (see gradiend_hf.pruning.pre_prune). None = no pre-pruning."
         },
     )
-    pre_prune_rows: int = field(default=32, metadata={"help": "Training rows pre-pruning estimates the importance from."})
+    pre_prune_rows: int = field(
+        default=32, metadata={"help": "Training rows pre-pruning estimates the importance from."}
+    )
     post_prune: Optional[Union[float, int]] = field(
         default=None,
         metadata={
-            "help": "Post-pruning (GradiendTrainer, after the best checkpoint is loaded): keep this fraction or count of "
-            "the adapter's entries by `post_prune_by` (see gradiend_hf.pruning.post_prune). None = no post-pruning."
+            "help": "Post-pruning (GradiendTrainer, after the best checkpoint is loaded): keep this fraction or "
+            "count of the adapter's entries by `post_prune_by` (see gradiend_hf.pruning.post_prune). None = no "
+            "post-pruning."
         },
     )
     post_prune_by: str = field(
@@ -104,14 +187,19 @@ class GradiendConfig(PeftConfig):
     )
     pruning: Optional[list] = field(
         default=None,
-        metadata={"help": "Record of the pruning steps applied (method, keep, kept, total, ...), in order; written by pruning."},
+        metadata={
+            "help": "Record of the pruning steps applied (method, keep, kept, total, ...), in order; "
+            "written by pruning."
+        },
     )
 
     def __post_init__(self) -> None:
         self.peft_type = GradiendType.GRADIEND
         super().__post_init__()
         if self.feature_classes is None:
-            raise ValueError("GradiendConfig needs feature_classes, e.g. GradiendConfig(feature_classes=['female', 'male']).")
+            raise ValueError(
+                "GradiendConfig needs feature_classes, e.g. GradiendConfig(feature_classes=['female', 'male'])."
+            )
         if isinstance(self.feature_classes, str) or len(self.feature_classes) != 2:
             raise ValueError(
                 f"feature_classes must be an ordered pair of two class names, got {self.feature_classes!r}; "
@@ -176,7 +264,9 @@ class GradiendConfig(PeftConfig):
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); the adapter folder is damaged, save it again.") from None
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); the adapter folder is damaged, save it again."
+            ) from None
         return cls.from_dict(data)
 
     @classmethod

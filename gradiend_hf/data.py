@@ -147,7 +147,9 @@ class GradiendDataCollator:
             "labels": pad(labels, IGNORE_INDEX),
         }
 
-    def auxiliary_side(self, lefts: list[list[int]], rights: list[list[int]], classes: list[Any]) -> dict[str, torch.Tensor]:
+    def auxiliary_side(
+        self, lefts: list[list[int]], rights: list[list[int]], classes: list[Any]
+    ) -> dict[str, torch.Tensor]:
         inputs = []
         for left, right in zip(lefts, rights):
             prefix = self.specials.head + left

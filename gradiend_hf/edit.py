@@ -24,12 +24,14 @@ class Edit:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the run folder's results/evaluation.json); `from_dict` reads it back."""
         ff = self.feature_factor if isinstance(self.feature_factor, (int, float)) else list(self.feature_factor)
-        return {"feature_factor": ff, "learning_rate": self.learning_rate, "goal": self.goal, "metrics": dict(self.metrics)}
+        return {
+            "feature_factor": ff, "learning_rate": self.learning_rate, "goal": self.goal, "metrics": dict(self.metrics)
+        }
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> "Edit":
-        return cls(feature_factor=record["feature_factor"], learning_rate=record["learning_rate"], goal=record.get("goal"),
-                   metrics=record.get("metrics") or {})
+        return cls(feature_factor=record["feature_factor"], learning_rate=record["learning_rate"],
+                   goal=record.get("goal"), metrics=record.get("metrics") or {})
 
 
 def resolve_edit(
@@ -44,8 +46,8 @@ def resolve_edit(
         feature_factor, learning_rate = stored
         if feature_factor is None:
             raise ValueError(
-                "No edit given and none stored in the config: pass an Edit (e.g. evaluate_decoder(...).best('balance')) "
-                "or feature_factor= and learning_rate=."
+                "No edit given and none stored in the config: pass an Edit "
+                "(e.g. evaluate_decoder(...).best('balance')) or feature_factor= and learning_rate=."
             )
     if feature_factor is None or learning_rate is None:
         raise ValueError("An edit needs both feature_factor and learning_rate.")

@@ -119,7 +119,9 @@ def pack_rows(
     real = source >= 0
     index = source.clamp_min(0)
     ids = torch.where(real, flat_ids[index], torch.zeros_like(index))
-    packed_labels = {side: torch.where(real, l[index], torch.full_like(index, IGNORE_INDEX)) for side, l in flat_labels.items()}
+    packed_labels = {
+        side: torch.where(real, l[index], torch.full_like(index, IGNORE_INDEX)) for side, l in flat_labels.items()
+    }
     block = torch.where(real, rows, torch.full_like(rows, len(counts)))  # filler: one block per lane
     allowed = block.unsqueeze(2) == block.unsqueeze(1)
     if causal:
@@ -142,8 +144,8 @@ def mask_kind(model: nn.Module) -> Optional[str]:
     return MASK_KINDS.get(getattr(getattr(model, "config", None), "_attn_implementation", None))
 
 
-# A pruned adapter's weight tangent (W_e, zero outside the kept entries) multiplies as a sparse matrix below this share of
-# kept entries: CSR x dense costs 0.1 / 0.25 / 0.5 / 1.0 of the dense product at 1 / 5 / 10 / 20% (one CPU thread,
+# A pruned adapter's weight tangent (W_e, zero outside the kept entries) multiplies as a sparse matrix below this share
+# of kept entries: CSR x dense costs 0.1 / 0.25 / 0.5 / 1.0 of the dense product at 1 / 5 / 10 / 20% (one CPU thread,
 # 576x1536 and 768x3072 weights).
 SPARSE_TANGENT_DENSITY = 0.1
 
@@ -159,7 +161,8 @@ def linear_kind(module: nn.Module) -> Optional[str]:
 
 class LinearRule:
     """How a linear layer whose weight is not a dual tensor of the forward-mode pass computes: its output, and the
-    tangent x_t W^T (+ b_t) plus, for a pruned adapter's weight, x S^T with S the sparse weight tangent (out x in CSR)."""
+    tangent x_t W^T (+ b_t) plus, for a pruned adapter's weight, x S^T with S the sparse weight tangent (out x in
+    CSR)."""
 
     def __init__(self, module: nn.Module, kind: str, sparse: Optional[torch.Tensor]) -> None:
         self.module, self.kind, self.sparse = module, kind, sparse
@@ -235,7 +238,9 @@ def linear_rules(
             rule = LinearRule(module, kind, sparse.get(id(module.weight)))
             patched.append((module, vars(module).get("forward")))
             start = anchor if rule.sparse is not None else None
-            module.forward = lambda x, module=module, rule=rule, start=start: _RuledLinear.apply(x, module.bias, start, rule)
+            module.forward = lambda x, module=module, rule=rule, start=start: _RuledLinear.apply(
+                x, module.bias, start, rule
+            )
         yield
     finally:
         for module, forward in patched:
@@ -259,7 +264,11 @@ def sparse_weight_tangent(entries: torch.Tensor, index: torch.Tensor, shape: tor
 
 
 def logits_at(
-    call: Callable[[dict], torch.Tensor], head: Optional[nn.Module], inputs: dict, positions: torch.Tensor, gathers: bool = True
+    call: Callable[[dict], torch.Tensor],
+    head: Optional[nn.Module],
+    inputs: dict,
+    positions: torch.Tensor,
+    gathers: bool = True,
 ) -> tuple[torch.Tensor, bool]:
     """(N, vocab) logits at the True entries of `positions` (row-major, as full_logits[positions]): a forward pre-hook
     hands the LM head only those hidden states. Also returns whether that worked: a model that does something
@@ -285,4 +294,6 @@ def logits_at(
         return logits[positions], gathers
     if logits.dim() == 3 and logits.shape[:2] == (1, count):
         return logits[0], gathers
-    raise RuntimeError(f"Unexpected logits shape {tuple(logits.shape)} for positions of shape {tuple(positions.shape)}.")
+    raise RuntimeError(
+        f"Unexpected logits shape {tuple(logits.shape)} for positions of shape {tuple(positions.shape)}."
+    )

@@ -65,7 +65,8 @@ def derivative(activation: str, output: torch.Tensor) -> Optional[torch.Tensor]:
 
 def to_bfloat16_stochastic(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """float32 -> bfloat16 rounded up or down with probability proportional to the distance (unbiased), so that AdamW's
-    small per-step changes of its moments (0.1% for beta2 = 0.999) survive on average instead of always rounding away."""
+    small per-step changes of its moments (0.1% for beta2 = 0.999) survive on average instead of always rounding
+    away."""
     bits = values.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, device=values.device, generator=generator)
     return (bits + noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # exact: low 16 bits are zero

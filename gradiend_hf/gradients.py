@@ -52,8 +52,8 @@ def check_finite(losses: torch.Tensor, what: str) -> None:
 
 
 def embedding_padding_rows(model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Selected embedding weights whose `padding_idx` row is excluded from gradients by nn.Embedding's backward, keyed by
-    the embedding's own name of the weight (a tied LM head registers the same tensor under another name)."""
+    """Selected embedding weights whose `padding_idx` row is excluded from gradients by nn.Embedding's backward, keyed
+    by the embedding's own name of the weight (a tied LM head registers the same tensor under another name)."""
     selected = {id(p) for p in params.values()}
     rows = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -104,9 +104,10 @@ def check_no_auxiliary_mask(inputs: Mapping[str, torch.Tensor]) -> None:
     """Auxiliary-objective inputs hold an id the base vocabulary lacks: say so instead of an index error."""
     if bool((inputs["input_ids"] == AUXILIARY_MASK_ID).any()):
         raise ValueError(
-            "These inputs were collated for objective='auxiliary_mlm' (they hold the added mask token), but no auxiliary "
-            "head is attached to this gradient computation. Wrap the base with get_gradiend_model(base, config, "
-            "auxiliary_head=head); pre-pruning does not support the auxiliary objective yet (use target_parameters)."
+            "These inputs were collated for objective='auxiliary_mlm' (they hold the added mask token), but no "
+            "auxiliary head is attached to this gradient computation. Wrap the base with get_gradiend_model(base, "
+            "config, auxiliary_head=head); pre-pruning does not support the auxiliary objective yet (use "
+            "target_parameters)."
         )
 
 
@@ -141,7 +142,9 @@ class BackwardPasses:
         if side not in self.losses:
             sides = SIDES if self.shared else (side,)
             engine = self.engine
-            self.losses.update(engine._side_losses(engine._forward, self.batch, sides, engine._packs(self.batch, sides)))
+            self.losses.update(
+                engine._side_losses(engine._forward, self.batch, sides, engine._packs(self.batch, sides))
+            )
         check_finite(self.losses[side], side)
         return self.losses[side]
 
@@ -189,7 +192,8 @@ class GradientEngine:
 
     # --- plumbing ----------------------------------------------------------------------------------------------
     def buffer(self, kind: str) -> dict[str, torch.Tensor]:
-        """A float32 buffer per selected parameter, allocated once and reused by every step (no page faults per step)."""
+        """A float32 buffer per selected parameter, allocated once and reused by every step (no page faults per
+        step)."""
         if kind not in self.buffers:
             self.buffers[kind] = {
                 name: torch.empty(self.bottleneck.entry_shape(name), dtype=torch.float32, device=p.device)
@@ -257,7 +261,11 @@ class GradientEngine:
             alternative_actions = [copy_into(self.buffer("alternative"))] if "alternative" in wanted else []
             if "diff" in wanted:
                 alternative_actions.append(subtract_from(self.buffer("diff")))
-            plan = [(side, actions) for side, actions in (("factual", factual_actions), ("alternative", alternative_actions)) if actions]
+            plan = [
+                (side, actions)
+                for side, actions in (("factual", factual_actions), ("alternative", alternative_actions))
+                if actions
+            ]
         with self.passes(batch) as backward:
             for i, (side, actions) in enumerate(plan):
                 backward(side, actions, last=i == len(plan) - 1)
@@ -307,8 +315,8 @@ class GradientEngine:
         return derivatives
 
     def _dual_parameters(self, tangents: Mapping[str, torch.Tensor]):
-        """(primals, tangents, tie_weights) for functional_call. A tensor registered under several names (an LM head tied
-        to the input embeddings) gets its tangent under every name, each use with its own: an nn.Embedding with a
+        """(primals, tangents, tie_weights) for functional_call. A tensor registered under several names (an LM head
+        tied to the input embeddings) gets its tangent under every name, each use with its own: an nn.Embedding with a
         `padding_idx` never gives that row a gradient (so its tangent row is zero there), the head does."""
         primals, duals = {}, {}
         for name, tangent in tangents.items():
@@ -323,7 +331,9 @@ class GradientEngine:
         tie = all(len(self.aliases[name]) == 1 for name in tangents)  # else every alias is passed explicitly
         return primals, duals, tie
 
-    def _side_losses(self, call, batch: Mapping[str, torch.Tensor], sides: tuple[str, ...], packs: bool) -> dict[str, torch.Tensor]:
+    def _side_losses(
+        self, call, batch: Mapping[str, torch.Tensor], sides: tuple[str, ...], packs: bool
+    ) -> dict[str, torch.Tensor]:
         """Per-row losses of `sides`; sides reading the same tokens share one forward pass."""
         if len(sides) == 2 and shares_input(batch):
             passes = [(sides, side_inputs(batch, sides[0]))]
@@ -338,7 +348,12 @@ class GradientEngine:
         return losses
 
     def _pass_losses(
-        self, call, inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], packs: bool, one_lane: bool = False
+        self,
+        call,
+        inputs: dict[str, torch.Tensor],
+        labels: dict[str, torch.Tensor],
+        packs: bool,
+        one_lane: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Per-row losses of one input for each side in `labels`, from the tokens they depend on only."""
         n_rows = inputs["input_ids"].shape[0]
@@ -347,7 +362,9 @@ class GradientEngine:
             return {side: row_losses(logits, l) for side, l in labels.items()}
         keep = kept_tokens(inputs["attention_mask"], list(labels.values()), self.causal)
         if packs:
-            packed = pack_rows(inputs["input_ids"], keep, labels, self.causal, self.mask_kind, self.dtype, one_lane=one_lane)
+            packed = pack_rows(
+                inputs["input_ids"], keep, labels, self.causal, self.mask_kind, self.dtype, one_lane=one_lane
+            )
             inputs, labels, rows = packed.inputs, packed.labels, packed.rows
         else:  # the padded batch, cut after the last column any row needs
             width = max(int(keep.any(0).nonzero().max()) + 1, 1) if keep.any() else 1
@@ -359,9 +376,10 @@ class GradientEngine:
         return {side: scored_row_losses(logits, l[positions], rows[positions], n_rows) for side, l in labels.items()}
 
     def _packs(self, batch: Mapping[str, torch.Tensor], sides: tuple[str, ...]) -> bool:
-        """Whether rows are packed for this model: it must take position ids and a 4D mask in a known format, and (checked
-        once, on the first batch with two different rows) different rows packed into one lane must give the losses of the
-        padded rows. A model that ignores the mask or derives positions its own way (RoBERTa: from the padding) fails."""
+        """Whether rows are packed for this model: it must take position ids and a 4D mask in a known format, and
+        (checked once, on the first batch with two different rows) different rows packed into one lane must give the
+        losses of the padded rows. A model that ignores the mask or derives positions its own way (RoBERTa: from the
+        padding) fails."""
         if self.packing is None:
             if self.head is None or self.mask_kind is None:
                 self.packing = False
@@ -378,7 +396,9 @@ class GradientEngine:
             return False
         distinct: list[int] = []
         for i in range(labels.shape[0]):
-            if len(distinct) < 4 and not any(torch.equal(inputs["input_ids"][i], inputs["input_ids"][j]) for j in distinct):
+            if len(distinct) < 4 and not any(
+                torch.equal(inputs["input_ids"][i], inputs["input_ids"][j]) for j in distinct
+            ):
                 distinct.append(i)
         if len(distinct) < 2:
             return None
@@ -391,7 +411,8 @@ class GradientEngine:
                 packed = self._pass_losses(call, inputs, labels, packs=True, one_lane=True)[side]
         except Exception:  # the model does not take these inputs
             return False
-        tolerance = max(1e-5, 10 * torch.finfo(self.dtype).eps)  # rounding only: a row seeing another row differs by far more
+        # rounding only: a row seeing another row differs by far more
+        tolerance = max(1e-5, 10 * torch.finfo(self.dtype).eps)
         return bool(torch.allclose(packed, padded, rtol=tolerance, atol=tolerance))
 
     def _logits_at(self, call, inputs: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,8 @@ class GradiendModel(nn.Module):
         return self._modules["base_model"]
 
     def take_bottleneck(self, other: "GradiendModel") -> "GradiendModel":
-        """Take `other`'s bottleneck, gradient engine and config in place (same base): pruning swaps in a smaller one."""
+        """Take `other`'s bottleneck, gradient engine and config in place (same base): pruning swaps in a smaller
+        one."""
         self.bottleneck, self.engine, self.gradiend_config = other.bottleneck, other.engine, other.gradiend_config
         self.awaits_pre_pruning = other.awaits_pre_pruning
         self._selected = None
@@ -108,7 +109,8 @@ class GradiendModel(nn.Module):
         return self
 
     def keep_base_flags_of(self, other: "GradiendModel") -> "GradiendModel":
-        """Restore the base's flags that `other` recorded on unload (the base was already frozen when self wrapped it)."""
+        """Restore the base's flags that `other` recorded on unload (the base was already frozen when self wrapped
+        it)."""
         self._base_requires_grad = dict(other._base_requires_grad)
         self._base_training = other._base_training
         return self
@@ -153,7 +155,8 @@ class GradiendModel(nn.Module):
         total = sum(p.numel() for p in self.get_base_model().parameters())
         print(
             f"GRADIEND reads/edits {self.num_entries:,} of {total:,} base weights "
-            f"({100 * self.num_entries / total:.2f}%) in {len(self.bottleneck.names)} tensors; trainable params: {trainable:,}"
+            f"({100 * self.num_entries / total:.2f}%) in {len(self.bottleneck.names)} tensors; "
+            f"trainable params: {trainable:,}"
         )
 
     # --- gradients and the auto-encoder -------------------------------------------------------------------------
@@ -206,22 +209,37 @@ class GradiendModel(nn.Module):
         adapter, its model card and PEFT loading then use it."""
         ff = edit.feature_factor if isinstance(edit.feature_factor, (int, float)) else list(edit.feature_factor)
         self.gradiend_config = self.gradiend_config.with_updates(
-            feature_factor=ff, learning_rate=edit.learning_rate, evaluation=dict(edit.metrics) or self.gradiend_config.evaluation
+            feature_factor=ff,
+            learning_rate=edit.learning_rate,
+            evaluation=dict(edit.metrics) or self.gradiend_config.evaluation,
         )
 
     @contextlib.contextmanager
     def apply_edit(
-        self, edit: Optional[Edit] = None, *, feature_factor: Optional[FeatureValue] = None, learning_rate: Optional[float] = None
+        self,
+        edit: Optional[Edit] = None,
+        *,
+        feature_factor: Optional[FeatureValue] = None,
+        learning_rate: Optional[float] = None,
     ):
         """Context manager: the base model carries the edit inside the block and is restored bit-exactly after."""
         self.require_bottleneck()
-        ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
+        ff, lr = resolve_edit(
+            edit,
+            feature_factor,
+            learning_rate,
+            (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate),
+        )
         with applied(self.bottleneck, self.selected_parameters(), ff, lr):
             yield self
 
     @torch.no_grad()
     def merge_and_unload(
-        self, edit: Optional[Edit] = None, *, feature_factor: Optional[FeatureValue] = None, learning_rate: Optional[float] = None
+        self,
+        edit: Optional[Edit] = None,
+        *,
+        feature_factor: Optional[FeatureValue] = None,
+        learning_rate: Optional[float] = None,
     ) -> nn.Module:
         """Apply theta += lr * dec(ff) to the selected parameters in place and return the plain base model.
 
@@ -229,12 +247,19 @@ class GradiendModel(nn.Module):
         go of the base model; the result loads anywhere with `from_pretrained` once saved.
         """
         self.require_bottleneck()
-        ff, lr = resolve_edit(edit, feature_factor, learning_rate, (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate))
+        ff, lr = resolve_edit(
+            edit,
+            feature_factor,
+            learning_rate,
+            (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate),
+        )
         self.record_edit(edit if edit is not None else Edit(feature_factor=ff, learning_rate=lr))
         scratch = Scratch()
         for name, p in self.selected_parameters().items():
             current = self.bottleneck.entries(name, p.detach())
-            self.bottleneck.write_entries(name, p, current, self.bottleneck.edit_delta(name, ff, lr, out=scratch.like(current)))
+            self.bottleneck.write_entries(
+                name, p, current, self.bottleneck.edit_delta(name, ff, lr, out=scratch.like(current))
+            )
         return self.unload()
 
     def unload(self) -> nn.Module:
@@ -264,7 +289,9 @@ class GradiendModel(nn.Module):
         return tensors
 
     def saved_config(self) -> GradiendConfig:
-        return self.gradiend_config.with_updates(encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()])
+        return self.gradiend_config.with_updates(
+            encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()]
+        )
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **card_fields: Any) -> None:
         """adapter_config.json + adapter_model.safetensors + README.md, written atomically."""
@@ -318,12 +345,16 @@ class GradiendModel(nn.Module):
         self.require_bottleneck()
         config, grouped = read_adapter(path)
         if set(grouped) != set(self.bottleneck.names):
-            raise ValueError(f"The adapter at {path} covers other parameters than this model; it belongs to another run.")
+            raise ValueError(
+                f"The adapter at {path} covers other parameters than this model; it belongs to another run."
+            )
         check_fits(self.get_base_model(), config, grouped)
         for name, tensors in grouped.items():
             mine, saved = self.bottleneck.indices[name], tensors.get("index")
             if (mine is None) != (saved is None) or (mine is not None and not torch.equal(mine.cpu(), saved.cpu())):
-                raise ValueError(f"The adapter at {path} keeps other entries of {name} than this model (pruning differs).")
+                raise ValueError(
+                    f"The adapter at {path} keeps other entries of {name} than this model (pruning differs)."
+                )
         self.bottleneck_from(grouped)
         with torch.no_grad():
             self.bottleneck.encoder_bias.copy_(torch.tensor(config.encoder_bias))
@@ -350,8 +381,8 @@ class GradiendModel(nn.Module):
         """Upload this adapter (adapter_config.json, adapter_model.safetensors, README.md card) to a Hub repo.
 
         The files are exactly those of `save_pretrained`; `card_fields` go to `cards.adapter_card` (training_data=,
-        encoder_correlation=, license=). `revision` names the branch to commit to (created if missing). Load it back with
-        `GradiendModel.from_pretrained(base, repo_id, revision=...)`.
+        encoder_correlation=, license=). `revision` names the branch to commit to (created if missing). Load it back
+        with `GradiendModel.from_pretrained(base, repo_id, revision=...)`.
         """
         import tempfile
         from pathlib import Path

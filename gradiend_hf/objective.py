@@ -7,13 +7,15 @@ from torch import nn
 
 MASKED_LM = "masked_lm"
 CAUSAL_LM = "causal_lm"
-AUXILIARY_MLM = "auxiliary_mlm"  # causal LM + auxiliary masked-prediction head (aux_head.py): both sides of the mask count
+# causal LM + auxiliary masked-prediction head (aux_head.py): both sides of the mask count
+AUXILIARY_MLM = "auxiliary_mlm"
 IGNORE_INDEX = -100
 AUXILIARY_MASK_ID = -1  # input id of the added mask token; its embedding row lives in the auxiliary head, not the base
 
 
 def lm_objective(objective: str) -> str:
-    """The objective of the model's own LM head (evaluation, LMS, rewriting): the auxiliary head is only for gradients."""
+    """The objective of the model's own LM head (evaluation, LMS, rewriting): the auxiliary head is only for
+    gradients."""
     return CAUSAL_LM if objective == AUXILIARY_MLM else objective
 
 
@@ -50,7 +52,9 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     already did the causal shift, so nothing is shifted here.
     """
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
-    return scored_row_losses(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), rows.reshape(-1), labels.shape[0])
+    return scored_row_losses(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), rows.reshape(-1), labels.shape[0]
+    )
 
 
 def scored_row_losses(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:

@@ -121,9 +121,10 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
 
     Per adapter name the layer holds `gradiend_encoder/decoder/offset[adapter].<param>` (float tensors),
     `gradiend_index[adapter].<param>` (kept flat indices, pruned adapters only) and `gradiend_config[adapter]` (the
-    adapter's GradiendConfig: the stored edit, decoder activation and latent size are read from it, never copied). A parameter tied to an edited parameter of another layer
-    (GPT-2 `lm_head.weight` = `wte.weight`) is listed in `gradiend_tied[adapter]` and takes its delta from that layer,
-    so the unmerged model behaves like the merged one; on merge only the owning layer writes (the storage is shared).
+    adapter's GradiendConfig: the stored edit, decoder activation and latent size are read from it, never copied). A
+    parameter tied to an edited parameter of another layer (GPT-2 `lm_head.weight` = `wte.weight`) is listed in
+    `gradiend_tied[adapter]` and takes its delta from that layer, so the unmerged model behaves like the merged one; on
+    merge only the owning layer writes (the storage is shared).
     """
 
     adapter_layer_names = ("gradiend_encoder", "gradiend_decoder", "gradiend_offset")
@@ -405,7 +406,9 @@ def _split(name: str) -> tuple[str, str]:
     return module, local
 
 
-def _targets_from_state_dict(grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Size, Optional[int]]]:
+def _targets_from_state_dict(
+    grouped: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, tuple[torch.Size, Optional[int]]]:
     """Parameter name -> (entry shape, kept count or None) of checked adapter tensors (see check_fits)."""
     return {
         name: (torch.Size(t["decoder"].shape[1:]), t["index"].numel() if "index" in t else None)

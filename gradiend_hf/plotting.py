@@ -38,7 +38,9 @@ def plot_training(log_history: Sequence[Mapping], feature_classes: Sequence[str]
         left.plot(evals["step"], evals["eval_correlation"], "k-o", label="correlation", markersize=4)
         for colour, c in zip(COLOURS, feature_classes):
             if f"eval_mean_h_{c}" in evals:
-                left.plot(evals["step"], evals[f"eval_mean_h_{c}"], "-s", color=colour, label=f"mean h ({c})", markersize=3)
+                left.plot(
+                    evals["step"], evals[f"eval_mean_h_{c}"], "-s", color=colour, label=f"mean h ({c})", markersize=3
+                )
         best = evals.loc[evals["eval_correlation"].abs().idxmax()]
         left.axvline(best["step"], color="grey", linestyle=":", label=f"best step {int(best['step'])}")
     left.axhline(0, color="lightgrey", linewidth=0.8)
@@ -61,16 +63,22 @@ def plot_encoder(evaluation: EncoderEvaluation, feature_classes: Sequence[str], 
     bins = np.linspace(-1, 1, 41)
     for colour, group in zip(COLOURS, groups):
         values = frame.loc[frame["label_class"] == group, "h"]
-        axis.hist(values, bins=bins, alpha=0.55, color=colour, label=f"{group} (n={len(values)}, mean {values.mean():+.2f})")
+        axis.hist(
+            values, bins=bins, alpha=0.55, color=colour, label=f"{group} (n={len(values)}, mean {values.mean():+.2f})"
+        )
     axis.set(xlabel="feature neuron h", ylabel="rows",
-             title=f"Encoder: correlation {evaluation.correlation:.3f}, neutral mean |h| {evaluation.neutral_mean_abs_h:.2f}")
+             title=f"Encoder: correlation {evaluation.correlation:.3f}, "
+                   f"neutral mean |h| {evaluation.neutral_mean_abs_h:.2f}")
     axis.legend(fontsize=8)
     figure.tight_layout()
     return _save(figure, path)
 
 
-def plot_decoder(evaluation: DecoderEvaluation, edits: Optional[Iterable[Edit]] = None, path: PathLike = None) -> Figure:
-    """P(class) (log scale) and LMS across the learning-rate grid, one panel per feature factor, chosen edits starred."""
+def plot_decoder(
+    evaluation: DecoderEvaluation, edits: Optional[Iterable[Edit]] = None, path: PathLike = None
+) -> Figure:
+    """P(class) (log scale) and LMS across the learning-rate grid, one panel per feature factor, chosen edits
+    starred."""
     grid = evaluation.grid[~evaluation.grid["skipped"] & ~evaluation.grid["is_base"]]
     base = evaluation.grid[evaluation.grid["is_base"]].iloc[0]
     factors = sorted(grid["feature_factor"].unique(), reverse=True)
@@ -86,7 +94,9 @@ def plot_decoder(evaluation: DecoderEvaluation, edits: Optional[Iterable[Edit]] 
     for i, (axis, ff) in enumerate(zip(axes, factors)):
         part = grid[grid["feature_factor"] == ff].sort_values("learning_rate")
         for colour, c in zip(COLOURS, evaluation.feature_classes):
-            handles += axis.plot(part["learning_rate"], part[f"p_{c}"], "-o", color=colour, markersize=3, label=f"P({c})")
+            handles += axis.plot(
+                part["learning_rate"], part[f"p_{c}"], "-o", color=colour, markersize=3, label=f"P({c})"
+            )
             axis.axhline(base[f"p_{c}"], color=colour, linestyle=":", linewidth=0.9)
         axis.set_xscale("symlog", linthresh=1e-3)
         axis.set_yscale("log")
@@ -105,8 +115,11 @@ def plot_decoder(evaluation: DecoderEvaluation, edits: Optional[Iterable[Edit]] 
             if edit_ff != ff or hit.empty:
                 continue
             for colour, c in zip(COLOURS, evaluation.feature_classes):
-                axis.plot(hit["learning_rate"], hit[f"p_{c}"], "*", color=colour, markersize=15, markeredgecolor="black")
-            axis.annotate(", ".join(names), (lr, float(hit[[f"p_{c}" for c in evaluation.feature_classes]].max(axis=1).iloc[0])),
+                axis.plot(
+                    hit["learning_rate"], hit[f"p_{c}"], "*", color=colour, markersize=15, markeredgecolor="black"
+                )
+            axis.annotate(", ".join(names),
+                          (lr, float(hit[[f"p_{c}" for c in evaluation.feature_classes]].max(axis=1).iloc[0])),
                           textcoords="offset points", xytext=(-10, 10), fontsize=8, ha="right")
     axes[0].set_ylabel("mean P(class) at the feature position")
     unique = {h.get_label(): h for h in handles}
@@ -116,12 +129,14 @@ def plot_decoder(evaluation: DecoderEvaluation, edits: Optional[Iterable[Edit]] 
     return _save(figure, path)
 
 
-# --- comparison figures (gradiend_hf.comparison) ------------------------------------------------------------------------
+# --- comparison figures (gradiend_hf.comparison) ----------------------------------------------------------------------
 from matplotlib import colormaps  # noqa: E402
 
 from .comparison import FeatureLocation, Overlap  # noqa: E402
 
-MODULE_COLOURS = {"attention": "#2471a3", "mlp": "#c0392b", "embeddings": "#27ae60", "norm": "#8e44ad", "other": "#7f8c8d"}
+MODULE_COLOURS = {
+    "attention": "#2471a3", "mlp": "#c0392b", "embeddings": "#27ae60", "norm": "#8e44ad", "other": "#7f8c8d"
+}
 
 
 def _heatmap(figure: Figure, axis, frame: pd.DataFrame, vmin: float, vmax: float, cmap: str, title: str,
@@ -178,7 +193,9 @@ def plot_overlap(matrix: Union[Overlap, pd.DataFrame], path: PathLike = None, ti
     return _save(figure, path)
 
 
-def plot_cosine(matrix: pd.DataFrame, path: PathLike = None, title: str = "Cosine similarity of decoder vectors") -> Figure:
+def plot_cosine(
+    matrix: pd.DataFrame, path: PathLike = None, title: str = "Cosine similarity of decoder vectors"
+) -> Figure:
     """Heatmap of a `decoder_cosine` matrix (-1 to 1, diverging colours) with the value in every cell."""
     figure = Figure(figsize=_matrix_size(len(matrix)))
     _heatmap(figure, figure.subplots(), matrix, -1.0, 1.0, "RdBu_r", title)

@@ -191,14 +191,18 @@ def importance_batches(
                 quota[t] += 1
                 taken += 1
     chosen = [i for t, members in groups.items() for i in members[: quota[t]]]
-    sampler = TransitionBatchSampler([transition for t in groups for transition in [t] * quota[t]], batch_size, shuffle=False)
+    sampler = TransitionBatchSampler(
+        [transition for t in groups for transition in [t] * quota[t]], batch_size, shuffle=False
+    )
     return [[data[chosen[j]] for j in batch] for batch in sampler.batches()]
 
 
 class Selection:
     """What the gradient engine needs of a bottleneck (names, entry shapes, entries), without allocating one."""
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], indices: Optional[Mapping[str, Optional[torch.Tensor]]] = None):
+    def __init__(
+        self, shapes: Mapping[str, Sequence[int]], indices: Optional[Mapping[str, Optional[torch.Tensor]]] = None
+    ):
         self.names = list(shapes)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
         self.indices = {n: (indices or {}).get(n) for n in self.names}
@@ -371,7 +375,9 @@ def pre_prune(
             raise ValueError("Pre-pruning tokenizes rows: pass the base model's tokenizer (or collator=).")
         collator = GradiendDataCollator(tokenizer, resolve_objective(base, config.objective), config.feature_classes)
     tokenizer = tokenizer if tokenizer is not None else getattr(collator, "tokenizer", None)
-    batches = importance_batches(dataset, config.feature_classes, rows=rows, batch_size=batch_size, seed=seed, tokenizer=tokenizer)
+    batches = importance_batches(
+        dataset, config.feature_classes, rows=rows, batch_size=batch_size, seed=seed, tokenizer=tokenizer
+    )
     was_training = base.training
     base.eval()  # no dropout in the gradients, as in training
     try:
@@ -382,8 +388,8 @@ def pre_prune(
     del scores
     indices = {n: compose(selection.indices[n], positions[n]) for n in selection.names if n in positions}
     record = {
-        "method": "pre", "keep": keep, "threshold": threshold, "rows": sum(len(b) for b in batches), "batches": len(batches),
-        "batch_size": batch_size, "kind": kind, "aggregate": aggregate, "seed": seed,
+        "method": "pre", "keep": keep, "threshold": threshold, "rows": sum(len(b) for b in batches),
+        "batches": len(batches), "batch_size": batch_size, "kind": kind, "aggregate": aggregate, "seed": seed,
         "kept": info["kept"], "total": info["total"], "cutoff": info["cutoff"],
     }
     config = _record(config, record, encoder_bias=None)  # a fresh adapter: nothing trained is carried over
@@ -393,8 +399,8 @@ def pre_prune(
 # --- post-pruning ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def post_prune_scores(model: GradiendModel, by: str = "decoder") -> dict[str, torch.Tensor]:
-    """Per-entry scores (float32, flat over the bottleneck's entries): 'decoder' sum_k |W_d[k]|, 'encoder' sum_k |W_e[k]|,
-    'decoder_bias' |b_d|, 'decoder_sum' |sum_k W_d[k] + b_d| (the decoder's output at h = 1)."""
+    """Per-entry scores (float32, flat over the bottleneck's entries): 'decoder' sum_k |W_d[k]|, 'encoder' sum_k
+    |W_e[k]|, 'decoder_bias' |b_d|, 'decoder_sum' |sum_k W_d[k] + b_d| (the decoder's output at h = 1)."""
     if by not in POST_CRITERIA:
         raise ValueError(f"by={by!r} is not a post-pruning criterion; choose one of {list(POST_CRITERIA)}.")
     b = model.bottleneck
@@ -410,7 +416,9 @@ def post_prune_scores(model: GradiendModel, by: str = "decoder") -> dict[str, to
         elif by == "decoder_bias":
             s = b.offset(name).detach().reshape(-1).float().abs()
         else:
-            s = (b.decoder(name).detach().reshape(d, -1).float().sum(0) + b.offset(name).detach().reshape(-1).float()).abs()
+            s = (
+                b.decoder(name).detach().reshape(d, -1).float().sum(0) + b.offset(name).detach().reshape(-1).float()
+            ).abs()
         scores[name] = s.contiguous()
     return scores
 
@@ -430,11 +438,14 @@ def post_prune(
     scores = post_prune_scores(model, by)
     positions, info = select_top(scores, keep, threshold=threshold)
     del scores
-    old = {n: (b.encoder(n).detach(), b.decoder(n).detach(), b.offset(n).detach() if b.has_decoder_bias else None) for n in b.names}
+    old = {
+        n: (b.encoder(n).detach(), b.decoder(n).detach(), b.offset(n).detach() if b.has_decoder_bias else None)
+        for n in b.names
+    }
     encoder_bias = b.encoder_bias.detach().clone()
     indices = {n: compose(b.indices[n], positions[n]) for n in b.names if n in positions}
-    record = {"method": "post", "keep": keep, "threshold": threshold, "by": by, "kept": info["kept"], "total": info["total"],
-              "cutoff": info["cutoff"]}
+    record = {"method": "post", "keep": keep, "threshold": threshold, "by": by, "kept": info["kept"],
+              "total": info["total"], "cutoff": info["cutoff"]}
     config = _record(model.saved_config(), record)
     new = _rebuilt(model, model.get_base_model(), config, indices, inplace)
     nb = new.bottleneck
@@ -451,7 +462,9 @@ def post_prune(
 
 
 # --- trainer hooks: honour GradiendConfig.pre_prune / post_prune ----------------------------------------------------
-def maybe_pre_prune(model: GradiendModel, train_dataset: Any, collator: Any, batch_size: int, seed: int) -> GradiendModel:
+def maybe_pre_prune(
+    model: GradiendModel, train_dataset: Any, collator: Any, batch_size: int, seed: int
+) -> GradiendModel:
     """Pre-prune in place when the config asks for it and the model was not pre-pruned yet (the trainer calls this
     before it builds anything from the model's bottleneck)."""
     config = model.gradiend_config

@@ -37,7 +37,9 @@ class TransitionBatchSampler(Sampler[list[int]]):
             self.groups.setdefault(tuple(transition), []).append(index)
 
     @classmethod
-    def from_dataset(cls, dataset: Any, batch_size: int, seed: int = 0, shuffle: bool = True) -> "TransitionBatchSampler":
+    def from_dataset(
+        cls, dataset: Any, batch_size: int, seed: int = 0, shuffle: bool = True
+    ) -> "TransitionBatchSampler":
         """A sampler over a dataset with `factual_class` / `alternative_class` columns (see `schema.prepare_rows`)."""
         names = getattr(dataset, "column_names", None) or []
         missing = [c for c in ("factual_class", "alternative_class") if c not in names]

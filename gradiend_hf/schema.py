@@ -42,7 +42,9 @@ def _columns_of(data: Data) -> tuple[dict[str, list], Optional[datasets.Features
     if isinstance(data, pd.DataFrame):
         return {str(name): data[name].tolist() for name in data.columns}, None
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(f"data must be a datasets.Dataset, a pandas DataFrame or a list of dicts, got {type(data).__name__}.")
+        raise TypeError(
+            f"data must be a datasets.Dataset, a pandas DataFrame or a list of dicts, got {type(data).__name__}."
+        )
     rows = list(data)
     names: dict[str, None] = {}
     for i, row in enumerate(rows):

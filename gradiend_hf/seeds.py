@@ -80,7 +80,11 @@ def train_seeds(
         if sum(e["converged"] for e in entries) >= enough:
             break
     if not best_entry["converged"]:
-        logger.warning("No seed converged; keeping seed %s with |correlation| %.3f.", best_entry["seed"], abs(best_entry["correlation"] or 0))
+        logger.warning(
+            "No seed converged; keeping seed %s with |correlation| %.3f.",
+            best_entry["seed"],
+            abs(best_entry["correlation"] or 0),
+        )
     report = {
         "chosen_seed": best_entry["seed"],
         "chosen_converged": best_entry["converged"],
@@ -88,8 +92,12 @@ def train_seeds(
         "seeds_converged": sum(e["converged"] for e in entries),
         "seeds": entries,
         # pairwise top-k overlap and decoder cosine among the trained seeds (read back from their run dirs)
-        "stability": seed_stability({e["seed"]: e["output_dir"] for e in entries},
-                                    converged={e["seed"]: e["converged"] for e in entries}) if args.should_save else None,
+        "stability": (
+            seed_stability({e["seed"]: e["output_dir"] for e in entries},
+                           converged={e["seed"]: e["converged"] for e in entries})
+            if args.should_save
+            else None
+        ),
     }
     if args.should_save:
         best.save_pretrained(os.path.join(args.output_dir, "best"))

@@ -32,17 +32,23 @@ def adapter_key(parameter_name: str, kind: str) -> str:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"}
+    )
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"Cannot read {path}: {error}. The adapter weights are damaged or incomplete; save them again.") from None
+        raise ValueError(
+            f"Cannot read {path}: {error}. The adapter weights are damaged or incomplete; save them again."
+        ) from None
 
 
-def resolve_adapter_files(path_or_repo_id: str | os.PathLike, revision: Optional[str] = None, **hub_kwargs) -> tuple[Path, Path]:
+def resolve_adapter_files(
+    path_or_repo_id: str | os.PathLike, revision: Optional[str] = None, **hub_kwargs
+) -> tuple[Path, Path]:
     """Paths of adapter_config.json and adapter_model.safetensors: from a local folder or through the Hub cache."""
     local = Path(path_or_repo_id)
     if local.is_dir():
@@ -108,7 +114,9 @@ def entry_problems(
         if index.dim() != 1 or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= parameter.numel())):
             return [f"the pruning indices of {name} do not fit its {parameter.numel()} entries"]
         entries = (index.numel(),)
-    expected = {"encoder": (latent_dim, *entries), "decoder": (latent_dim, *entries), "offset": entries, "index": entries}
+    expected = {
+        "encoder": (latent_dim, *entries), "decoder": (latent_dim, *entries), "offset": entries, "index": entries
+    }
     return [
         f"the {kind} tensor of {name} has shape {tuple(t.shape)}, but this base model needs {expected[kind]}"
         for kind, t in tensors.items()
@@ -116,7 +124,9 @@ def entry_problems(
     ]
 
 
-def check_fits(base_model: nn.Module, config: GradiendConfig, grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+def check_fits(
+    base_model: nn.Module, config: GradiendConfig, grouped: Mapping[str, Mapping[str, torch.Tensor]]
+) -> None:
     """Clear errors when an adapter does not belong to this base model, or its file lacks tensors (before any
     tensor is copied anywhere)."""
     made_for = config.base_model_name_or_path or "an unnamed base model"
@@ -128,9 +138,12 @@ def check_fits(base_model: nn.Module, config: GradiendConfig, grouped: Mapping[s
     if missing:
         raise ValueError(
             f"This adapter was made for {made_for}, but the base model ({given}, {type(base_model).__name__}) has no "
-            f"parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}. Load it onto the base model it was made for."
+            f"parameter(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}. "
+            "Load it onto the base model it was made for."
         )
-    problems = [p for n, t in grouped.items() for p in entry_problems(n, params[n], t, config.latent_dim, config.decoder_bias)]
+    problems = [
+        p for n, t in grouped.items() for p in entry_problems(n, params[n], t, config.latent_dim, config.decoder_bias)
+    ]
     if problems:
         raise ValueError(
             f"This adapter was made for {made_for} and does not fit this base model ({given}): "

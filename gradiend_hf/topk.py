@@ -28,7 +28,9 @@ def count_to_keep(keep: Keep, total: int, allow_zero: bool = False) -> int:
             raise ValueError(f"keep={keep!r}: a count of entries to keep must be at least {0 if allow_zero else 1}.")
         return min(int(keep), total)
     if not 0.0 < float(keep) <= 1.0:
-        raise ValueError(f"keep={keep!r}: a fractional keep must lie in (0, 1]; give an int to keep a count of entries.")
+        raise ValueError(
+            f"keep={keep!r}: a fractional keep must lie in (0, 1]; give an int to keep a count of entries."
+        )
     return min(total, max(1, int(math.floor(float(keep) * total + 0.5))))
 
 

@@ -29,37 +29,76 @@ OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
 
 @dataclass
 class GradiendTrainingArguments(TrainingArguments):
-    """TrainingArguments with GRADIEND's defaults.
+    """`TrainingArguments` for [`GradiendTrainer`]: every transformers argument works as usual; the ones below are
+    added, and some defaults are changed for GRADIEND (the trl `SFTConfig` convention). Only the bottleneck trains.
 
-    Meaning of the batch arguments here: `per_device_train_batch_size` = data rows behind one gradient (all of one
-    transition); `gradient_accumulation_steps` = gradients per optimizer step (default 1, as in the paper).
+    Args:
+        > What a batch and a step mean here
 
-    Changed defaults: learning_rate 1e-5 (use ~1e-4 for decoder-only models), weight_decay 0.01, no gradient clipping,
-    constant schedule,
-    evaluation and checkpoints every 50 steps, best checkpoint by `correlation` (loaded at the end),
-    `remove_unused_columns=False` (rows are not model inputs), `report_to="none"`.
+        per_device_train_batch_size (`int`, defaults to `4`, transformers: `8`):
+            Data rows behind one gradient. All rows of a batch share one transition (class A -> B), as in the paper.
+        gradient_accumulation_steps (`int`, defaults to `1`):
+            Gradients per optimizer step (1, as in the paper).
+        per_device_eval_batch_size (`int`, defaults to `16`, transformers: `8`):
+            Rows per forward-mode encoding pass during evaluation.
 
-    Added fields:
-        convergence_correlation: |correlation| a run needs to count as converged (0.5).
-        convergence_mean: |mean h| both classes need, with opposite signs, at the best step (0.5).
-        fail_if_not_converged: raise at the end of training when the run did not converge (False: warn).
-        sign_normalisation: after each evaluation, negate the bottleneck (and the optimizer's first moments) when
-            the correlation is negative, so the first feature class reads +1. The flip is an exact symmetry of the
-            model and of AdamW, so it never changes what training does next; it makes `correlation` = |correlation|.
-        max_eval_rows: evaluate on at most this many rows (the first ones) to bound evaluation time.
-        optimizer_state_dtype: 'bfloat16' stores AdamW's moments in bfloat16 with stochastic rounding (fused step only).
+        > Optimisation of the bottleneck (AdamW)
 
-    Training takes the fused step (fused.py) whenever one process takes one unclipped AdamW step per gradient: ~16
-    bytes per selected weight less than autograd over the bottleneck, same numbers.
+        learning_rate (`float`, defaults to `1e-5`, transformers: `5e-5`):
+            AdamW step size. Use about 1e-4 for decoder-only models with pre-pruning: much larger steps saturate tanh
+            for both classes and the run collapses (it is then stopped, see `convergence_*`).
+        weight_decay (`float`, defaults to `0.01`, transformers: `0.0`):
+            AdamW weight decay.
+        max_grad_norm (`float`, defaults to `0.0`, transformers: `1.0`):
+            Gradient clipping; 0 = none, as in the paper (and required for the fused step).
+        lr_scheduler_type (`str`, defaults to `"constant"`, transformers: `"linear"`):
+            GRADIEND trains at a constant rate.
+        optimizer_state_dtype (`str`, defaults to `"float32"`, added):
+            AdamW moments of the bottleneck: `"float32"`, or `"bfloat16"` with stochastic rounding (8 instead of 16
+            bytes per selected weight; needs the fused step).
+
+        > Evaluation, checkpoints and convergence
+
+        eval_strategy (`str`, defaults to `"steps"`, transformers: `"no"`) and eval_steps (defaults to `50`):
+            Evaluate the encoder (correlation of h with the class labels) every 50 steps.
+        save_steps (`int`, defaults to `50`, transformers: `500`):
+            Checkpoint (adapter files plus optimizer state, safetensors and JSON only) every 50 steps.
+        logging_steps (`int`, defaults to `10`, transformers: `500`):
+            Log every 10 steps.
+        load_best_model_at_end (`bool`, defaults to `True`), metric_for_best_model (defaults to `"correlation"`),
+        greater_is_better (defaults to `True`):
+            Reload the checkpoint with the best encoder correlation at the end.
+        max_eval_rows (`int`, *optional*, added):
+            Evaluate on at most this many rows (the first ones) to bound evaluation time.
+        convergence_correlation (`float`, defaults to `0.5`, added):
+            |correlation| a run needs at its best step to count as converged.
+        convergence_mean (`float`, defaults to `0.5`, added):
+            |mean h| both classes need at the best step, with opposite signs.
+        fail_if_not_converged (`bool`, defaults to `False`, added):
+            Raise at the end of training when the run did not converge (else warn and record why).
+        sign_normalisation (`bool`, defaults to `True`, added):
+            After each evaluation negate the bottleneck (and the optimizer's first moments) when the correlation is
+            negative, so the first feature class reads +1. The flip is an exact symmetry of the model and of AdamW.
+
+        > Data handling
+
+        remove_unused_columns (`bool`, defaults to `False`, transformers: `True`):
+            The rows' text and label columns are not model inputs; the collator needs them.
+        ddp_find_unused_parameters (`bool`, defaults to `False`, transformers: `None`):
+            Every bottleneck tensor is used in every step, so DDP need not search for unused ones.
+
+    Training takes the fused step (fused.py) whenever one process takes one unclipped AdamW step per gradient: about
+    16 bytes per selected weight less than autograd over the bottleneck, same numbers.
     """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the bottleneck."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping of the bottleneck (0 = none, as in the paper)."})
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Gradient clipping of the bottleneck (0 = none, as in the paper)."}
+    )
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler; GRADIEND needs none."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})
     eval_steps: Optional[float] = field(default=50, metadata={"help": "Evaluate every N steps."})
-    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     metric_for_best_model: Optional[str] = field(default="correlation", metadata={"help": "Best-checkpoint metric."})
@@ -69,9 +108,9 @@ class GradiendTrainingArguments(TrainingArguments):
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Rows per forward-mode encoding pass."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the row columns."})
     ddp_find_unused_parameters: Optional[bool] = field(
-        default=False, metadata={"help": "Multi-process: every bottleneck tensor is used in every step, so DDP need not search."}
+        default=False,
+        metadata={"help": "Multi-process: every bottleneck tensor is used in every step, so DDP need not search."},
     )
-    report_to: Any = field(default="none", metadata={"help": "Logging integrations, as in transformers."})
     convergence_correlation: float = field(default=0.5, metadata={"help": "Converged: |correlation| at least this."})
     convergence_mean: float = field(default=0.5, metadata={"help": "Converged: both class means |h| at least this."})
     fail_if_not_converged: bool = field(default=False, metadata={"help": "Raise when training did not converge."})
@@ -79,15 +118,18 @@ class GradiendTrainingArguments(TrainingArguments):
     max_eval_rows: Optional[int] = field(default=None, metadata={"help": "Cap on evaluation rows."})
     optimizer_state_dtype: str = field(
         default="float32",
-        metadata={"help": "AdamW moments of the bottleneck: 'float32', or 'bfloat16' (stochastically rounded; 8 instead of "
-                  "16 bytes per selected weight; needs the fused step)."},
+        metadata={
+            "help": "AdamW moments of the bottleneck: 'float32', or 'bfloat16' (stochastically rounded; 8 instead of "
+            "16 bytes per selected weight; needs the fused step)."
+        },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.optimizer_state_dtype not in OPTIMIZER_STATE_DTYPES:
             raise ValueError(
-                f"optimizer_state_dtype={self.optimizer_state_dtype!r} is not supported; choose one of {list(OPTIMIZER_STATE_DTYPES)}."
+                f"optimizer_state_dtype={self.optimizer_state_dtype!r} is not supported; choose one of "
+                f"{list(OPTIMIZER_STATE_DTYPES)}."
             )
 
 
@@ -128,7 +170,10 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
         self.history = history or []
 
     def state(self) -> dict:
-        return {"args": {"feature_classes": self.feature_classes, "best": self.best, "history": self.history}, "attributes": {}}
+        return {
+            "args": {"feature_classes": self.feature_classes, "best": self.best, "history": self.history},
+            "attributes": {},
+        }
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not metrics or "eval_correlation" not in metrics:
@@ -158,7 +203,10 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
         if first is None or second is None:
             reasons.append("a feature class is missing from the evaluation rows")
         elif min(abs(first), abs(second)) < args.convergence_mean or first * second >= 0:
-            reasons.append(f"class means {first:.3f} / {second:.3f} are not both beyond +-{args.convergence_mean} with opposite signs")
+            reasons.append(
+                f"class means {first:.3f} / {second:.3f} are not both beyond +-{args.convergence_mean} "
+                "with opposite signs"
+            )
         if best.get("step", 0) <= 0:
             reasons.append("the best evaluation is the untrained initialisation (step 0)")
         steps = self.collapsed_steps()
@@ -189,7 +237,10 @@ class GradiendTrainer(Trainer):
         from .schema import prepare_rows
 
         if not isinstance(model, GradiendModel):
-            raise TypeError(f"GradiendTrainer trains a GradiendModel (get_gradiend_model(base, config)), got {type(model).__name__}.")
+            raise TypeError(
+                "GradiendTrainer trains a GradiendModel (get_gradiend_model(base, config)), "
+                f"got {type(model).__name__}."
+            )
         if processing_class is None and data_collator is None:
             raise ValueError("Pass the base model's tokenizer as processing_class= (it tokenizes the rows).")
         args = args or GradiendTrainingArguments(output_dir="gradiend_output")
@@ -231,7 +282,9 @@ class GradiendTrainer(Trainer):
 
         if self.train_dataset is None:
             raise ValueError("GradiendTrainer needs a train_dataset to train.")
-        sampler = TransitionBatchSampler.from_dataset(self.train_dataset, batch_size=self._train_batch_size, seed=self.args.seed)
+        sampler = TransitionBatchSampler.from_dataset(
+            self.train_dataset, batch_size=self._train_batch_size, seed=self.args.seed
+        )
         processes = self.accelerator.num_processes
         if processes > 1:
             sampler = ProcessBatches(sampler, processes, self.accelerator.process_index)
@@ -253,11 +306,21 @@ class GradiendTrainer(Trainer):
         config = self.gradiend_model.gradiend_config
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         reasons = {
-            f"{self.accelerator.num_processes} processes (DDP all-reduces whole gradients)": self.accelerator.num_processes != 1,
-            f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}": self.args.gradient_accumulation_steps != 1,
-            f"max_grad_norm={self.args.max_grad_norm} (clipping needs the whole gradient)": bool(self.args.max_grad_norm),
-            f"optimizer {type(optimizer).__name__} (not torch.optim.AdamW)": not isinstance(optimizer, torch.optim.AdamW),
-            f"source={config.source!r} with target={config.target!r} (needs a third backward pass)": not fused.supports(config.source, config.target),
+            f"{self.accelerator.num_processes} processes (DDP all-reduces whole gradients)": (
+                self.accelerator.num_processes != 1
+            ),
+            f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}": (
+                self.args.gradient_accumulation_steps != 1
+            ),
+            f"max_grad_norm={self.args.max_grad_norm} (clipping needs the whole gradient)": (
+                bool(self.args.max_grad_norm)
+            ),
+            f"optimizer {type(optimizer).__name__} (not torch.optim.AdamW)": (
+                not isinstance(optimizer, torch.optim.AdamW)
+            ),
+            f"source={config.source!r} with target={config.target!r} (needs a third backward pass)": (
+                not fused.supports(config.source, config.target)
+            ),
         }
         return next((reason for reason, blocks in reasons.items() if blocks), None)
 
@@ -269,9 +332,9 @@ class GradiendTrainer(Trainer):
         if blocker is not None:
             if self.args.optimizer_state_dtype != "float32":
                 raise ValueError(
-                    f"optimizer_state_dtype={self.args.optimizer_state_dtype!r} needs the fused step, which this run cannot "
-                    f"take: {blocker}. Use optimizer_state_dtype='float32', or one process with gradient_accumulation_steps=1, "
-                    "max_grad_norm=0 and the default AdamW."
+                    f"optimizer_state_dtype={self.args.optimizer_state_dtype!r} needs the fused step, which this run "
+                    f"cannot take: {blocker}. Use optimizer_state_dtype='float32', or one process with "
+                    "gradient_accumulation_steps=1, max_grad_norm=0 and the default AdamW."
                 )
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
@@ -306,7 +369,11 @@ class GradiendTrainer(Trainer):
 
         model = self.gradiend_model
         classes = model.gradiend_config.feature_classes
-        dataset = self.eval_dataset if eval_dataset is None else prepare_rows(eval_dataset, classes, tokenizer=self.processing_class)
+        dataset = (
+            self.eval_dataset
+            if eval_dataset is None
+            else prepare_rows(eval_dataset, classes, tokenizer=self.processing_class)
+        )
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (rows of both classes, ideally held out).")
         if self.args.max_eval_rows is not None:
@@ -350,7 +417,11 @@ class GradiendTrainer(Trainer):
         self.gradiend_model.load_adapter_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        logger.info("Loading the best GRADIEND checkpoint %s (correlation %s)", self.state.best_model_checkpoint, self.state.best_metric)
+        logger.info(
+            "Loading the best GRADIEND checkpoint %s (correlation %s)",
+            self.state.best_model_checkpoint,
+            self.state.best_metric,
+        )
         self.gradiend_model.load_adapter_weights(self.state.best_model_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -54,7 +54,8 @@ def install_fake_hub(tmp_path: Path, monkeypatch) -> FakeHub:
         fake.calls.append(("upload_folder", dict(repo_id=repo_id, folder_path=folder_path, **kwargs)))
         target = fake.folder(repo_id, kwargs.get("revision"))
         assert target.exists(), f"upload to {repo_id}@{kwargs.get('revision')}, which does not exist on the fake hub"
-        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+        files = {p.relative_to(folder_path).as_posix(): p.read_bytes()
+                 for p in Path(folder_path).rglob("*") if p.is_file()}
         for name, content in files.items():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             (target / name).write_bytes(content)
@@ -71,11 +72,13 @@ def install_fake_hub(tmp_path: Path, monkeypatch) -> FakeHub:
         raise AssertionError("an unrecorded Hub call was made")
 
     def hf_hub_download(repo_id, filename, *, revision=None, cache_dir=None, **kwargs):
-        fake.calls.append(("hf_hub_download", dict(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir, **kwargs)))
+        fake.calls.append(("hf_hub_download", dict(repo_id=repo_id, filename=filename, revision=revision,
+                                                   cache_dir=cache_dir, **kwargs)))
         source = fake.folder(repo_id, revision) / filename
         if not source.is_file():
             raise EntryNotFoundError(f"{filename} not found in {repo_id}@{revision or 'main'}")
-        snapshot = Path(cache_dir or fake.cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / (revision or "main")
+        snapshot = (Path(cache_dir or fake.cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+                    / (revision or "main"))
         snapshot.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, snapshot / filename)
         return str(snapshot / filename)

@@ -43,7 +43,9 @@ def row_nll(model, tokenizer, objective: str, masked: str, word: str) -> torch.T
     return -sum(logp[pos - 1, ids[pos]] for pos in positions)
 
 
-def naive_gradients(model, tokenizer, objective: str, rows: list[dict], side: str, names: list[str]) -> dict[str, torch.Tensor]:
+def naive_gradients(
+    model, tokenizer, objective: str, rows: list[dict], side: str, names: list[str]
+) -> dict[str, torch.Tensor]:
     """Gradient of the mean over rows of -log P(word), with a separate forward/backward per row and target."""
     params = dict(model.named_parameters())
     for p in model.parameters():

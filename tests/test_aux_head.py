@@ -25,7 +25,8 @@ def trained(kind: str, **options):
 
 def wrap(kind: str, **config):
     base, tokenizer, head = trained(kind)
-    gradiend = get_gradiend_model(base, GradiendConfig(feature_classes=CLASSES, objective=AUX, **config), auxiliary_head=head)
+    gradiend = get_gradiend_model(base, GradiendConfig(feature_classes=CLASSES, objective=AUX, **config),
+                                  auxiliary_head=head)
     return base, tokenizer, head, gradiend, GradiendDataCollator(tokenizer, AUX, CLASSES)
 
 
@@ -84,7 +85,8 @@ def test_right_context_changes_the_gradient_but_not_the_plain_causal_one():
     _, tokenizer, _, gradiend, collator = wrap("llama")
     pair = [dict(masked=f"[MASK] said the results were {w}", factual="she", alternative="he", factual_class="female",
                  alternative_class="male") for w in ("good", "bad")]
-    g = [{n: t.clone() for n, t in gradiend.engine.compute(collator([r]), ("alternative",))["alternative"].items()} for r in pair]
+    g = [{n: t.clone() for n, t in gradiend.engine.compute(collator([r]), ("alternative",))["alternative"].items()}
+         for r in pair]
     assert any(not torch.allclose(g[0][n], g[1][n]) for n in g[0])
     causal = GradiendDataCollator(tokenizer, "causal_lm", CLASSES)(pair)
     assert torch.equal(causal["alternative_input_ids"][0], causal["alternative_input_ids"][1])
@@ -113,7 +115,8 @@ def test_head_training_keeps_the_base_frozen_and_the_engine_never_touches_the_he
     base.model.layers[0].mlp.up_proj.weight.requires_grad_(True)  # the user's flags come back as they were
     head = train_auxiliary_head(base, tokenizer, rows(), CLASSES, steps=5, train_mask_embedding=True, progress=False)
     assert all(torch.equal(before[n], t) for n, t in base.state_dict().items())
-    assert base.model.layers[0].mlp.up_proj.weight.requires_grad and not base.model.layers[1].mlp.up_proj.weight.requires_grad
+    assert (base.model.layers[0].mlp.up_proj.weight.requires_grad
+            and not base.model.layers[1].mlp.up_proj.weight.requires_grad)
     assert all(p.grad is None for p in base.parameters())
     mean_row = base.get_input_embeddings().weight.mean(dim=0)
     assert not torch.allclose(head.mask_embedding, mean_row)  # the mask row was trained

@@ -69,9 +69,9 @@ def test_run_writes_the_whole_run_folder_and_the_saved_model_reproduces_the_repo
     assert main(["run", str(job)]) == 0
     run = tmp_path / "run"
     assert f"report: {run / 'report.md'}" in capsys.readouterr().out
-    for name in ("job.yaml", "adapter/adapter_config.json", "adapter/README.md", "plots/training.png", "plots/encoder.png",
-                 "plots/decoder.png", "results/evaluation.json", "results/decoder_grid.csv", "results/contexts.csv",
-                 "models/balance/config.json", "models/balance/README.md", "report.md"):
+    for name in ("job.yaml", "adapter/adapter_config.json", "adapter/README.md", "plots/training.png",
+                 "plots/encoder.png", "plots/decoder.png", "results/evaluation.json", "results/decoder_grid.csv",
+                 "results/contexts.csv", "models/balance/config.json", "models/balance/README.md", "report.md"):
         assert (run / name).is_file(), name
     evaluation = json.loads((run / "results" / "evaluation.json").read_text())
     assert evaluation["encoder"]["correlation"] >= 0.9  # the learnable feature of the trainer tests
@@ -118,8 +118,9 @@ def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, 
     assert model_upload["revision"] == "v1"
     # the pushed adapter loads back through the Hub path to the same encoder
     loaded = GradiendModel.from_pretrained(tiny_model("gpt2"), "user/tiny-adapter")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.bottleneck.parameters(),
-                                                 GradiendModel.from_pretrained(tiny_model("gpt2"), run / "adapter").bottleneck.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(
+        loaded.bottleneck.parameters(),
+        GradiendModel.from_pretrained(tiny_model("gpt2"), run / "adapter").bottleneck.parameters()))
     assert "pushed" in capsys.readouterr().out
 
 
@@ -218,7 +219,9 @@ def test_train_under_accelerate_launch_with_two_processes_equals_one_process_acc
     one = GradiendModel.from_pretrained(tiny_model("gpt2"), tmp_path / "one" / last)
     untrained = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=["female", "male"], init_seed=1))
     for a, b, init in zip(two.bottleneck.parameters(), one.bottleneck.parameters(), untrained.bottleneck.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # summation order differs (Adam amplifies it near g=0); 4 steps move ~4e-2
+        # summation order differs (Adam amplifies it near g=0); 4 steps move ~4e-2
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
         assert not torch.allclose(a, init, atol=1e-3)
     assert json.loads((tmp_path / "two" / "results" / "training.json").read_text())["steps"] == 4
-    assert sorted(p.name for p in (tmp_path / "two" / "training" / "seed-1").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "two" / "training" / "seed-1").glob("checkpoint-*")) == [
+        "checkpoint-2", "checkpoint-4"]

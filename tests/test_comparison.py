@@ -60,7 +60,8 @@ def numpy_cosine(a: dict, b: dict) -> float:
 
 
 def gpt2_adapter(seed=0, latent_dim=1, **config):
-    return GradiendModel(tiny_model("gpt2"), GradiendConfig(feature_classes=CLASSES, init_seed=seed, latent_dim=latent_dim, **config))
+    return GradiendModel(tiny_model("gpt2"),
+                         GradiendConfig(feature_classes=CLASSES, init_seed=seed, latent_dim=latent_dim, **config))
 
 
 def set_decoder(model: GradiendModel, values: dict[str, float], default: float = 0.0) -> None:
@@ -69,7 +70,7 @@ def set_decoder(model: GradiendModel, values: dict[str, float], default: float =
             model.bottleneck.decoder(name).fill_(values.get(name, default))
 
 
-# --- top-k ---------------------------------------------------------------------------------------------------------------
+# --- top-k ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [1, 7, 100, 1000, 7616, 9000, 0.013, 0.0001, 1.0])
 def test_top_k_is_the_exact_global_top_k_with_deterministic_ties(k):
     model = gpt2_adapter(seed=3)
@@ -112,7 +113,7 @@ def test_keyset_algebra_matches_python_sets():
     assert a.intersection_size(b) == 1
 
 
-# --- overlap ---------------------------------------------------------------------------------------------------------------
+# --- overlap ----------------------------------------------------------------------------------------------------------
 def hand_adapter(values: dict[str, list[float]], indices: dict[str, list[int]] = None) -> AdapterTensors:
     """An adapter made by hand: one latent unit; parameters with `indices` are pruned."""
     tensors = {}
@@ -132,8 +133,8 @@ def test_overlap_and_jaccard_of_known_top_k_sets():
         "C": hand_adapter({"z": [5.0, 5.0, 5.0, 1.0]}),
         "D": hand_adapter({"x": [1.0, 2.0, 3.0, 4.0]}),
     }
-    expected = {"A": {("x", 0), ("x", 1), ("y", 4)}, "B": {("x", 1), ("y", 4), ("y", 9)}, "C": {("z", 0), ("z", 1), ("z", 2)},
-                "D": {("x", 1), ("x", 2), ("x", 3)}}
+    expected = {"A": {("x", 0), ("x", 1), ("y", 4)}, "B": {("x", 1), ("y", 4), ("y", 9)},
+                "C": {("z", 0), ("z", 1), ("z", 2)}, "D": {("x", 1), ("x", 2), ("x", 3)}}
     sets = {label: top_k(a, 3).to_set() for label, a in adapters.items()}
     assert sets == expected
     result = overlap_matrix(adapters, 3)
@@ -165,7 +166,7 @@ def test_overlap_matrix_on_models_matches_brute_force():
         assert result.jaccard.loc[a, b] == pytest.approx(inter / len(sets[a] | sets[b]))
 
 
-# --- cosine ---------------------------------------------------------------------------------------------------------------
+# --- cosine -----------------------------------------------------------------------------------------------------------
 def pruned_adapter(keep: dict[str, torch.Tensor], seed=5) -> GradiendModel:
     """A pruned adapter over some parameters of the tiny GPT-2, with its own random decoder values."""
     return GradiendModel(tiny_model("gpt2"), GradiendConfig(feature_classes=CLASSES, init_seed=seed),
@@ -176,7 +177,8 @@ def test_decoder_cosine_equals_numpy_on_the_union_of_entries():
     dense = [gpt2_adapter(seed=s) for s in range(2)]
     names = dense[0].bottleneck.names
     generator = torch.Generator().manual_seed(0)
-    keep = {names[3]: torch.randperm(768, generator=generator)[:100], names[9]: torch.randperm(1024, generator=generator)[:300],
+    keep = {names[3]: torch.randperm(768, generator=generator)[:100],
+            names[9]: torch.randperm(1024, generator=generator)[:300],
             names[5]: torch.arange(256)}  # unsorted indices; one parameter kept whole as an index list
     pruned = pruned_adapter(keep, seed=7)
     # a second pruned adapter overlapping the first in part
@@ -194,12 +196,13 @@ def test_decoder_cosine_equals_numpy_on_the_union_of_entries():
 def test_cosine_of_encoders_and_zero_vectors():
     a, b = gpt2_adapter(seed=0), gpt2_adapter(seed=1)
     frame = decoder_cosine({"a": a, "b": b}, by="encoder")
-    assert frame.loc["a", "b"] == pytest.approx(numpy_cosine(entries_of(a, "encoder"), entries_of(b, "encoder")), abs=1e-6)
+    assert frame.loc["a", "b"] == pytest.approx(numpy_cosine(entries_of(a, "encoder"), entries_of(b, "encoder")),
+                                                abs=1e-6)
     set_decoder(b, {})
     assert math.isnan(decoder_cosine({"a": a, "b": b}).loc["a", "b"])
 
 
-# --- pruned vs dense, saved paths ------------------------------------------------------------------------------------------
+# --- pruned vs dense, saved paths -------------------------------------------------------------------------------------
 def test_pruned_and_dense_adapters_share_global_keys(tmp_path):
     dense = gpt2_adapter(seed=0)
     names = dense.bottleneck.names
@@ -212,7 +215,8 @@ def test_pruned_and_dense_adapters_share_global_keys(tmp_path):
             values = torch.arange(1, idx.numel() + 1, dtype=torch.float32) * (-1) ** torch.arange(idx.numel())
             pruned.bottleneck.decoder(name)[0].copy_(values)
             dense.bottleneck.decoder(name).view(1, -1)[0, idx] = values
-    assert top_k(pruned, 7).to_set() == top_k(dense, 7).to_set() == {(n, int(i)) for n, idx in keep.items() for i in idx}
+    assert top_k(pruned, 7).to_set() == top_k(dense, 7).to_set() == {(n, int(i)) for n, idx in keep.items()
+                                                                      for i in idx}
     assert overlap_matrix({"dense": dense, "pruned": pruned}, 7).overlap.loc["dense", "pruned"] == 1.0
     cos = decoder_cosine({"dense": dense, "pruned": pruned}).loc["dense", "pruned"]
     assert cos == pytest.approx(numpy_cosine(entries_of(dense), entries_of(pruned)), abs=1e-7) and 0.99 < cos < 1
@@ -233,7 +237,7 @@ def test_pruned_and_dense_adapters_share_global_keys(tmp_path):
     assert feature_location(loaded).parameters["entries"].tolist() == [4, 3]
 
 
-# --- where the feature lives ----------------------------------------------------------------------------------------------
+# --- where the feature lives ------------------------------------------------------------------------------------------
 def test_feature_location_shares_match_a_hand_computation():
     model = gpt2_adapter()
     set_decoder(model, {
@@ -294,7 +298,7 @@ def test_parameter_names_map_to_layers_and_module_types(name, layer, module):
     assert layer_of(name)[0] == layer and module_type(name) == module
 
 
-# --- seed stability -------------------------------------------------------------------------------------------------------
+# --- seed stability ---------------------------------------------------------------------------------------------------
 def test_seed_stability_summarises_pairs_and_converged_seeds(tmp_path):
     models = {0: gpt2_adapter(seed=0), 1: gpt2_adapter(seed=1), 2: gpt2_adapter(seed=0)}  # 0 and 2 identical
     models[1].save_pretrained(tmp_path / "one")
@@ -314,12 +318,13 @@ def test_seed_stability_summarises_pairs_and_converged_seeds(tmp_path):
     assert stability["all"]["cosine_mean"] == pytest.approx(np.mean([p["cosine"] for p in pairs.values()]))
     assert stability["converged_seeds"] == [0, 2]
     assert stability["converged"] == {"pairs": 1, "overlap_mean": 1.0, "overlap_min": 1.0, "jaccard_mean": 1.0,
-                                      "jaccard_min": 1.0, "cosine_mean": pytest.approx(1.0), "cosine_min": pytest.approx(1.0)}
+                                      "jaccard_min": 1.0, "cosine_mean": pytest.approx(1.0),
+                                      "cosine_min": pytest.approx(1.0)}
     assert stability["top_k_sizes"] == [381] * 3  # 5% of 7616 = 380.8, rounded half up
 
     single = seed_stability({4: models[0]}, converged=[4])
-    assert single["all"] == {"pairs": 0, "overlap_mean": None, "overlap_min": None, "jaccard_mean": None, "jaccard_min": None,
-                             "cosine_mean": None, "cosine_min": None}
+    assert single["all"] == {"pairs": 0, "overlap_mean": None, "overlap_min": None, "jaccard_mean": None,
+                             "jaccard_min": None, "cosine_mean": None, "cosine_min": None}
 
 
 def test_train_seeds_report_holds_the_stability_of_the_trained_seeds(tmp_path):
@@ -345,7 +350,7 @@ def test_train_seeds_report_holds_the_stability_of_the_trained_seeds(tmp_path):
         torch.testing.assert_close(saved.tensors[name]["decoder"], chosen.tensors[name]["decoder"])
 
 
-# --- plots draw the numbers -------------------------------------------------------------------------------------------------
+# --- plots draw the numbers -------------------------------------------------------------------------------------------
 def test_overlap_and_cosine_heatmaps_show_the_matrices(tmp_path):
     models = {f"seed {s}": gpt2_adapter(seed=s) for s in range(3)}
     models["copy"] = models["seed 0"]

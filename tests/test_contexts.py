@@ -47,10 +47,12 @@ def test_context_probabilities_are_the_summed_word_probabilities(kind):
     frame = context_probabilities(model, tok, objective, CONTEXTS, WORDS)
     for i, context in enumerate(CONTEXTS):
         for cls, words in WORDS.items():
-            assert frame.loc[i, cls] == pytest.approx(sum(by_hand(model, tok, objective, context, w) for w in words), rel=1e-5)
+            assert frame.loc[i, cls] == pytest.approx(sum(by_hand(model, tok, objective, context, w) for w in words),
+                                                      rel=1e-5)
     summary = summarise_contexts(frame, CLASSES)
     assert summary["ratio"] == pytest.approx(frame["female"].mean() / frame["male"].mean())
-    assert summary["mean_abs_log_ratio"] == pytest.approx(np.mean([abs(math.log(a / b)) for a, b in zip(frame["female"], frame["male"])]))
+    assert summary["mean_abs_log_ratio"] == pytest.approx(
+        np.mean([abs(math.log(a / b)) for a, b in zip(frame["female"], frame["male"])]))
 
 
 def test_built_in_neutral_contexts_have_one_mask_and_no_gender_cue():
@@ -73,7 +75,8 @@ def test_balance_in_contexts_picks_the_most_balanced_feasible_candidate_and_rest
         for p in model.bottleneck.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
     before = {n: p.clone() for n, p in base.state_dict().items()}
-    decoder = evaluate_decoder(model, ROWS, tok, NEUTRAL, learning_rates=[0.05, 0.2, 0.5, 1.0], lms_ratio=0.5, progress=False)
+    decoder = evaluate_decoder(model, ROWS, tok, NEUTRAL, learning_rates=[0.05, 0.2, 0.5, 1.0], lms_ratio=0.5,
+                               progress=False)
     edit, table = balance_in_contexts(model, decoder, tok, CONTEXTS, WORDS, keep_mass=0.5)
     assert all(torch.equal(p, before[n]) for n, p in base.state_dict().items())
     assert len(table) == len(decoder.feasible())
@@ -81,9 +84,11 @@ def test_balance_in_contexts_picks_the_most_balanced_feasible_candidate_and_rest
     oracle = []
     for _, row in decoder.feasible().iterrows():
         with model.apply_edit(feature_factor=float(row["feature_factor"]), learning_rate=float(row["learning_rate"])):
-            p = {c: [sum(by_hand(base, tok, "causal_lm", ctx, w) for w in ws) for ctx in CONTEXTS] for c, ws in WORDS.items()}
+            p = {c: [sum(by_hand(base, tok, "causal_lm", ctx, w) for w in ws) for ctx in CONTEXTS]
+                 for c, ws in WORDS.items()}
         mass = np.mean(np.add(p["female"], p["male"]))
-        oracle.append((np.mean(np.abs(np.log(np.divide(p["female"], p["male"])))), mass, row["feature_factor"], row["learning_rate"]))
+        oracle.append((np.mean(np.abs(np.log(np.divide(p["female"], p["male"])))), mass, row["feature_factor"],
+                       row["learning_rate"]))
     base_mass = oracle[0][1]  # the base comes first in the grid
     best = min((o for o in oracle if o[1] >= 0.5 * base_mass), key=lambda o: o[0])
     assert (edit.feature_factor, edit.learning_rate) == (best[2], best[3])

@@ -48,7 +48,8 @@ def test_engine_gradients_equal_naive_per_row_backward(kind, subset):
     batch = collator(data)
     grads = gradiend.engine.compute(batch, ("factual", "alternative", "diff"))
     names = gradiend.bottleneck.names
-    expected = {side: naive_gradients(model, tokenizer, gradiend.objective, data, side, names) for side in ("factual", "alternative")}
+    expected = {side: naive_gradients(model, tokenizer, gradiend.objective, data, side, names)
+                for side in ("factual", "alternative")}
     for side in ("factual", "alternative"):
         assert_gradients_close(grads[side], expected[side])
     assert_gradients_close(grads["diff"], {n: expected["factual"][n] - expected["alternative"][n] for n in names})
@@ -58,7 +59,8 @@ def test_engine_gradients_equal_naive_per_row_backward(kind, subset):
 def test_every_gradient_plan_gives_the_same_gradients(kinds):
     _, gradiend, collator = wrap("gpt2")
     batch = collator(rows())
-    reference = {k: {n: t.clone() for n, t in v.items()} for k, v in gradiend.engine.compute(batch, ("factual", "alternative", "diff")).items()}
+    reference = {k: {n: t.clone() for n, t in v.items()}
+                 for k, v in gradiend.engine.compute(batch, ("factual", "alternative", "diff")).items()}
     got = gradiend.engine.compute(batch, kinds)
     for kind in kinds:
         assert_gradients_close(got[kind], reference[kind])
@@ -74,7 +76,8 @@ def test_differentiated_loss_is_minus_log_p_of_the_word(kind):
         for side in ("factual", "alternative"):
             logits = model(**side_inputs(batch, side)).logits
             got = row_losses(logits, batch[f"{side}_labels"])
-            expected = torch.stack([row_nll(model, tokenizer_for(kind), gradiend.objective, r["masked"], r[side]) for r in data])
+            expected = torch.stack([row_nll(model, tokenizer_for(kind), gradiend.objective, r["masked"], r[side])
+                                    for r in data])
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -82,7 +85,8 @@ def test_causal_labels_sit_on_the_position_that_predicts_the_word():
     """Off-by-one guard: the label of the first word token sits on the last context token, not on the word."""
     _, gradiend, collator = wrap("gpt2")
     tokenizer = tokenizer_for("gpt2")
-    batch = collator([dict(masked="the nurse said that [MASK] was", factual="he", alternative="she", factual_class="male", alternative_class="female")])
+    batch = collator([dict(masked="the nurse said that [MASK] was", factual="he", alternative="she",
+                           factual_class="male", alternative_class="female")])
     context = tokenizer("the nurse said that")["input_ids"]
     he = tokenizer(" he", add_special_tokens=False)["input_ids"]
     assert len(he) == 1
@@ -110,7 +114,8 @@ def test_hooks_free_the_base_gradients_and_restore_flags():
     gradiend.engine.compute(collator(rows()), ("alternative", "diff"))
     assert all(p.grad is None for p in model.parameters())
     assert not any(p.requires_grad for p in model.parameters())
-    assert all(not p._post_accumulate_grad_hooks for p in model.parameters() if getattr(p, "_post_accumulate_grad_hooks", None))
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
+               if getattr(p, "_post_accumulate_grad_hooks", None))
 
 
 @pytest.mark.parametrize("kind", MASKED + CAUSAL)
@@ -134,7 +139,7 @@ def test_jvp_handles_several_latent_units():
     torch.testing.assert_close(rows_h, single, rtol=1e-4, atol=1e-7)
 
 
-# --- the fast forward-mode path (packed rows, LM head at scored positions, causal cut) against oracles ------------------
+# --- the fast forward-mode path (packed rows, LM head at scored positions, causal cut) against oracles ----------------
 TIED_EMBEDDINGS = {"bert": "word_embeddings", "distilbert": "word_embeddings", "albert": "word_embeddings",
                    "gpt2": "wte", "llama-tied": "embed_tokens"}
 
@@ -147,9 +152,9 @@ def tiny_any(kind):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer_for("llama")), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=24, num_key_value_heads=1, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                         max_position_embeddings=64, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=len(tokenizer_for("llama")), hidden_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=24, num_key_value_heads=1, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=0, max_position_embeddings=64, tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
 
 
@@ -160,7 +165,8 @@ def varied_rows():
         ("the nurse and the doctor said that the results were good and that [MASK] went home", "she", "he"),
         ("the doctor said that [MASK] was in the room and it was bad", "qrstu", "he"),
     ]
-    return rows() + [dict(masked=m, factual=f, alternative=a, factual_class="female", alternative_class="male") for m, f, a in extra]
+    return rows() + [dict(masked=m, factual=f, alternative=a, factual_class="female", alternative_class="male")
+                     for m, f, a in extra]
 
 
 def oracle_read_outs(model, kind, gradiend, data, source):
@@ -169,9 +175,11 @@ def oracle_read_outs(model, kind, gradiend, data, source):
     tokenizer, names = tokenizer_for(kind.replace("-tied", "")), gradiend.bottleneck.names
     out = []
     for row in data:
-        sides = {side: naive_gradients(model, tokenizer, gradiend.objective, [row], side, names) for side in SIDES_OF[source]}
+        sides = {side: naive_gradients(model, tokenizer, gradiend.objective, [row], side, names)
+                 for side in SIDES_OF[source]}
         grad = sides[source] if source != "diff" else {n: sides["factual"][n] - sides["alternative"][n] for n in names}
-        out.append(sum((gradiend.bottleneck.encoder(n)[0] * grad[n]).sum() for n in names) + gradiend.bottleneck.encoder_bias[0])
+        out.append(sum((gradiend.bottleneck.encoder(n)[0] * grad[n]).sum() for n in names)
+                   + gradiend.bottleneck.encoder_bias[0])
     return torch.stack(out).detach()
 
 
@@ -237,7 +245,8 @@ def test_pruned_adapters_take_sparse_weight_tangents_and_equal_the_naive_oracle(
     made, make = [], gradients.sparse_weight_tangent
     monkeypatch.setattr(gradients, "sparse_weight_tangent", lambda *a: made.append(a[2]) or make(*a))
     got = gradiend.encode_rows(GradiendDataCollator(tokenizer, gradiend.objective, CLASSES)(varied_rows()))[:, 0]
-    assert made and len(made) == sum(n in gradiend.engine.linear_weights and b.indices[n].numel() <= 0.1 * b.shapes[n].numel()
+    assert made and len(made) == sum(n in gradiend.engine.linear_weights
+                                     and b.indices[n].numel() <= 0.1 * b.shapes[n].numel()
                                      for n in b.names)
     expected = []
     for row in varied_rows():
@@ -253,7 +262,8 @@ def test_lm_head_projects_only_the_scored_positions():
     batch = collator(rows())
     gradiend.encode_rows(batch)  # the first call also checks once whether rows can be packed for this model
     seen = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape[:2])))
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(tuple(out.shape[:2])))
     try:
         gradiend.encode_rows(batch)
     finally:
@@ -267,7 +277,8 @@ def test_a_head_that_needs_every_position_falls_back_to_the_full_head():
     data = rows()
     expected = torch.stack([gradiend.encode(collator([r])) for r in data])
     shapes = {}
-    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.update(s=kwargs["input_ids"].shape), with_kwargs=True)
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.update(s=kwargs["input_ids"].shape),
+                                    with_kwargs=True)
     model.lm_head.register_forward_hook(lambda module, args, out: out.reshape(*shapes["s"], -1))  # shape-bound
     got = gradiend.encode_rows(collator(data))
     assert not gradiend.engine.gathers
@@ -285,7 +296,8 @@ def test_columns_after_the_last_scored_position_are_cut_for_causal_lms_only(kind
     for side in ("factual", "alternative"):
         n = longer[f"{side}_input_ids"].shape[0]
         longer[f"{side}_input_ids"] = torch.cat([longer[f"{side}_input_ids"], torch.full((n, 3), 7)], dim=1)
-        longer[f"{side}_attention_mask"] = torch.cat([longer[f"{side}_attention_mask"], torch.ones(n, 3, dtype=torch.long)], dim=1)
+        longer[f"{side}_attention_mask"] = torch.cat(
+            [longer[f"{side}_attention_mask"], torch.ones(n, 3, dtype=torch.long)], dim=1)
         longer[f"{side}_labels"] = torch.cat([longer[f"{side}_labels"], torch.full((n, 3), -100)], dim=1)
     same = torch.allclose(gradiend.encode_rows(longer), gradiend.encode_rows(batch), rtol=1e-5, atol=1e-7)
     assert same == (kind in CAUSAL)
@@ -342,8 +354,10 @@ def test_packed_rows_are_blocks_of_their_own_with_positions_from_zero(causal):
     assert keep.sum(1).tolist() == ([2, 1, 3] if causal else [3, 2, 4])  # causal: nothing after the last scored token
     packed = pack_rows(ids, keep, {"alternative": labels}, causal, "bool", torch.float32, capacity=6)
     assert packed.rows.tolist() == ([[2, 2, 2], [0, 0, 1]] if causal else [[2, 2, 2, 2, -1], [0, 0, 0, 1, 1]])
-    assert packed.inputs["position_ids"].tolist() == ([[0, 1, 2], [0, 1, 0]] if causal else [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]])
-    assert packed.inputs["input_ids"].tolist() == ([[1, 2, 3], [5, 6, 8]] if causal else [[1, 2, 3, 4, 0], [5, 6, 7, 8, 9]])
+    assert packed.inputs["position_ids"].tolist() == ([[0, 1, 2], [0, 1, 0]] if causal
+                                                      else [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]])
+    assert packed.inputs["input_ids"].tolist() == ([[1, 2, 3], [5, 6, 8]] if causal
+                                                   else [[1, 2, 3, 4, 0], [5, 6, 7, 8, 9]])
     assert sorted(packed.labels["alternative"][packed.labels["alternative"] != -100].tolist()) == [11, 12, 13]
     mask = packed.inputs["attention_mask"][:, 0]
     for lane, block in enumerate(packed.rows):  # filler (-1) is a block of its own

@@ -47,7 +47,8 @@ def test_base_is_frozen_and_stays_in_eval_mode_when_training():
     assert not model.training and gradiend.bottleneck.training
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.requires_grad for p in gradiend.bottleneck.parameters())
-    assert {id(p) for p in gradiend.parameters() if p.requires_grad} == {id(p) for p in gradiend.bottleneck.parameters()}
+    assert ({id(p) for p in gradiend.parameters() if p.requires_grad}
+            == {id(p) for p in gradiend.bottleneck.parameters()})
 
 
 # --- the auto-encoder ------------------------------------------------------------------------------------------
@@ -157,7 +158,8 @@ def test_merge_without_an_edit_uses_the_stored_one_or_explains():
     model, gradiend = wrap("gpt2", feature_factor=1.0, learning_rate=0.1)
     original = state(model)
     name = gradiend.bottleneck.names[0]
-    expected = original[name] + 0.1 * (gradiend.bottleneck.decoder(name).detach()[0] + gradiend.bottleneck.offset(name).detach())
+    expected = original[name] + 0.1 * (gradiend.bottleneck.decoder(name).detach()[0]
+                                       + gradiend.bottleneck.offset(name).detach())
     assert torch.equal(gradiend.merge_and_unload().state_dict()[name], expected)
 
 
@@ -191,7 +193,8 @@ def test_save_load_round_trip_is_exact(tmp_path, kind):
     batch = GradiendDataCollator(tokenizer_for(kind), gradiend.objective, CLASSES)(rows())
     h, h_rows, dec = gradiend.encode(batch), gradiend.encode_rows(batch), gradiend.decode(0.5)
     gradiend.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", WEIGHTS_NAME]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
+                                                                        WEIGHTS_NAME]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     loaded = GradiendModel.from_pretrained(tiny_model(kind), tmp_path / "adapter")
     assert torch.equal(loaded.encode(batch), h)

@@ -14,7 +14,13 @@ from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model
 from gradiend_hf.evaluation import evaluate_decoder, evaluate_encoder, learning_rate_ladder, neutral_rows
 from gradiend_hf.evaluation.encoder import encode_dataset, summarise
 from gradiend_hf.evaluation.lms import language_modelling_score, lms_batches
-from gradiend_hf.evaluation.probabilities import case_variants, class_probabilities, class_words, word_batches, word_probabilities
+from gradiend_hf.evaluation.probabilities import (
+    case_variants,
+    class_probabilities,
+    class_words,
+    word_batches,
+    word_probabilities,
+)
 
 CLASSES = ["female", "male"]
 NEUTRAL = ["the doctor went home and it was good", "they said the results were bad", "the room was good"]
@@ -22,7 +28,8 @@ NEUTRAL = ["the doctor went home and it was good", "they said the results were b
 
 def both_classes():
     """The tiny rows plus their mirror (male -> female), so both classes have rows."""
-    mirrored = [dict(r, factual=r["alternative"], alternative=r["factual"], factual_class="male", alternative_class="female") for r in rows()]
+    mirrored = [dict(r, factual=r["alternative"], alternative=r["factual"], factual_class="male",
+                     alternative_class="female") for r in rows()]
     return rows() + mirrored
 
 
@@ -34,11 +41,16 @@ def wrap(kind):
 # --- encoder metrics -------------------------------------------------------------------------------------------
 def test_encoder_metrics_match_hand_computation():
     frame = pd.DataFrame([
-        dict(masked="x [MASK]", factual="he", alternative="she", factual_class="male", alternative_class="female", h=0.9),
-        dict(masked="x [MASK]", factual="he", alternative="her", factual_class="male", alternative_class="female", h=0.2),
-        dict(masked="x [MASK]", factual="she", alternative="he", factual_class="female", alternative_class="male", h=-0.7),
-        dict(masked="x [MASK]", factual="her", alternative="his", factual_class="female", alternative_class="male", h=0.1),
-        dict(masked="x [MASK]", factual="the", alternative="the", factual_class="neutral", alternative_class="neutral", h=-0.6),
+        dict(masked="x [MASK]", factual="he", alternative="she",
+             factual_class="male", alternative_class="female", h=0.9),
+        dict(masked="x [MASK]", factual="he", alternative="her",
+             factual_class="male", alternative_class="female", h=0.2),
+        dict(masked="x [MASK]", factual="she", alternative="he",
+             factual_class="female", alternative_class="male", h=-0.7),
+        dict(masked="x [MASK]", factual="her", alternative="his",
+             factual_class="female", alternative_class="male", h=0.1),
+        dict(masked="x [MASK]", factual="the", alternative="the",
+             factual_class="neutral", alternative_class="neutral", h=-0.6),
     ])
     result = summarise(frame, CLASSES, "alternative")
     h = np.array([0.9, 0.2, -0.7, 0.1])
@@ -57,7 +69,8 @@ def test_neutral_rows_mask_a_non_feature_word():
     data = rows()
     feature_words = {r[s].lower() for r in data for s in ("factual", "alternative")}
     neutral = neutral_rows(data, 10, seed=3)
-    assert neutral and all(r["factual"] == r["alternative"] and r["factual"].lower() not in feature_words for r in neutral)
+    assert neutral and all(r["factual"] == r["alternative"] and r["factual"].lower() not in feature_words
+                           for r in neutral)
     assert all(r["masked"].count("[MASK]") == 1 for r in neutral)
     assert neutral == neutral_rows(data, 10, seed=3)
 
@@ -75,7 +88,8 @@ def test_encode_dataset_batches_rows_by_length_and_keeps_their_order():
     model = tiny_model("gpt2")
     gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, encoder_activation="identity"))
     collate = GradiendDataCollator(tokenizer_for("gpt2"), "causal_lm", CLASSES)
-    data = both_classes() + [dict(rows()[0], masked="the doctor and the nurse said that the results were good and that [MASK] went")]
+    data = both_classes() + [
+        dict(rows()[0], masked="the doctor and the nurse said that the results were good and that [MASK] went")]
     widths, encode_rows = [], gradiend.encode_rows
     gradiend.encode_rows = lambda batch: widths.append(batch["alternative_input_ids"].shape[1]) or encode_rows(batch)
     frame = encode_dataset(gradiend, data, collate, batch_size=3, progress=False)
@@ -96,10 +110,12 @@ def test_class_probabilities_sum_case_variants_and_multiply_tokens(kind):
     # case variants count when the tokenizer tells them apart; the uncased WordPiece reads "She" as "she": once only
     assert ("She" in words["female"]) == (kind != "bert") and "she" in words["female"]
     collate = GradiendDataCollator(tok, gradiend.objective, CLASSES)
-    probs = class_probabilities(word_probabilities(model, word_batches(data, [w for ws in words.values() for w in ws], collate)), words)
+    probs = class_probabilities(
+        word_probabilities(model, word_batches(data, [w for ws in words.values() for w in ws], collate)), words)
     with torch.no_grad():
         for c in CLASSES:
-            expected = [sum(math.exp(-float(row_nll(model, tok, gradiend.objective, r["masked"], w))) for w in words[c]) for r in data]
+            expected = [sum(math.exp(-float(row_nll(model, tok, gradiend.objective, r["masked"], w))) for w in words[c])
+                        for r in data]
             np.testing.assert_allclose(probs[c].numpy(), expected, rtol=1e-4)
 
 
@@ -181,13 +197,15 @@ def test_best_strengthens_its_class_within_the_lms_budget():
         assert edit.metrics["lms"] >= 0.99 * edit.metrics["base_lms"]
     edit = result.best("male")
     assert edit.metrics["probabilities"]["male"] != edit.metrics["base_probabilities"]["male"]
-    assert result.grid.loc[(result.grid.feature_factor == edit.feature_factor) & (result.grid.learning_rate == edit.learning_rate),
+    assert result.grid.loc[(result.grid.feature_factor == edit.feature_factor)
+                           & (result.grid.learning_rate == edit.learning_rate),
                            "p_male@female"].iloc[0] > result.grid.loc[result.grid.is_base, "p_male@female"].iloc[0]
 
 
 def test_no_feasible_candidate_returns_the_base_with_a_warning(caplog):
     _, gradiend = wrap("gpt2")
-    result = evaluate_decoder(gradiend, both_classes(), tokenizer_for("gpt2"), NEUTRAL, learning_rates=[1.0], progress=False)
+    result = evaluate_decoder(gradiend, both_classes(), tokenizer_for("gpt2"), NEUTRAL, learning_rates=[1.0],
+                              progress=False)
     result.lms_ratio = 2.0  # nothing but the base can keep twice the base LMS
     with caplog.at_level(logging.WARNING, logger="gradiend_hf"):
         edit = result.best("female")
@@ -205,7 +223,8 @@ def test_unknown_goal_is_explained():
 
 def test_merging_an_edit_records_it_with_its_figures(tmp_path):
     _, gradiend = wrap("gpt2")
-    result = evaluate_decoder(gradiend, both_classes(), tokenizer_for("gpt2"), NEUTRAL, learning_rates=[1.0, 10.0], progress=False)
+    result = evaluate_decoder(gradiend, both_classes(), tokenizer_for("gpt2"), NEUTRAL, learning_rates=[1.0, 10.0],
+                              progress=False)
     edit = result.best("balance")
     gradiend.merge_and_unload(edit)
     config = gradiend.gradiend_config

@@ -63,7 +63,8 @@ def assert_same_training(config, kind="gpt2", steps=3, **optimizer_kwargs):
 
 
 @pytest.mark.parametrize("source,target", [("alternative", "diff"), ("factual", "diff"), ("diff", "diff"),
-                                           ("factual", "alternative"), ("alternative", "factual"), ("factual", "factual")])
+                                           ("factual", "alternative"), ("alternative", "factual"),
+                                           ("factual", "factual")])
 def test_fused_step_equals_the_plain_step_for_every_streamable_source_and_target(source, target):
     assert_same_training({"source": source, "target": target})
 
@@ -156,7 +157,8 @@ def test_bfloat16_moments_need_the_fused_step(tmp_path):
     trainer = GradiendTrainer(
         model=gradiend,
         args=GradiendTrainingArguments(output_dir=str(tmp_path), max_steps=1, optimizer_state_dtype="bfloat16",
-                                       max_grad_norm=1.0, eval_strategy="no", save_strategy="no", load_best_model_at_end=False),
+                                       max_grad_norm=1.0, eval_strategy="no", save_strategy="no",
+                                       load_best_model_at_end=False),
         train_dataset=rows(), processing_class=tokenizer_for("bert"),
     )
     with pytest.raises(ValueError, match="max_grad_norm=1.0"):

@@ -1,8 +1,8 @@
 """Model cards and Hub pushes: the Hub calls are recorded into a fake hub folder (no network) and loaded back.
 
-The recorder replaces `HfApi.create_repo` / `create_branch` / `upload_folder` (what `GradiendModel.push_to_hub` and `push_merged` call)
-and `huggingface_hub.hf_hub_download` (what `serialization.resolve_adapter_files` calls for a repo id). Files live in
-`<fake hub>/<user>/<repo>/<revision>/`; a new branch starts from main, as on the Hub.
+The recorder replaces `HfApi.create_repo` / `create_branch` / `upload_folder` (what `GradiendModel.push_to_hub` and
+`push_merged` call) and `huggingface_hub.hf_hub_download` (what `serialization.resolve_adapter_files` calls for a repo
+id). Files live in `<fake hub>/<user>/<repo>/<revision>/`; a new branch starts from main, as on the Hub.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def test_a_revision_is_pushed_to_its_branch_and_loaded_from_it(hub):
 
 
 # --- pushing a merged model -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind, auto, with_tokenizer", [("gpt2", AutoModelForCausalLM, True), ("bert", AutoModelForMaskedLM, False)])
+@pytest.mark.parametrize("kind, auto, with_tokenizer",
+                         [("gpt2", AutoModelForCausalLM, True), ("bert", AutoModelForMaskedLM, False)])
 def test_push_merged_uploads_a_plain_transformers_model_with_our_card(hub, tmp_path, kind, auto, with_tokenizer):
     _, gradiend = wrap(kind)
     config = gradiend.gradiend_config
@@ -162,7 +163,8 @@ def test_push_merged_uploads_a_plain_transformers_model_with_our_card(hub, tmp_p
     with torch.no_grad():
         assert torch.equal(reloaded(**ids).logits, merged(**ids).logits)
     if tokenizer is not None:
-        assert AutoTokenizer.from_pretrained(folder)("the nurse said")["input_ids"] == tokenizer("the nurse said")["input_ids"]
+        assert (AutoTokenizer.from_pretrained(folder)("the nurse said")["input_ids"]
+                == tokenizer("the nurse said")["input_ids"])
     else:
         assert 'AutoTokenizer.from_pretrained("tiny/bert")' in card.text
 
@@ -233,7 +235,8 @@ def test_cards_say_not_evaluated_when_figures_are_missing():
     assert "| perplexity | not evaluated | not evaluated |  |" in text
     assert "| P(female) | not evaluated | not evaluated |  |" in text
 
-    merged = merged_card(partial.with_updates(evaluation=None), edit=Edit(feature_factor=1.0, learning_rate=0.5, goal="female"))
+    merged = merged_card(partial.with_updates(evaluation=None),
+                         edit=Edit(feature_factor=1.0, learning_rate=0.5, goal="female"))
     assert "edited" in ModelCard(str(merged)).data.tags and "Not evaluated" in merged.text
     assert 'strengthen "female"' in merged.text
     with pytest.raises(ValueError, match="needs the merged edit"):
@@ -251,7 +254,8 @@ def test_explicit_card_fields_and_another_edit():
 
 
 def test_large_and_tiny_figures_stay_readable():
-    config = evaluated_config().with_updates(evaluation={**EVALUATION, "base_perplexity": 9000.0, "perplexity": 12345.6})
+    config = evaluated_config().with_updates(
+        evaluation={**EVALUATION, "base_perplexity": 9000.0, "perplexity": 12345.6})
     text = adapter_card(config, 10).text
     assert "| perplexity | 9000 | 12,346 | +3346 |" in text
     config = config.with_updates(evaluation={**EVALUATION, "probabilities": {"female": 1.234e-05, "male": 0.5}})

@@ -39,7 +39,8 @@ def free_port() -> int:
 
 
 def run(command: list[str], returncode: int = 0) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == returncode, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done
@@ -161,7 +162,7 @@ def test_a_launch_without_a_process_group_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     model = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=["female", "male"]))
-    args = GradiendTrainingArguments(output_dir=str(tmp_path), disable_tqdm=True, eval_strategy="no", save_strategy="no",
-                                     load_best_model_at_end=False)
+    args = GradiendTrainingArguments(output_dir=str(tmp_path), disable_tqdm=True, eval_strategy="no",
+                                     save_strategy="no", load_best_model_at_end=False)
     with pytest.raises(RuntimeError, match="use_cpu=True"):
         GradiendTrainer(model=model, args=args, train_dataset=rows(), processing_class=tokenizer_for("gpt2"))

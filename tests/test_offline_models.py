@@ -81,7 +81,8 @@ def test_smiles_tokenizer_equals_rxnmapper_tokenization():
     vocab = {t: i for i, t in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
     tokenizer = offline.smiles_tokenizer(vocab_file)
     for smiles in REACTIONS:
-        expected = [vocab["[CLS]"]] + [vocab.get(t, vocab["[UNK]"]) for t in re.findall(pattern, smiles)] + [vocab["[SEP]"]]
+        expected = ([vocab["[CLS]"]] + [vocab.get(t, vocab["[UNK]"]) for t in re.findall(pattern, smiles)]
+                    + [vocab["[SEP]"]])
         ids = tokenizer(smiles)["input_ids"]
         assert ids == expected, smiles
         assert tokenizer.decode(ids, skip_special_tokens=True) == smiles

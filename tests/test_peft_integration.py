@@ -97,8 +97,9 @@ ADAPTER_API_BLOCKER = adapter_api_blocker()
 
 
 def require_adapter_api():
-    """transformers' adapter API loads with the installed peft but refuses to manage adapters (disable, save, ...) when it
-    asks for a newer peft (compatibility.py): then skip; the refusal's message is test_an_old_peft_is_refused_naming_*."""
+    """transformers' adapter API loads with the installed peft but refuses to manage adapters (disable, save, ...) when
+    it asks for a newer peft (compatibility.py): then skip; the refusal's message is
+    test_an_old_peft_is_refused_naming_*."""
     if ADAPTER_API_BLOCKER is not None:
         pytest.skip(ADAPTER_API_BLOCKER)
 
@@ -343,8 +344,8 @@ def test_the_low_level_peft_api_injects_from_the_file_and_so_also_loads_pruned_a
 # --- dtypes, low memory loading, saving through transformers --------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_half_precision_bases_and_low_cpu_mem_usage_match_gradiend_model(bases, tmp_path, dtype):
-    """Every base is loaded as route (b) loads it, with from_pretrained(dtype=...): that keeps the rotary inv_freq buffer
-    in float32, while base.to(bfloat16) would round it too (a different model, logits off by ~1e-3)."""
+    """Every base is loaded as route (b) loads it, with from_pretrained(dtype=...): that keeps the rotary inv_freq
+    buffer in float32, while base.to(bfloat16) would round it too (a different model, logits off by ~1e-3)."""
     path = save_adapter(bases, "llama", tmp_path / "adapter")
     base = lambda: AutoModelForCausalLM.from_pretrained(bases / "llama", dtype=dtype).eval()
     expected = logits(GradiendModel.from_pretrained(base(), path).merge_and_unload(), "llama")
@@ -447,10 +448,11 @@ def test_edited_parameters_in_a_module_and_its_submodule_are_refused():
     assert isinstance(toy.block.inner, GradiendLayer)  # a Linear inside a module without own edits is fine
 
 
-# --- transformers asking for a newer peft than installed ---------------------------------------------------------------
+# --- transformers asking for a newer peft than installed --------------------------------------------------------------
 def test_an_old_peft_is_refused_naming_both_versions_and_the_fix(bases, tmp_path, monkeypatch):
-    """transformers >= 5.24 wants peft >= 0.22 to manage adapters: the refusal names both installed versions and the ways
-    out. On the tested lock the versions fit, so a newer minimum is simulated. Loading itself and route (a) still work."""
+    """transformers >= 5.24 wants peft >= 0.22 to manage adapters: the refusal names both installed versions and the
+    ways out. On the tested lock the versions fit, so a newer minimum is simulated. Loading itself and route (a) still
+    work."""
     import importlib.metadata
 
     import transformers

@@ -39,8 +39,10 @@ def test_decoder_plot_draws_the_grid_and_marks_edits(tmp_path):
 
 
 def test_encoder_plot_histograms_every_group(tmp_path):
-    frame = pd.DataFrame(dict(masked=["[MASK] x"] * 4, factual=["he", "she", "the", "he"], alternative=["she", "he", "the", "her"],
-                              factual_class=["male", "female", "neutral", "male"], alternative_class=["female", "male", "neutral", "female"],
+    frame = pd.DataFrame(dict(masked=["[MASK] x"] * 4, factual=["he", "she", "the", "he"],
+                              alternative=["she", "he", "the", "her"],
+                              factual_class=["male", "female", "neutral", "male"],
+                              alternative_class=["female", "male", "neutral", "female"],
                               h=[0.9, -0.8, 0.05, 0.7]))
     figure = plot_encoder(summarise(frame, CLASSES, "alternative"), CLASSES, tmp_path / "encoder.png")
     counts = [int(sum(p.get_height() for p in container)) for container in figure.axes[0].containers]
@@ -48,8 +50,10 @@ def test_encoder_plot_histograms_every_group(tmp_path):
 
 
 def test_training_plot_follows_the_log_history(tmp_path):
-    history = [{"step": 10, "loss": 0.5}, {"step": 10, "eval_correlation": 0.2, "eval_mean_h_female": 0.1, "eval_mean_h_male": -0.1},
-               {"step": 20, "loss": 0.25}, {"step": 20, "eval_correlation": 0.9, "eval_mean_h_female": 0.8, "eval_mean_h_male": -0.7}]
+    history = [{"step": 10, "loss": 0.5},
+               {"step": 10, "eval_correlation": 0.2, "eval_mean_h_female": 0.1, "eval_mean_h_male": -0.1},
+               {"step": 20, "loss": 0.25},
+               {"step": 20, "eval_correlation": 0.9, "eval_mean_h_female": 0.8, "eval_mean_h_male": -0.7}]
     figure = plot_training(history, CLASSES, tmp_path / "training.png")
     left, right = figure.axes
     np.testing.assert_allclose(left.lines[0].get_ydata(), [0.2, 0.9])

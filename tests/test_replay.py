@@ -13,18 +13,22 @@ from gradiend_hf.evaluation.probabilities import class_probabilities, class_word
 from gradiend_hf.evaluation.replay import GridForward
 
 CLASSES = ["female", "male"]
-NEUTRAL = ["the doctor went home and it was good", "they said the results were bad", "the room was good", "she went home"]
+NEUTRAL = ["the doctor went home and it was good", "they said the results were bad", "the room was good",
+           "she went home"]
 UPPER = {"bert": r"bert\.encoder\.layer\.1\.", "gpt2": r"transformer\.h\.1\.", "llama": r"model\.layers\.1\.",
          "distilbert": r"distilbert\.transformer\.layer\.1\.", "roberta": r"roberta\.encoder\.layer\.1\."}
-TIED = {"bert": r"bert\.embeddings\.word_embeddings\.", "gpt2": r"transformer\.wte\.", "llama": r"model\.embed_tokens\.",
-        "distilbert": r"distilbert\.embeddings\.word_embeddings\.", "roberta": r"roberta\.embeddings\.word_embeddings\."}
+TIED = {"bert": r"bert\.embeddings\.word_embeddings\.", "gpt2": r"transformer\.wte\.",
+        "llama": r"model\.embed_tokens\.", "distilbert": r"distilbert\.embeddings\.word_embeddings\.",
+        "roberta": r"roberta\.embeddings\.word_embeddings\."}
 # selection -> the layer the replay starts at (0: full forward)
-SELECTIONS = {"upper layer": (lambda k: [UPPER[k]], 1), "tied embeddings + upper layer": (lambda k: [UPPER[k], TIED[k]], 0),
+SELECTIONS = {"upper layer": (lambda k: [UPPER[k]], 1),
+              "tied embeddings + upper layer": (lambda k: [UPPER[k], TIED[k]], 0),
               "everything": (lambda k: None, 0)}
 
 
 def both_classes():
-    mirrored = [dict(r, factual=r["alternative"], alternative=r["factual"], factual_class="male", alternative_class="female") for r in rows()]
+    mirrored = [dict(r, factual=r["alternative"], alternative=r["factual"], factual_class="male",
+                     alternative_class="female") for r in rows()]
     return rows() + mirrored
 
 
@@ -33,14 +37,16 @@ def wrap(kind, selection):
     if kind == "llama":  # tie the tiny Llama's head to its embeddings, as SmolLM2 does
         model.config.tie_word_embeddings = True
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model, get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, target_parameters=SELECTIONS[selection][0](kind)))
+    return model, get_gradiend_model(
+        model, GradiendConfig(feature_classes=CLASSES, target_parameters=SELECTIONS[selection][0](kind)))
 
 
 def plain_numbers(model, gradiend, tok, data, neutral):
     """P(class) per row and the LMS of the model as it is, with plain full forward passes."""
     words = class_words(data, CLASSES, tok)
     collate = GradiendDataCollator(tok, gradiend.objective, CLASSES)
-    probs = class_probabilities(word_probabilities(model, word_batches(data, [w for ws in words.values() for w in ws], collate)), words)
+    probs = class_probabilities(
+        word_probabilities(model, word_batches(data, [w for ws in words.values() for w in ws], collate)), words)
     return probs, language_modelling_score(model, neutral, gradiend.objective)
 
 
@@ -89,7 +95,8 @@ def test_grid_equals_a_naive_deep_copy_grid_and_restores_the_model(kind, selecti
     before = {n: p.clone() for n, p in model.state_dict().items()}
     grid = evaluate_decoder(gradiend, data, tok, NEUTRAL, learning_rates=[0.5, 5.0, -5.0], progress=False).grid
     assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())
-    assert not any("forward" in vars(m) for m in model.modules()) and not model.get_output_embeddings()._forward_pre_hooks
+    assert (not any("forward" in vars(m) for m in model.modules())
+            and not model.get_output_embeddings()._forward_pre_hooks)
     neutral = lms_batches(tok, NEUTRAL, gradiend.objective)
     for _, row in grid[~grid.skipped].iterrows():
         candidate = copy.deepcopy(model)
@@ -106,7 +113,8 @@ def test_grid_equals_a_naive_deep_copy_grid_and_restores_the_model(kind, selecti
 def test_a_layer_shared_with_the_outside_is_not_replayed():
     model, gradiend = wrap("gpt2", "upper layer")
     model.transformer.h[1].ln_1.weight = model.transformer.ln_f.weight  # the edited layer's norm is also the final norm
-    gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, target_parameters=[r"transformer\.h\.1\.ln_1"]))
+    gradiend = get_gradiend_model(
+        model, GradiendConfig(feature_classes=CLASSES, target_parameters=[r"transformer\.h\.1\.ln_1"]))
     forward = GridForward(model, gradiend.selected_parameters().values(), causal=True)
     assert forward.start == 0
 

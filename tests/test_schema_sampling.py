@@ -95,7 +95,9 @@ def test_missing_column_names_it_and_lists_present():
         prepare_rows(pd.DataFrame([{"masked": "[MASK] x", "factual": "she"}]), CLASSES)
 
 
-@pytest.mark.parametrize("empty", [[], pd.DataFrame(columns=COLUMNS), datasets.Dataset.from_dict({c: [] for c in COLUMNS})])
+@pytest.mark.parametrize(
+    "empty", [[], pd.DataFrame(columns=COLUMNS), datasets.Dataset.from_dict({c: [] for c in COLUMNS})]
+)
 def test_empty_data(empty):
     with pytest.raises(ValueError, match="no rows"):
         prepare_rows(empty, CLASSES)
@@ -105,14 +107,16 @@ def test_empty_data(empty):
 def test_masked_needs_exactly_one_mask(masked, found):
     rows = small_rows()
     rows[1]["masked"] = masked
-    with pytest.raises(ValueError, match=rf"row 1: 'masked' needs exactly one '\[MASK\]', found {found} in {re.escape(repr(masked))}"):
+    with pytest.raises(ValueError, match=rf"row 1: 'masked' needs exactly one '\[MASK\]', found {found} "
+                                         rf"in {re.escape(repr(masked))}"):
         prepare_rows(rows, CLASSES)
 
 
 def test_unknown_classes():
     rows = small_rows()
     rows[2]["factual_class"] = "woman"
-    with pytest.raises(ValueError, match=r"row 2: factual_class 'woman' is not one of the feature classes \['female', 'male'\]"):
+    with pytest.raises(ValueError, match=r"row 2: factual_class 'woman' is not one of the feature classes "
+                                         r"\['female', 'male'\]"):
         prepare_rows(rows, CLASSES)
     rows = small_rows()
     rows[0]["alternative_class"] = "man"
@@ -127,7 +131,8 @@ def test_unknown_classes():
 def test_same_class_only_for_identity_rows():
     rows = small_rows()
     rows[0]["alternative_class"] = "female"  # she -> he within 'female': not an identity row
-    with pytest.raises(ValueError, match=r"row 0: factual_class == alternative_class == 'female' but factual 'she' != alternative 'he'"):
+    with pytest.raises(ValueError, match=r"row 0: factual_class == alternative_class == 'female' but "
+                                         r"factual 'she' != alternative 'he'"):
         prepare_rows(rows, CLASSES)
     rows = small_rows()
     rows[2]["alternative_class"] = "female"  # nothing to fill from the same class
@@ -147,7 +152,8 @@ def test_empty_factual_word(word):
 
 def test_cannot_fill_without_words_of_the_other_class():
     rows = [row(alternative=None), row(factual="her", alternative=None)]
-    with pytest.raises(ValueError, match=r"cannot fill alternatives for class 'female': no row has a factual word of class 'male'; give an `alternative` column"):
+    with pytest.raises(ValueError, match=r"cannot fill alternatives for class 'female': no row has a factual word "
+                                         r"of class 'male'; give an `alternative` column"):
         prepare_rows(rows, CLASSES)
 
 
@@ -161,7 +167,8 @@ def test_tokenizer_vocabulary_checks():
 
     assert len(prepare_rows(small_rows() + [row(alternative="zyxwv")], CLASSES, tokenizer=tok)) == 6
     rows = small_rows() + [row(alternative="日本")]
-    with pytest.raises(ValueError, match=r"row 5: the word '日本' tokenizes only to the unknown token: it is not in the vocabulary"):
+    with pytest.raises(ValueError, match=r"row 5: the word '日本' tokenizes only to the unknown token: "
+                                         r"it is not in the vocabulary"):
         prepare_rows(rows, CLASSES, tokenizer=tok)
     rows = small_rows()
     rows[1]["factual"] = "\x00"
@@ -253,7 +260,9 @@ def transitions_of(sizes):
     return out
 
 
-@pytest.mark.parametrize("sizes, batch_size", [((10, 10), 3), ((23, 5), 4), ((1, 40), 8), ((7, 9, 4), 2), ((5,), 5), ((6, 6), 1)])
+@pytest.mark.parametrize(
+    "sizes, batch_size", [((10, 10), 3), ((23, 5), 4), ((1, 40), 8), ((7, 9, 4), 2), ((5,), 5), ((6, 6), 1)]
+)
 def test_sampler_every_index_once_and_single_transition(sizes, batch_size):
     transitions = transitions_of(sizes)
     sampler = TransitionBatchSampler(transitions, batch_size, seed=2)

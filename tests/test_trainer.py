@@ -33,13 +33,15 @@ def feature_rows(contexts, seed=0):
     out = []
     for context, (fc, ac) in itertools.product(contexts, [("female", "male"), ("male", "female")]):
         for i in range(2):
-            out.append(dict(masked=context, factual=WORDS[fc][i], alternative=WORDS[ac][i], factual_class=fc, alternative_class=ac))
+            out.append(dict(masked=context, factual=WORDS[fc][i], alternative=WORDS[ac][i], factual_class=fc,
+                            alternative_class=ac))
     rng.shuffle(out)
     return out
 
 
 def args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), disable_tqdm=True, seed=0, eval_steps=50, save_steps=50, logging_steps=50)
+    base = dict(output_dir=str(tmp_path / "run"), disable_tqdm=True, seed=0, eval_steps=50, save_steps=50,
+                logging_steps=50)
     base.update(overrides)
     return GradiendTrainingArguments(**base)
 
@@ -52,7 +54,8 @@ def test_training_learns_a_learnable_feature_and_the_first_class_reads_positive(
     model = get_gradiend_model(tiny_model("bert"), GradiendConfig(feature_classes=CLASSES, init_seed=1))
     trainer = GradiendTrainer(
         model=model,
-        args=args(tmp_path, learning_rate=1e-2, max_steps=100, eval_steps=25, save_steps=25, per_device_train_batch_size=2),
+        args=args(tmp_path, learning_rate=1e-2, max_steps=100, eval_steps=25, save_steps=25,
+                  per_device_train_batch_size=2),
         train_dataset=feature_rows(CONTEXTS[:5]),
         eval_dataset=feature_rows(CONTEXTS[5:], seed=1),
         processing_class=tokenizer_for("bert"),
@@ -76,10 +79,12 @@ def test_checkpoints_hold_the_adapter_and_no_pickle(tmp_path):
     model = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=CLASSES))
     GradiendTrainer(
         model=model, args=args(tmp_path, max_steps=4, save_steps=2, eval_steps=2),
-        train_dataset=feature_rows(CONTEXTS[:4]), eval_dataset=feature_rows(CONTEXTS[4:]), processing_class=tokenizer_for("gpt2"),
+        train_dataset=feature_rows(CONTEXTS[:4]), eval_dataset=feature_rows(CONTEXTS[4:]),
+        processing_class=tokenizer_for("gpt2"),
     ).train()
     files = sorted(os.listdir(tmp_path / "run" / "checkpoint-2"))
-    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json"} <= set(files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "optimizer.json",
+            "trainer_state.json"} <= set(files)
     assert not [f for f in files if f.endswith((".pt", ".bin", ".pth", ".pkl"))], files
 
 
@@ -95,7 +100,8 @@ def test_one_training_step_equals_a_hand_written_reference_step(tmp_path):
     w_d = torch.cat([b.decoder(n).detach().reshape(-1) for n in names]).clone().requires_grad_()
     b_d = torch.cat([b.offset(n).detach().reshape(-1) for n in names]).clone().requires_grad_()
     tok = tokenizer_for("gpt2")
-    grads = {side: naive_gradients(tiny_model("gpt2"), tok, "causal_lm", data, side, names) for side in ("factual", "alternative")}
+    grads = {side: naive_gradients(tiny_model("gpt2"), tok, "causal_lm", data, side, names)
+             for side in ("factual", "alternative")}
     s = torch.cat([grads["alternative"][n].reshape(-1) for n in names])
     t = torch.cat([(grads["factual"][n] - grads["alternative"][n]).reshape(-1) for n in names])
     h = torch.tanh(w_e @ s + b_e)
@@ -141,7 +147,8 @@ def test_resume_from_a_checkpoint_equals_uninterrupted_training(tmp_path):
     first.train()
     second = trainer("resumed", 12)
     second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-6"))
-    torch.testing.assert_close(flat_bottleneck(second.gradiend_model), flat_bottleneck(straight.gradiend_model), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(flat_bottleneck(second.gradiend_model), flat_bottleneck(straight.gradiend_model),
+                               rtol=1e-5, atol=1e-9)
     assert not torch.equal(flat_bottleneck(first.gradiend_model), flat_bottleneck(straight.gradiend_model))
 
 
@@ -151,7 +158,8 @@ def test_gradient_accumulation_averages_gradient_rows(tmp_path):
     model = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=CLASSES))
     trainer = GradiendTrainer(
         model=model, args=args(tmp_path, max_steps=1, gradient_accumulation_steps=2, per_device_train_batch_size=2,
-                               eval_strategy="no", save_strategy="no", load_best_model_at_end=False, learning_rate=1e-3),
+                               eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+                               learning_rate=1e-3),
         train_dataset=data, processing_class=tokenizer_for("gpt2"),
     )
     batches = list(itertools.islice(iter(trainer.get_train_dataloader()), 2))
@@ -167,8 +175,10 @@ def test_gradient_accumulation_averages_gradient_rows(tmp_path):
 def test_failing_loudly_when_not_converged(tmp_path):
     model = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=CLASSES))
     trainer = GradiendTrainer(
-        model=model, args=args(tmp_path, max_steps=2, eval_steps=1, save_steps=1, learning_rate=1e-9, fail_if_not_converged=True),
-        train_dataset=feature_rows(CONTEXTS[:2]), eval_dataset=feature_rows(CONTEXTS[2:4]), processing_class=tokenizer_for("gpt2"),
+        model=model,
+        args=args(tmp_path, max_steps=2, eval_steps=1, save_steps=1, learning_rate=1e-9, fail_if_not_converged=True),
+        train_dataset=feature_rows(CONTEXTS[:2]), eval_dataset=feature_rows(CONTEXTS[2:4]),
+        processing_class=tokenizer_for("gpt2"),
     )
     with pytest.raises(RuntimeError, match="did not converge"):
         trainer.train()
@@ -207,7 +217,8 @@ def test_bad_data_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="female-ish"):
         GradiendTrainer(model=model, args=args(tmp_path), train_dataset=bad, processing_class=tokenizer_for("gpt2"))
     with pytest.raises(ValueError, match="masked"):
-        GradiendTrainer(model=model, args=args(tmp_path), train_dataset=[{"text": "x"}], processing_class=tokenizer_for("gpt2"))
+        GradiendTrainer(model=model, args=args(tmp_path), train_dataset=[{"text": "x"}],
+                        processing_class=tokenizer_for("gpt2"))
 
 
 def test_train_seeds_stops_once_enough_converged_and_keeps_the_best(tmp_path):
@@ -238,8 +249,8 @@ def test_the_trainer_takes_the_fused_step_and_it_trains_like_the_plain_step(tmp_
         model = get_gradiend_model(tiny_model("bert"), GradiendConfig(feature_classes=CLASSES, init_seed=1))
         trainer = GradiendTrainer(
             model=model,
-            args=args(tmp_path / name, learning_rate=1e-2, max_steps=6, per_device_train_batch_size=2, eval_strategy="no",
-                      save_strategy="no", load_best_model_at_end=False, max_grad_norm=clip),
+            args=args(tmp_path / name, learning_rate=1e-2, max_steps=6, per_device_train_batch_size=2,
+                      eval_strategy="no", save_strategy="no", load_best_model_at_end=False, max_grad_norm=clip),
             train_dataset=feature_rows(CONTEXTS[:5]),
             processing_class=tokenizer_for("bert"),
         )

@@ -41,13 +41,21 @@ def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     alphabet = list("abcdefghijklmnopqrstuvwxyz.,")
-    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials, initial_alphabet=alphabet))
+    tok.train_from_iterator(
+        CORPUS, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials, initial_alphabet=alphabet)
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))]
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
 
 
@@ -61,7 +69,9 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
         vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
 
 
 def _small(**extra):
@@ -73,22 +83,40 @@ def tiny_model(kind: str, seed: int = 0, hidden: int = 16):
     torch.manual_seed(seed)
     wp, bpe = wordpiece_tokenizer(), bpe_tokenizer()
     if kind == "bert":
-        model = BertForMaskedLM(BertConfig(vocab_size=len(wp), max_position_embeddings=64, **{**_small(), "hidden_size": hidden}))
+        model = BertForMaskedLM(
+            BertConfig(vocab_size=len(wp), max_position_embeddings=64, **{**_small(), "hidden_size": hidden})
+        )
     elif kind == "distilbert":
         model = DistilBertForMaskedLM(
-            DistilBertConfig(vocab_size=len(wp), dim=hidden, hidden_dim=24, n_layers=2, n_heads=2, max_position_embeddings=64)
+            DistilBertConfig(
+                vocab_size=len(wp), dim=hidden, hidden_dim=24, n_layers=2, n_heads=2, max_position_embeddings=64
+            )
         )
     elif kind == "roberta":
         model = RobertaForMaskedLM(
             RobertaConfig(vocab_size=len(wp), max_position_embeddings=72, pad_token_id=wp.pad_token_id, **_small())
         )
     elif kind == "albert":
-        model = AlbertForMaskedLM(AlbertConfig(vocab_size=len(wp), embedding_size=8, max_position_embeddings=64, **_small()))
+        model = AlbertForMaskedLM(
+            AlbertConfig(vocab_size=len(wp), embedding_size=8, max_position_embeddings=64, **_small())
+        )
     elif kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(bpe), n_embd=hidden, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(bpe), n_embd=hidden, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+        )
     elif kind == "llama":
         model = LlamaForCausalLM(
-            LlamaConfig(vocab_size=len(bpe), num_key_value_heads=1, bos_token_id=0, eos_token_id=0, pad_token_id=0, max_position_embeddings=64, **{**_small(), "hidden_size": hidden})
+            LlamaConfig(
+                vocab_size=len(bpe),
+                num_key_value_heads=1,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+                max_position_embeddings=64,
+                **{**_small(), "hidden_size": hidden},
+            )
         )
     else:
         raise ValueError(kind)

@@ -104,7 +104,9 @@ def cmd_rewrite(args) -> None:
         evaluation = run.read_json("evaluation.json")
         goal = args.goal or job.rewrite
         if goal not in evaluation["edits"]:
-            raise JobConfigError(f"no edit was selected for goal {goal!r}; evaluated goals: {list(evaluation['edits'])}.")
+            raise JobConfigError(
+                f"no edit was selected for goal {goal!r}; evaluated goals: {list(evaluation['edits'])}."
+            )
         edit = Edit.from_dict(evaluation["edits"][goal])
         correlation = evaluation["encoder"]["correlation"]
     folder = rewrite(job, run, model, tokenizer, edit, out=Path(args.output) if args.output else None,
@@ -141,7 +143,9 @@ def cmd_report(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradiend-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="gradiend-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def job_options(q, job: bool = True) -> None:

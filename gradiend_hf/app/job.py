@@ -78,7 +78,9 @@ class DataSpec:
                 raise JobConfigError(f"data.text is {self.text!r}: use {' or '.join(TEXTS)} (built-in offline text) "
                                      "or a list of existing text files.")
         if self.train is not None and (self.validation is None or self.test is None):
-            raise JobConfigError("data with row files needs train:, validation: and test: (held-out rows to evaluate on).")
+            raise JobConfigError(
+                "data with row files needs train:, validation: and test: (held-out rows to evaluate on)."
+            )
 
 
 @dataclass

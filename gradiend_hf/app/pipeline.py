@@ -59,7 +59,9 @@ class RunFolder:
 
     def load_job(self) -> JobConfig:
         if not self.job.is_file():
-            raise FileNotFoundError(f"{self.root} is not a run folder (no job.yaml): run `gradiend-hf train <job file>` first.")
+            raise FileNotFoundError(
+                f"{self.root} is not a run folder (no job.yaml): run `gradiend-hf train <job file>` first."
+            )
         return JobConfig.from_file(self.job)
 
 
@@ -126,7 +128,11 @@ def build_data(job: JobConfig) -> datasets.DatasetDict:
         return datasets.DatasetDict(splits)
     from .. import creation
 
-    text = {"wikipedia": creation.wikipedia_texts, "news": creation.news_texts}.get(spec.text) if isinstance(spec.text, str) else None
+    text = (
+        {"wikipedia": creation.wikipedia_texts, "news": creation.news_texts}.get(spec.text)
+        if isinstance(spec.text, str)
+        else None
+    )
     source = text() if text is not None else spec.text
     try:
         return getattr(creation, spec.recipe)(source, **spec.options)
@@ -207,8 +213,10 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
 
     spec, classes = job.evaluation, model.gradiend_config.feature_classes
     if "neutral" not in data or len(data["neutral"]) == 0:
-        raise JobConfigError("the data has no neutral texts (split 'neutral'), which the language-modelling score needs: "
-                             "give data.neutral: <texts.txt> or use a recipe with neutral > 0.")
+        raise JobConfigError(
+            "the data has no neutral texts (split 'neutral'), which the language-modelling score needs: "
+            "give data.neutral: <texts.txt> or use a recipe with neutral > 0."
+        )
     test = data["test"].shuffle(seed=0)
     run.plots.mkdir(parents=True, exist_ok=True)
     with timed(run, "encoder evaluation"):
@@ -238,7 +246,9 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
             frames = {"base": context_probabilities(model.get_base_model(), tokenizer, model.objective, texts, words)}
             for goal, edit in edits.items():
                 with model.apply_edit(edit):
-                    frames[goal] = context_probabilities(model.get_base_model(), tokenizer, model.objective, texts, words)
+                    frames[goal] = context_probabilities(
+                        model.get_base_model(), tokenizer, model.objective, texts, words
+                    )
             write_csv(pd.concat([f.assign(model=name) for name, f in frames.items()]), run.results / "contexts.csv")
             contexts = {name: summarise_contexts(f, classes) for name, f in frames.items()}
     plot_decoder(decoder, edits.values(), run.plots / "decoder.png")

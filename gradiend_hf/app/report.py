@@ -54,8 +54,8 @@ def checks(evaluation: dict[str, Any], classes: Sequence[str]) -> list[tuple[str
     for goal in classes:
         if goal in edits:
             m = edits[goal]["metrics"]
-            out.append((f"strengthening {goal!r} raises P({goal}) on the other class's rows", m["score"] > m["base_score"],
-                        f"{m['base_score']:.4f} -> {m['score']:.4f}"))
+            out.append((f"strengthening {goal!r} raises P({goal}) on the other class's rows",
+                        m["score"] > m["base_score"], f"{m['base_score']:.4f} -> {m['score']:.4f}"))
     return out
 
 
@@ -93,8 +93,8 @@ def write_report(run) -> Path:
         f"- base model: `{job.model}`; selected parameters: {selection}{pruning} -> "
         f"**{training['selected_entries']:,} weights** in the adapter",
         f"- data: `{job.data.recipe or 'row files'}` ({job.data.text if job.data.recipe else ''}); held-out rows for "
-        f"the encoder: {evaluation['encoder']['rows']}, for the decoder grid: {evaluation['decoder_rows']}, neutral texts "
-        f"for LMS: {evaluation['neutral_texts']}",
+        f"the encoder: {evaluation['encoder']['rows']}, for the decoder grid: {evaluation['decoder_rows']}, "
+        f"neutral texts for LMS: {evaluation['neutral_texts']}",
         f"- training: {training.get('steps')} steps, batch {args.per_device_train_batch_size} rows, learning rate "
         f"{args.learning_rate}, seeds tried {training['seeds_tried']} (converged {training['seeds_converged']}; chosen "
         f"seed {training['chosen_seed']})",
@@ -110,8 +110,9 @@ def write_report(run) -> Path:
     enc = evaluation["encoder"]
     lines += ["## Encoder (held-out rows)", "",
               _table(pd.DataFrame([{"correlation": enc["correlation"], "binary accuracy": enc["binary_accuracy"],
-                                    "ternary accuracy": enc["ternary_accuracy"], f"mean h ({a})": enc.get(f"mean_h_{a}"),
-                                    f"mean h ({b})": enc.get(f"mean_h_{b}"), "neutral mean abs h": enc["neutral_mean_abs_h"]}])),
+                                    "ternary accuracy": enc["ternary_accuracy"],
+                                    f"mean h ({a})": enc.get(f"mean_h_{a}"), f"mean h ({b})": enc.get(f"mean_h_{b}"),
+                                    "neutral mean abs h": enc["neutral_mean_abs_h"]}])),
               "", "![encoder](plots/encoder.png)", ""]
 
     rows = []
@@ -133,8 +134,9 @@ def write_report(run) -> Path:
 
     contexts = evaluation.get("contexts")
     if contexts:
-        frame = pd.DataFrame([{"model": name, f"P({a})": c[f"p_{a}"], f"P({b})": c[f"p_{b}"], f"P({a})/P({b})": c["ratio"],
-                               "mean abs log ratio": c["mean_abs_log_ratio"]} for name, c in contexts.items()])
+        frame = pd.DataFrame([{"model": name, f"P({a})": c[f"p_{a}"], f"P({b})": c[f"p_{b}"],
+                               f"P({a})/P({b})": c["ratio"], "mean abs log ratio": c["mean_abs_log_ratio"]}
+                              for name, c in contexts.items()])
         lines += ["## Neutral contexts (the class is not decided by the text)", "",
                   "Sentences like \"The doctor said that [MASK] would be late today.\"; a balanced model has "
                   "P(a)/P(b) near 1 and mean |log ratio| near 0.", "", _table(frame), ""]
@@ -149,7 +151,8 @@ def write_report(run) -> Path:
                   f"model = AutoModelForCausalLM.from_pretrained(\"{reload['folder']}\")",
                   f"tokenizer = AutoTokenizer.from_pretrained(\"{reload['folder']}\")", "```", ""]
     lines += ["## Training", "", "![training](plots/training.png)", "",
-              "Files: `adapter/` (GRADIEND adapter: `GradiendModel.from_pretrained(base, 'adapter')`), `models/` (plain "
-              "edited models), `results/` (JSON/CSV behind every number here), `plots/`, `training/` (checkpoints).", ""]
+              "Files: `adapter/` (GRADIEND adapter: `GradiendModel.from_pretrained(base, 'adapter')`), "
+              "`models/` (plain edited models), `results/` (JSON/CSV behind every number here), `plots/`, "
+              "`training/` (checkpoints).", ""]
     write_text_atomically(run.report, "\n".join(lines))
     return run.report

@@ -37,9 +37,14 @@ NEUTRAL_FRAMES = (
 )
 
 
-def gender_neutral_contexts(subjects: Sequence[str] = NEUTRAL_SUBJECTS, frames: Sequence[str] = NEUTRAL_FRAMES) -> list[str]:
+def gender_neutral_contexts(
+    subjects: Sequence[str] = NEUTRAL_SUBJECTS, frames: Sequence[str] = NEUTRAL_FRAMES
+) -> list[str]:
     """Masked sentences about a person of unknown gender (subject x frame), e.g. 'The nurse said that [MASK] ...'."""
-    return [frame.format(subject=s, subject_lower=s[:1].lower() + s[1:], mask=MASK) for s, frame in itertools.product(subjects, frames)]
+    return [
+        frame.format(subject=s, subject_lower=s[:1].lower() + s[1:], mask=MASK)
+        for s, frame in itertools.product(subjects, frames)
+    ]
 
 
 @torch.no_grad()
@@ -113,7 +118,8 @@ def balance_in_contexts(
                 editor.apply(float(row["feature_factor"]), float(row["learning_rate"]))
             frame = context_probabilities(base_model, tokenizer, model.objective, contexts, words_by_class)
             scored.append({"feature_factor": float(row["feature_factor"]), "learning_rate": float(row["learning_rate"]),
-                           "is_base": bool(row["is_base"]), "lms": float(row["lms"]), **summarise_contexts(frame, classes),
+                           "is_base": bool(row["is_base"]), "lms": float(row["lms"]),
+                           **summarise_contexts(frame, classes),
                            "mass": float((frame[classes[0]] + frame[classes[1]]).mean())})
     finally:
         editor.restore()
@@ -125,7 +131,8 @@ def balance_in_contexts(
         logger.warning("No candidate that keeps LMS >= %.2f x base is more balanced in the neutral contexts than the "
                        "base; the balance edit is the base model (no edit).", evaluation.lms_ratio)
     grid = evaluation.grid
-    match = grid[(grid["feature_factor"] == chosen["feature_factor"]) & (grid["learning_rate"] == chosen["learning_rate"])
+    match = grid[(grid["feature_factor"] == chosen["feature_factor"])
+                 & (grid["learning_rate"] == chosen["learning_rate"])
                  & (grid["is_base"] == chosen["is_base"])].iloc[0]
     metrics = evaluation.figures(match, "balance")
     metrics.update(selected_in="neutral contexts", contexts=len(contexts),

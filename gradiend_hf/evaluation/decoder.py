@@ -41,7 +41,9 @@ def learning_rate_ladder(low: float = 1e-3, high: float = 100.0) -> list[float]:
 def goal_name(goal: str, classes: Sequence[str]) -> str:
     if goal == "balance" or goal in classes or (goal.startswith("-") and goal[1:] in classes):
         return goal
-    raise ValueError(f"Unknown goal {goal!r}: use 'balance', a class to strengthen {list(classes)}, or '-<class>' to weaken it.")
+    raise ValueError(
+        f"Unknown goal {goal!r}: use 'balance', a class to strengthen {list(classes)}, or '-<class>' to weaken it."
+    )
 
 
 def score_columns(frame: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
@@ -81,8 +83,8 @@ class DecoderEvaluation:
                              f"{self.feature_classes}; evaluate on rows of both classes.")
         chosen = candidates.loc[candidates[column].idxmax()]
         if chosen["is_base"] or chosen[column] <= self.grid.loc[self.grid["is_base"], column].iloc[0]:
-            logger.warning("No candidate improves %r while keeping LMS >= %.2f x base; returning the base model (no edit).",
-                           goal, self.lms_ratio)
+            logger.warning("No candidate improves %r while keeping LMS >= %.2f x base; returning the base model "
+                           "(no edit).", goal, self.lms_ratio)
             chosen = self.grid[self.grid["is_base"]].iloc[0]
         return Edit(
             feature_factor=float(chosen["feature_factor"]),

@@ -152,8 +152,12 @@ def summarise(frame: pd.DataFrame, feature_classes: Sequence[str], source: str) 
     h, labels = frame["h"].to_numpy(dtype=float), frame["label"].to_numpy(dtype=float)
     feature = labels != 0
     ternary = np.where(h >= 0.5, 1.0, np.where(h <= -0.5, -1.0, 0.0))
-    by_class = pd.DataFrame({c: stats(frame.loc[frame["label_class"] == c, "h"]) for c in frame["label_class"].unique()}).T
-    by_word = pd.DataFrame({w: {"class": g["label_class"].iloc[0], **stats(g["h"])} for w, g in frame.groupby("word")}).T
+    by_class = pd.DataFrame(
+        {c: stats(frame.loc[frame["label_class"] == c, "h"]) for c in frame["label_class"].unique()}
+    ).T
+    by_word = pd.DataFrame(
+        {w: {"class": g["label_class"].iloc[0], **stats(g["h"])} for w, g in frame.groupby("word")}
+    ).T
     neutral = np.abs(h[~feature])
     return EncoderEvaluation(
         correlation=pearson(h[feature], labels[feature]),

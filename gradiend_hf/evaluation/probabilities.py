@@ -35,7 +35,9 @@ def distinct_spellings(words: Sequence[str], tokenizer: Any) -> list[str]:
     return kept
 
 
-def class_words(rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str], tokenizer: Any = None) -> dict[str, list[str]]:
+def class_words(
+    rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str], tokenizer: Any = None
+) -> dict[str, list[str]]:
     """Every word the data uses for each class (factual and alternative), with case variants (those the tokenizer
     tells apart, when one is given)."""
     words: dict[str, dict[str, None]] = {c: {} for c in feature_classes}
@@ -91,6 +93,8 @@ def word_probabilities(
     return out
 
 
-def class_probabilities(word_probs: Mapping[str, torch.Tensor], words_by_class: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
+def class_probabilities(
+    word_probs: Mapping[str, torch.Tensor], words_by_class: Mapping[str, Sequence[str]]
+) -> dict[str, torch.Tensor]:
     """P(class) per row: the sum over the class's words."""
     return {c: torch.stack([word_probs[w] for w in ws]).sum(0) for c, ws in words_by_class.items()}

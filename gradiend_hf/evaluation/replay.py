@@ -68,7 +68,9 @@ class GridForward:
     Use as a context manager, or call close() to remove the hook (the model itself is never changed).
     """
 
-    def __init__(self, model: nn.Module, selected: Iterable[torch.Tensor], causal: bool, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(
+        self, model: nn.Module, selected: Iterable[torch.Tensor], causal: bool, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ):
         self.model = model
         self.causal = causal
         self.layers = layer_stack(model)
@@ -91,13 +93,18 @@ class GridForward:
     def replays(self) -> bool:
         return self.start > 0
 
-    def trim(self, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def trim(
+        self, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Causal models: drop the columns after the last scored position (they cannot change it)."""
         if not self.causal or not positions.any():
             return dict(inputs), positions
         width = int(positions.any(0).nonzero().max()) + 1
         shape = positions.shape
-        cut = {k: v[:, :width] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == shape else v for k, v in inputs.items()}
+        cut = {
+            k: v[:, :width] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == shape else v
+            for k, v in inputs.items()
+        }
         return cut, positions[:, :width]
 
     @torch.no_grad()
