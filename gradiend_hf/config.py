@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
@@ -22,6 +24,41 @@ class GradiendType(str, enum.Enum):
     """PEFT needs an enum member (it calls `peft_type.value`); PEFT's own enum is closed, so we bring ours."""
 
     GRADIEND = "GRADIEND"
+
+
+def _typed(name: str, value: Any, types: Union[type, tuple], optional: bool = False, finite: bool = False) -> None:
+    """Refuse a value of the wrong JSON type (bools are not numbers here) or, for `finite`, NaN and infinity."""
+    if value is None and optional:
+        return
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        names = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "a list",
+                 dict: "an object"}
+        wanted = "a number" if {int, float} <= set(types) else " or ".join(names.get(t, t.__name__) for t in types)
+        raise ValueError(
+            f"GradiendConfig.{name}={value!r} ({type(value).__name__}) must be {wanted}"
+            + (" or null." if optional else ".")
+            + (" Write booleans as true/false without quotes." if bool in types else "")
+        )
+    if finite and not math.isfinite(value):
+        raise ValueError(f"GradiendConfig.{name}={value!r} must be a finite number.")
+
+
+def _check_pattern(name: str, pattern: Any) -> None:
+    """Patterns are regular expressions (re.search); a shell glob such as '*attention*' is not one."""
+    if not isinstance(pattern, str):
+        raise ValueError(
+            f"GradiendConfig.{name} holds {pattern!r}; it must be a list of regular expressions (strings)."
+        )
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        hint = re.sub(r"(?<!\\.)\*", ".*", pattern) if "*" in pattern else None
+        raise ValueError(
+            f"GradiendConfig.{name} pattern {pattern!r} is not a valid regular expression ({error}). Patterns are "
+            "matched with re.search against parameter names"
+            + (f"; for a shell-style wildcard write {hint!r}." if hint else ".")
+        ) from None
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -100,6 +137,10 @@ class GradiendConfig(PeftConfig):
             Figures recorded with the chosen edit (metrics, LMS before and after), shown on the model card.
         pruning (`list[dict]`, *optional*):
             The pruning steps applied, in order (method, keep, kept, total, cutoff, ...).
+        parameters (`list[str]`, *optional*):
+            The base parameters the saved adapter covers, in model order. Every loader (GradiendModel and the PEFT
+            routes) requires exactly these on the base and in the weights file, so an adapter for a deeper model never
+            applies part of its edit silently.
 
     Inherited from `PeftConfig`: `base_model_name_or_path` (filled in from the base model when wrapping), `revision`,
     `task_type`, `inference_mode`.
@@ -192,48 +233,93 @@ class GradiendConfig(PeftConfig):
             "written by pruning."
         },
     )
+    parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "The base parameters the saved adapter covers, in model order; written on save. Every loader "
+            "(GradiendModel and the PEFT routes) requires exactly these on the base and in the weights file."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.peft_type = GradiendType.GRADIEND
         super().__post_init__()
-        if self.feature_classes is None:
-            raise ValueError(
-                "GradiendConfig needs feature_classes, e.g. GradiendConfig(feature_classes=['female', 'male'])."
-            )
-        if isinstance(self.feature_classes, str) or len(self.feature_classes) != 2:
-            raise ValueError(
-                f"feature_classes must be an ordered pair of two class names, got {self.feature_classes!r}; "
-                "the first reads +1 and the second -1."
-            )
-        self.feature_classes = [str(c) for c in self.feature_classes]
-        if self.feature_classes[0] == self.feature_classes[1]:
-            raise ValueError(f"feature_classes must be two different names, got {self.feature_classes!r}.")
-        if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim!r}.")
+        self._check_types()
         _choice("encoder_activation", self.encoder_activation, ENCODER_ACTIVATIONS)
         _choice("decoder_activation", self.decoder_activation, DECODER_ACTIVATIONS)
         _choice("source", self.source, GRADIENT_KINDS)
         _choice("target", self.target, GRADIENT_KINDS)
         _choice("objective", self.objective, OBJECTIVES)
-        for name in ("target_parameters", "exclude_parameters"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, [value])
+        _choice("post_prune_by", self.post_prune_by, POST_PRUNE_CRITERIA)
         if self.encoder_bias is not None and len(self.encoder_bias) != self.latent_dim:
             raise ValueError(f"encoder_bias has {len(self.encoder_bias)} values but latent_dim is {self.latent_dim}.")
+        if isinstance(self.feature_factor, list) and len(self.feature_factor) != self.latent_dim:
+            raise ValueError(
+                f"feature_factor has {len(self.feature_factor)} values but latent_dim is {self.latent_dim}; give one "
+                "number (used for every latent unit) or one per unit."
+            )
         for name in ("pre_prune", "post_prune"):
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name}={value!r} must be a fraction (0 < x <= 1), a count (int >= 1) or None.")
             if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0.0 < value <= 1.0):
                 raise ValueError(f"{name}={value!r} must be a fraction (0 < x <= 1), a count (int >= 1) or None.")
-        if isinstance(self.pre_prune_rows, bool) or not isinstance(self.pre_prune_rows, int) or self.pre_prune_rows < 1:
+        if self.pre_prune_rows < 1:
             raise ValueError(f"pre_prune_rows must be a positive integer, got {self.pre_prune_rows!r}.")
-        _choice("post_prune_by", self.post_prune_by, POST_PRUNE_CRITERIA)
         if (self.feature_factor is None) != (self.learning_rate is None):
             raise ValueError("Set both feature_factor and learning_rate for a stored edit, or neither.")
+
+    def _check_types(self) -> None:
+        """Every field of the right type before anything reads it: a JSON file saying `"decoder_bias": "false"` or
+        `"latent_dim": true` is refused instead of being read as truthy, and patterns must compile."""
+        if self.feature_classes is None:
+            raise ValueError(
+                "GradiendConfig needs feature_classes, e.g. GradiendConfig(feature_classes=['female', 'male'])."
+            )
+        classes = self.feature_classes
+        if isinstance(classes, str) or not isinstance(classes, (list, tuple)) or len(classes) != 2:
+            raise ValueError(
+                f"feature_classes must be an ordered pair of two class names, got {classes!r}; "
+                "the first reads +1 and the second -1."
+            )
+        if not all(isinstance(c, str) and c.strip() for c in classes):
+            raise ValueError(f"feature_classes must be two non-empty strings, got {classes!r}.")
+        if classes[0] == classes[1]:
+            raise ValueError(f"feature_classes must be two different names, got {classes!r}.")
+        self.feature_classes = list(classes)
+        _typed("latent_dim", self.latent_dim, int)
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim!r}.")
+        _typed("decoder_bias", self.decoder_bias, bool)
+        _typed("init_seed", self.init_seed, int)
+        _typed("pre_prune_rows", self.pre_prune_rows, int)
+        for name in ("pre_prune", "post_prune"):
+            _typed(name, getattr(self, name), (int, float), optional=True)
+        for name in ("encoder_activation", "decoder_activation", "source", "target", "objective", "post_prune_by"):
+            _typed(name, getattr(self, name), str)
+        for name in ("target_parameters", "exclude_parameters"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+                setattr(self, name, value)
+            _typed(name, value, list, optional=True)
+            for pattern in value or []:
+                _check_pattern(name, pattern)
+        _typed("learning_rate", self.learning_rate, (int, float), optional=True, finite=True)
+        if isinstance(self.feature_factor, (list, tuple)):
+            for value in self.feature_factor:
+                _typed("feature_factor", value, (int, float), finite=True)
+            self.feature_factor = list(self.feature_factor)
+        else:
+            _typed("feature_factor", self.feature_factor, (int, float), optional=True, finite=True)
+        _typed("encoder_bias", self.encoder_bias, list, optional=True)
+        for value in self.encoder_bias or []:
+            _typed("encoder_bias", value, (int, float), finite=True)
+        _typed("evaluation", self.evaluation, dict, optional=True)
+        _typed("pruning", self.pruning, list, optional=True)
+        _typed("parameters", self.parameters, list, optional=True)
+        if self.parameters is not None and not all(isinstance(n, str) for n in self.parameters):
+            raise ValueError("parameters must be a list of base parameter names (strings).")
 
     # --- JSON round trip -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -51,7 +52,40 @@ def resolve_edit(
             )
     if feature_factor is None or learning_rate is None:
         raise ValueError("An edit needs both feature_factor and learning_rate.")
+    check_finite_values(feature_factor, learning_rate)
     return feature_factor, float(learning_rate)
+
+
+def check_finite_values(feature_factor: Any, learning_rate: float) -> None:
+    """NaN or infinite edit settings would write NaN/inf into the model."""
+    values = torch.as_tensor(feature_factor, dtype=torch.float64).reshape(-1).tolist() + [float(learning_rate)]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(
+            f"An edit needs finite numbers, got feature_factor={feature_factor!r}, learning_rate={learning_rate!r}."
+        )
+
+
+class NonFiniteEdit(ValueError):
+    """The edit's weights would be NaN or infinite (too large a feature factor or learning rate for the dtype)."""
+
+    def __init__(self, name: str, feature_factor: Any, learning_rate: float, dtype: torch.dtype) -> None:
+        super().__init__(
+            f"The edit feature_factor={feature_factor!r}, learning_rate={learning_rate!r} makes {name} NaN or "
+            f"infinite in {dtype}; nothing was changed. Choose a smaller feature factor or learning rate."
+        )
+
+
+@torch.no_grad()
+def check_finite_edit(bottleneck: "Bottleneck", params: Mapping[str, torch.Tensor], feature_factor: Any,
+                      learning_rate: float, scratch: "Scratch") -> None:
+    """Compute every edited weight once without writing it, and refuse the edit if one is not finite (merges have
+    no backup to restore from, so they check before the first write)."""
+    check_finite_values(feature_factor, learning_rate)
+    for name, p in params.items():
+        current = bottleneck.entries(name, p.detach())
+        delta = bottleneck.edit_delta(name, feature_factor, learning_rate, out=scratch.like(current))
+        if not bool(torch.isfinite(delta.add_(current.float()).to(p.dtype)).all()):
+            raise NonFiniteEdit(name, feature_factor, learning_rate, p.dtype)
 
 
 class Scratch:
@@ -81,9 +115,15 @@ class InPlaceEditor:
 
     @torch.no_grad()
     def apply(self, feature_factor: Any, learning_rate: float) -> None:
+        """Write the edit; if any edited weight is NaN/inf, restore everything and raise NonFiniteEdit."""
+        check_finite_values(feature_factor, learning_rate)
         for name, backup in self.backup.items():
             delta = self.bottleneck.edit_delta(name, feature_factor, learning_rate, out=self.scratch.like(backup))
             self.bottleneck.write_entries(name, self.params[name], backup, delta)
+            p = self.params[name]
+            if not bool(torch.isfinite(self.bottleneck.entries(name, p.detach())).all()):
+                self.restore()
+                raise NonFiniteEdit(name, feature_factor, learning_rate, p.dtype)
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -13,7 +13,7 @@ from transformers.utils import ModelOutput
 
 from .bottleneck import Bottleneck, FeatureValue
 from .config import CONFIG_NAME, GradiendConfig, base_name
-from .edit import Edit, InPlaceEditor, Scratch, applied, resolve_edit
+from .edit import Edit, InPlaceEditor, Scratch, applied, check_finite_edit, resolve_edit
 from .gradients import GradientEngine, encode_rows
 from .objective import AUXILIARY_MLM, CAUSAL_LM, lm_objective, resolve_objective
 from .atomic import write_folder_atomically
@@ -253,8 +253,9 @@ class GradiendModel(nn.Module):
             learning_rate,
             (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate),
         )
-        self.record_edit(edit if edit is not None else Edit(feature_factor=ff, learning_rate=lr))
         scratch = Scratch()
+        check_finite_edit(self.bottleneck, self.selected_parameters(), ff, lr, scratch)
+        self.record_edit(edit if edit is not None else Edit(feature_factor=ff, learning_rate=lr))
         for name, p in self.selected_parameters().items():
             current = self.bottleneck.entries(name, p.detach())
             self.bottleneck.write_entries(
@@ -290,7 +291,8 @@ class GradiendModel(nn.Module):
 
     def saved_config(self) -> GradiendConfig:
         return self.gradiend_config.with_updates(
-            encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()]
+            encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()],
+            parameters=list(self.bottleneck.names),
         )
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **card_fields: Any) -> None:

@@ -41,8 +41,17 @@ from torch import nn
 
 from .bottleneck import FeatureValue, edit_update, latent_vector
 from .config import CONFIG_NAME, GradiendConfig, GradiendType
+from .edit import NonFiniteEdit
 from .selection import select_parameters
-from .serialization import KINDS, check_fits, entry_problems, group_adapter_tensors
+from .serialization import (
+    KINDS,
+    WEIGHTS_NAME,
+    check_complete,
+    check_fits,
+    check_objective,
+    entry_problems,
+    group_adapter_tensors,
+)
 
 # PEFT's per-method prefix: file keys read `<module>.gradiend_<kind>.<param>`, layer attributes `gradiend_<kind>`
 PREFIX = "gradiend_"
@@ -67,22 +76,43 @@ class GradiendPeftConfig(GradiendConfig):
         **kwargs: Any,
     ) -> "GradiendPeftConfig":
         repo = str(pretrained_model_name_or_path)
+        accepted = inspect.signature(hf_hub_download).parameters
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in accepted and k not in ("repo_id", "filename")}
         local = os.path.join(repo, subfolder, CONFIG_NAME) if subfolder else os.path.join(repo, CONFIG_NAME)
         if os.path.isfile(local):
             path = local
         else:
-            accepted = inspect.signature(hf_hub_download).parameters
-            hub_kwargs = {k: v for k, v in kwargs.items() if k in accepted and k not in ("repo_id", "filename")}
             try:
                 path = hf_hub_download(repo, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
             except Exception as error:
                 raise ValueError(f"Can't find '{CONFIG_NAME}' at '{repo}': {error}") from error
         config = cls.from_file(path)
+        _require_safetensors(os.path.dirname(path), repo, subfolder, hub_kwargs if path != local else {})
         if feature_factor is not None or learning_rate is not None:
             if feature_factor is None or learning_rate is None:
                 raise ValueError("Choose an edit with both feature_factor= and learning_rate=.")
-            config.feature_factor, config.learning_rate = feature_factor, float(learning_rate)
+            config = config.with_updates(feature_factor=feature_factor, learning_rate=float(learning_rate))
         return config
+
+
+def _require_safetensors(folder: str, repo: str, subfolder: Optional[str], hub_kwargs: dict[str, Any]) -> None:
+    """PEFT falls back to adapter_model.bin (a pickle) when the safetensors file is missing; GRADIEND never reads
+    one."""
+    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+        return
+    if not hub_kwargs and os.path.isdir(repo):
+        found = sorted(os.listdir(folder))
+        raise ValueError(
+            f"{folder} has no {WEIGHTS_NAME} (found {found}). GRADIEND adapters load from safetensors only; a .bin "
+            "file is a pickle and is never read. Save the adapter again with GradiendModel.save_pretrained."
+        )
+    try:
+        hf_hub_download(repo, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    except Exception as error:
+        raise ValueError(
+            f"Can't find '{WEIGHTS_NAME}' at '{repo}' ({error}). GRADIEND adapters load from safetensors only; a .bin "
+            "file is a pickle and is never read."
+        ) from error
 
 
 # --- the layer ------------------------------------------------------------------------------------------------------
@@ -139,6 +169,8 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
         self.gradiend_index = nn.ModuleDict()
         self.gradiend_config: dict[str, GradiendConfig] = {}
         self.gradiend_tied: dict[str, dict[str, tuple[GradiendLayer, str]]] = {}
+        # (adapter, parameter) -> identity and version of the tensors that passed the validator (re-checked on change)
+        self._checked: dict[tuple[str, str], tuple] = {}
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
@@ -251,9 +283,35 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
                 "for another base model or its file is incomplete (see the loader's report of missing keys). PEFT and "
                 "transformers only load saved GRADIEND adapters; train new ones with GradiendModel."
             )
+        self._check_loaded(adapter_name, local)
         config = self.gradiend_config[adapter_name]
         h = latent_vector(config.feature_factor, config.latent_dim, weight.device)
         return edit_update(weight, bias, h, config.decoder_activation, config.learning_rate)
+
+    def _check_loaded(self, adapter_name: str, local: str) -> None:
+        """The loaded tensors pass the one validator (serialization.entry_problems) before their first use.
+
+        PEFT's route runs it while loading (_load_from_state_dict); transformers' routes assign the tensors without
+        that hook, so the check runs here, once per tensor set, before any delta is computed from them."""
+        tensors = {}
+        for kind in KINDS:
+            container = getattr(self, PREFIX + kind)
+            tensor = container[adapter_name].get(local) if adapter_name in container else None
+            if tensor is not None:
+                tensors[kind] = tensor
+        signature = tuple((kind, id(t), t._version) for kind, t in tensors.items())
+        if self._checked.get((adapter_name, local)) == signature:
+            return
+        tensors = {kind: t.detach() for kind, t in tensors.items()}
+        config = self.gradiend_config[adapter_name]
+        base = self.get_base_layer()._parameters[local]
+        problems = entry_problems(local, base, tensors, config.latent_dim, config.decoder_bias)
+        if problems:
+            raise RuntimeError(
+                f"The GRADIEND adapter '{adapter_name}' does not fit this base model: {'; '.join(problems)}. Load it "
+                "onto the base model it was made for, or save it again."
+            )
+        self._checked[(adapter_name, local)] = signature
 
     def gradiend_indices(self, adapter_name: str, local: str) -> Optional[torch.Tensor]:
         holder = self.gradiend_index[adapter_name] if adapter_name in self.gradiend_index else None
@@ -270,10 +328,13 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
             return value
         idx = self.gradiend_indices(adapter_name, local)
         if idx is None:
-            return (value.float() + delta.reshape(value.shape).to(value.device)).to(value.dtype)
-        flat = value.reshape(-1)
-        kept = (flat.index_select(0, idx).float() + delta.to(value.device)).to(value.dtype)
-        return flat.index_copy(0, idx, kept).reshape(value.shape)
+            kept = (value.float() + delta.reshape(value.shape).to(value.device)).to(value.dtype)
+        else:
+            kept = (value.reshape(-1).index_select(0, idx).float() + delta.to(value.device)).to(value.dtype)
+        if not bool(torch.isfinite(kept).all()):
+            config = self.gradiend_config[adapter_name]
+            raise NonFiniteEdit(local, config.feature_factor, config.learning_rate, value.dtype)
+        return kept if idx is None else value.reshape(-1).index_copy(0, idx, kept).reshape(value.shape)
 
     def edited_locals(self, adapter_name: str) -> list[str]:
         own = []
@@ -416,6 +477,21 @@ def _targets_from_state_dict(
     }
 
 
+def _recorded_parameters(view: Any, config: GradiendConfig, shapes: Mapping[str, torch.Tensor]) -> list[str]:
+    """The parameters the saved adapter covers (`config.parameters`), all of which the base must have; adapters
+    saved before that field existed are selected by their patterns."""
+    if config.parameters is None:
+        return select_parameters(view, config.target_parameters, config.exclude_parameters)
+    absent = [n for n in config.parameters if n not in shapes]
+    if absent:
+        made_for = config.base_model_name_or_path or "another base model"
+        raise ValueError(
+            f"This GRADIEND adapter edits {len(config.parameters)} parameters of {made_for}; this base model lacks "
+            f"{absent[:3]}{' ...' if len(absent) > 3 else ''}. Load it onto the base model it was made for."
+        )
+    return list(config.parameters)
+
+
 class GradiendTuner(BaseTuner):
     """PEFT tuner for GRADIEND adapters: wraps each module that owns an edited parameter in a `GradiendLayer`.
 
@@ -441,6 +517,7 @@ class GradiendTuner(BaseTuner):
         PEFT's default only maps keys the model already has; the pruning indices of a pruned adapter are not known
         before the file is read, so every GRADIEND key is mapped here (the layer adopts the shapes on loading).
         """
+        check_complete(config, group_adapter_tensors(state_dict))
         remapped = {}
         for key, value in state_dict.items():
             head, marker, tail = key.rpartition("." + PREFIX)
@@ -482,9 +559,10 @@ class GradiendTuner(BaseTuner):
             check_fits(view, config, grouped)
             specs = _targets_from_state_dict(grouped)
         else:
-            names = select_parameters(view, config.target_parameters, config.exclude_parameters)
             shapes = dict(view.named_parameters())
+            names = _recorded_parameters(view, config, shapes)
             specs = {n: (shapes[n].shape, None) for n in names}
+        check_objective(model, config)
         if not specs:
             raise ValueError("This GRADIEND adapter selects no base parameter; nothing to inject.")
 

@@ -151,6 +151,32 @@ def _check_pairs(cols: dict[str, list]) -> None:
                 f"factual_class == alternative_class == {f_cls!r} but factual {word!r} != alternative {alt!r}",
                 "a same-class row must be an identity row (alternative == factual); otherwise use the other class",
             )
+        if f_cls != a_cls and word.strip().lower() == alt.strip().lower():
+            raise _fail(
+                i,
+                f"factual {word!r} ({f_cls}) and alternative {alt!r} ({a_cls}) are the same word, so the row's two "
+                "gradients are equal and it teaches nothing",
+                "give a word of the other class as the alternative",
+            )
+
+
+def _to_dataset(table: dict[str, list], features: Optional[datasets.Features], extras: list[str]) -> datasets.Dataset:
+    """Arrow needs one type per column; a column mixing types is named (with its types) instead of failing inside
+    Arrow."""
+    try:
+        return datasets.Dataset.from_dict(table, features=features)
+    except (TypeError, ValueError, ArithmeticError, OverflowError) as error:
+        for name in extras:
+            try:
+                datasets.Dataset.from_dict({name: table[name]}, features=None if features is None else
+                                           datasets.Features({name: features[name]}))
+            except Exception:  # noqa: BLE001 - any Arrow conversion error of this one column identifies it
+                kinds = sorted({type(v).__name__ for v in table[name] if not is_missing(v)})
+                raise ValueError(
+                    f"extra column {name!r} mixes value types {kinds}, which a datasets.Dataset cannot hold; convert "
+                    "it to one type (e.g. all strings) or drop it before passing the rows."
+                ) from None
+        raise ValueError(f"the rows cannot be stored as a datasets.Dataset: {error}") from error
 
 
 def transition_of(row: Mapping[str, Any]) -> tuple[str, str]:
@@ -203,7 +229,7 @@ def prepare_rows(data: Data, feature_classes: Sequence[str], seed: int = 0, toke
     if features is not None:  # keep the user's types (e.g. ClassLabel) for the extra columns
         out_features = datasets.Features({name: datasets.Value("string") for name in REQUIRED_COLUMNS})
         out_features.update({name: features[name] for name in extras})
-    dataset = datasets.Dataset.from_dict(table, features=out_features)
+    dataset = _to_dataset(table, out_features, extras)
     counts = ", ".join(f"{a}->{b}: {k}" for (a, b), k in count_transitions(dataset).items())
     logger.info("prepared %d GRADIEND rows (%s); filled %d alternatives", n, counts, filled)
     return dataset

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, GradiendConfig, base_name
+from .objective import CAUSAL_LM, MASKED_LM, resolve_objective
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -103,25 +104,68 @@ def needed_kinds(decoder_bias: bool) -> list[str]:
 def entry_problems(
     name: str, parameter: torch.Tensor, tensors: Mapping[str, torch.Tensor], latent_dim: int, decoder_bias: bool
 ) -> list[str]:
-    """What is wrong with one base parameter's adapter tensors (empty when they fit): a missing kind, pruning indices
-    outside the parameter, or a shape other than (latent_dim, *entries) for W_e/W_d and entries for b_d/index."""
+    """What is wrong with one base parameter's adapter tensors (empty when they fit): a missing or unexpected kind,
+    a non-floating weight or non-int64 index, NaN/inf values, pruning indices outside the parameter, or a shape other
+    than (latent_dim, *entries) for W_e/W_d and entries for b_d/index (no broadcasting: shapes must be exact)."""
     lacking = [k for k in needed_kinds(decoder_bias) if k not in tensors]
     if lacking:
         return [f"the {lacking} tensor(s) of {name} are missing; the file is incomplete, save it again"]
+    if not decoder_bias and "offset" in tensors:
+        return [f"the file holds a decoder bias for {name} but the config says decoder_bias: false; the config and "
+                "the weights belong to different adapters"]
+    problems = []
+    for kind, tensor in tensors.items():
+        if kind == "index" and tensor.dtype != torch.int64:
+            problems.append(f"the pruning indices of {name} are {tensor.dtype}, not torch.int64")
+        elif kind != "index" and not tensor.dtype.is_floating_point:
+            problems.append(f"the {kind} tensor of {name} is {tensor.dtype}, not a floating-point tensor")
+        elif kind != "index" and not bool(torch.isfinite(tensor).all()):
+            problems.append(f"the {kind} tensor of {name} holds NaN or infinite values")
+    if problems:
+        return problems
     entries = tuple(parameter.shape)
     if "index" in tensors:
         index = tensors["index"]
         if index.dim() != 1 or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= parameter.numel())):
             return [f"the pruning indices of {name} do not fit its {parameter.numel()} entries"]
         entries = (index.numel(),)
-    expected = {
-        "encoder": (latent_dim, *entries), "decoder": (latent_dim, *entries), "offset": entries, "index": entries
-    }
+    weights = (latent_dim, *entries)
+    expected = {"encoder": weights, "decoder": weights, "offset": entries, "index": entries}
     return [
         f"the {kind} tensor of {name} has shape {tuple(t.shape)}, but this base model needs {expected[kind]}"
         for kind, t in tensors.items()
         if tuple(t.shape) != expected[kind]
     ]
+
+
+def check_objective(base_model: nn.Module, config: GradiendConfig) -> None:
+    """A masked-LM adapter on a causal LM (or the reverse) would read and write gradients of another objective."""
+    if config.objective not in (MASKED_LM, CAUSAL_LM):
+        return
+    try:
+        actual = resolve_objective(base_model)
+    except ValueError:  # an unknown model class: the config's explicit objective is all there is to go by
+        return
+    if actual != config.objective:
+        raise ValueError(
+            f"This adapter was trained with objective={config.objective!r}, but {type(base_model).__name__} is a "
+            f"{actual.replace('_', ' ')} model. Load it onto the kind of model it was made for."
+        )
+
+
+def check_complete(config: GradiendConfig, names: Iterable[str]) -> None:
+    """The weights file covers exactly the parameters its config lists (`parameters`, written on save)."""
+    if config.parameters is None:  # written before `parameters` existed: the per-tensor checks still apply
+        return
+    names = list(names)
+    absent = [n for n in config.parameters if n not in set(names)]
+    extra = [n for n in names if n not in set(config.parameters)]
+    if absent or extra:
+        raise ValueError(
+            f"The adapter's weights file does not match its config: the tensors of {absent[:3]}"
+            f"{' ...' if len(absent) > 3 else ''} are missing and {extra[:3]}{' ...' if len(extra) > 3 else ''} are "
+            "not listed in its `parameters`. The folder mixes two adapters or was damaged; save it again."
+        )
 
 
 def check_fits(
@@ -133,6 +177,9 @@ def check_fits(
     given = base_name(base_model) or type(base_model).__name__
     if not grouped:
         raise ValueError("The adapter file holds no GRADIEND tensors; it is empty or not a GRADIEND adapter.")
+    check_complete(config, grouped)
+    if isinstance(base_model, nn.Module):  # (PEFT passes a view of the unwrapped model and checks it itself)
+        check_objective(base_model, config)
     params = dict(base_model.named_parameters())
     missing = [n for n in grouped if n not in params]
     if missing:

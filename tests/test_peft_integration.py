@@ -370,8 +370,38 @@ def test_transformers_save_pretrained_writes_the_same_adapter(bases, tmp_path):
 
 
 # --- wrong bases and unsupported layouts fail clearly -----------------------------------------------------------------
-def test_an_adapter_for_another_architecture_never_runs_as_a_silent_base(bases, tmp_path):
+def test_an_adapter_for_another_architecture_is_refused_by_every_route_before_loading(bases, tmp_path):
+    """The config lists the parameters the adapter covers; a base that lacks them is refused at injection."""
     path = save_adapter(bases, "gpt2", tmp_path / "adapter")
+    with pytest.raises(ValueError, match="this base model lacks"):
+        PeftModel.from_pretrained(fresh(bases, "llama"), path)
+    with pytest.raises(ValueError, match="this base model lacks"):
+        fresh(bases, "llama").load_adapter(path)
+
+
+def test_a_deeper_models_adapter_never_applies_part_of_its_edit(bases, tmp_path):
+    """A two-layer adapter on a one-layer base of the same family: every route refuses instead of editing layer 0."""
+    deep = tiny_model("llama")
+    assert deep.config.num_hidden_layers == 2
+
+    def shallow():
+        settings = {k: v for k, v in deep.config.to_dict().items() if k != "layer_types"}
+        return type(deep)(type(deep.config).from_dict({**settings, "num_hidden_layers": 1})).eval()
+
+    GradiendModel(deep, GradiendConfig(feature_classes=CLASSES, **EDIT)).save_pretrained(tmp_path / "deep")
+    for load in (lambda: PeftModel.from_pretrained(shallow(), tmp_path / "deep"),
+                 lambda: shallow().load_adapter(tmp_path / "deep"),
+                 lambda: GradiendModel.from_pretrained(shallow(), tmp_path / "deep")):
+        with pytest.raises(ValueError, match="lacks|has no parameter"):
+            load()
+
+
+def test_an_adapter_saved_without_a_parameter_list_never_runs_as_a_silent_base(bases, tmp_path):
+    """Adapters written before `parameters` existed are selected by pattern: the missing tensors are still caught."""
+    path = save_adapter(bases, "gpt2", tmp_path / "adapter")
+    config = json.loads((path / "adapter_config.json").read_text())
+    del config["parameters"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="missing adapter keys"):
         model = PeftModel.from_pretrained(fresh(bases, "llama"), path)
     with pytest.raises(RuntimeError, match="never loaded"):

@@ -345,3 +345,20 @@ def test_sampler_in_a_dataloader_with_the_collator():
     for b in batches:
         assert torch.unique(b["factual_class"]).numel() == 1
         assert torch.unique(b["alternative_class"]).numel() == 1
+
+
+def test_a_cross_class_row_whose_two_words_are_the_same_is_refused():
+    rows = [dict(masked="[MASK] went home", factual="she", factual_class="female", alternative="he"),
+            dict(masked="[MASK] said so", factual="he", factual_class="male", alternative="He")]
+    with pytest.raises(ValueError, match="row 1: factual 'he' .* are the same word"):
+        prepare_rows(rows, ["female", "male"])
+
+
+def test_an_extra_column_of_mixed_types_is_named_before_arrow_fails():
+    rows = [dict(masked="[MASK] went home", factual="she", factual_class="female", alternative="he", source=3),
+            dict(masked="[MASK] said so", factual="he", factual_class="male", alternative="she", source="wiki")]
+    with pytest.raises(ValueError, match=r"extra column 'source' mixes value types \['int', 'str'\]"):
+        prepare_rows(rows, ["female", "male"])
+    for row, value in zip(rows, ("3", "wiki")):
+        row["source"] = value
+    assert prepare_rows(rows, ["female", "male"])["source"] == ["3", "wiki"]  # one type: kept as given
