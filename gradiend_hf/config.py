@@ -6,11 +6,12 @@ import enum
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 from peft import PeftConfig
+
+from .selection import compile_pattern
 
 CONFIG_NAME = "adapter_config.json"
 GRADIENT_KINDS = ("factual", "alternative", "diff")
@@ -42,23 +43,6 @@ def _typed(name: str, value: Any, types: Union[type, tuple], optional: bool = Fa
         )
     if finite and not math.isfinite(value):
         raise ValueError(f"GradiendConfig.{name}={value!r} must be a finite number.")
-
-
-def _check_pattern(name: str, pattern: Any) -> None:
-    """Patterns are regular expressions (re.search); a shell glob such as '*attention*' is not one."""
-    if not isinstance(pattern, str):
-        raise ValueError(
-            f"GradiendConfig.{name} holds {pattern!r}; it must be a list of regular expressions (strings)."
-        )
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        hint = re.sub(r"(?<!\\.)\*", ".*", pattern) if "*" in pattern else None
-        raise ValueError(
-            f"GradiendConfig.{name} pattern {pattern!r} is not a valid regular expression ({error}). Patterns are "
-            "matched with re.search against parameter names"
-            + (f"; for a shell-style wildcard write {hint!r}." if hint else ".")
-        ) from None
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -304,7 +288,7 @@ class GradiendConfig(PeftConfig):
                 setattr(self, name, value)
             _typed(name, value, list, optional=True)
             for pattern in value or []:
-                _check_pattern(name, pattern)
+                compile_pattern(f"GradiendConfig.{name}", pattern)
         _typed("learning_rate", self.learning_rate, (int, float), optional=True, finite=True)
         if isinstance(self.feature_factor, (list, tuple)):
             for value in self.feature_factor:

@@ -26,6 +26,21 @@ def backbone_prefix(model: nn.Module) -> str:
     return ""
 
 
+def compile_pattern(field: str, pattern: object) -> re.Pattern:
+    """A parameter-name pattern as a regular expression (matched with re.search), or an error that names the field
+    and the pattern; a shell glob such as '*attention*' (not a regular expression) gets its regex form as the fix."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{field} holds {pattern!r}; it must be a list of regular expressions (strings).")
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        hint = re.sub(r"(?<!\.)\*", ".*", pattern) if "*" in pattern else None
+        raise ValueError(
+            f"{field} pattern {pattern!r} is not a valid regular expression ({error}). Patterns are matched with "
+            "re.search against parameter names" + (f"; for a shell-style wildcard write {hint!r}." if hint else ".")
+        ) from None
+
+
 def select_parameters(
     model: nn.Module,
     target_parameters: Optional[list[str]] = None,
@@ -38,14 +53,14 @@ def select_parameters(
     """
     named = list(model.named_parameters())
     if target_parameters:
-        patterns = [re.compile(p) for p in target_parameters]
+        patterns = [compile_pattern("target_parameters", p) for p in target_parameters]
         chosen = [n for n, p in named if any(r.search(n) for r in patterns)]
     else:
         prefix = backbone_prefix(model)
         tied = output_embedding_parameters(model)
         chosen = [n for n, p in named if n.startswith(prefix) and p.data_ptr() not in tied]
     if exclude_parameters:
-        patterns = [re.compile(p) for p in exclude_parameters]
+        patterns = [compile_pattern("exclude_parameters", p) for p in exclude_parameters]
         chosen = [n for n in chosen if not any(r.search(n) for r in patterns)]
     params = dict(named)
     chosen = [n for n in chosen if params[n].dtype.is_floating_point]
