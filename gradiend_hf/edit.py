@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -129,15 +128,3 @@ class InPlaceEditor:
     def restore(self) -> None:
         for name, backup in self.backup.items():
             self.bottleneck.write_entries(name, self.params[name], backup)
-
-
-@contextlib.contextmanager
-def applied(bottleneck: "Bottleneck", params: Mapping[str, torch.Tensor], feature_factor: Any,
-            learning_rate: float) -> Iterator[None]:
-    """The edit applied to `params` inside the block, restored bit-exactly after (GradiendModel.apply_edit)."""
-    editor = InPlaceEditor(bottleneck, params)
-    try:
-        editor.apply(feature_factor, learning_rate)
-        yield
-    finally:
-        editor.restore()

@@ -13,7 +13,7 @@ from transformers.utils import ModelOutput
 
 from .bottleneck import Bottleneck, FeatureValue
 from .config import CONFIG_NAME, GradiendConfig, base_name
-from .edit import Edit, InPlaceEditor, Scratch, applied, check_finite_edit, resolve_edit
+from .edit import Edit, InPlaceEditor, Scratch, check_finite_edit, resolve_edit
 from .gradients import GradientEngine, encode_rows
 from .objective import AUXILIARY_MLM, CAUSAL_LM, lm_objective, resolve_objective
 from .atomic import write_folder_atomically
@@ -41,7 +41,9 @@ class GradiendModel(nn.Module):
         auxiliary_head: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
+        check_plain_base(base_model)
         check_auxiliary(base_model, config, auxiliary_head)
+        self._applied: list[tuple[InPlaceEditor, Any, float]] = []  # apply_edit blocks open now, outermost first
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         self._base_training = base_model.training
         base_model.requires_grad_(False)
@@ -230,8 +232,29 @@ class GradiendModel(nn.Module):
             learning_rate,
             (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate),
         )
-        with applied(self.bottleneck, self.selected_parameters(), ff, lr):
+        editor = InPlaceEditor(self.bottleneck, self.selected_parameters())
+        try:
+            editor.apply(ff, lr)
+            self._applied.append((editor, ff, lr))
             yield self
+        finally:
+            if self._applied and self._applied[-1][0] is editor:
+                self._applied.pop()
+            editor.restore()
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """PEFT's `disable_adapter()`: inside the block the base model runs as it was, without the edits that
+        `apply_edit` blocks have applied (restored bit-exactly, re-applied after). Outside `apply_edit` the base never
+        carries an edit (only `merge_and_unload` writes one for good), so the block then changes nothing."""
+        active = list(self._applied)
+        for editor, _, _ in reversed(active):
+            editor.restore()
+        try:
+            yield self
+        finally:
+            for editor, ff, lr in active:
+                editor.apply(ff, lr)
 
     @torch.no_grad()
     def merge_and_unload(
@@ -293,7 +316,17 @@ class GradiendModel(nn.Module):
         return self.gradiend_config.with_updates(
             encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()],
             parameters=list(self.bottleneck.names),
+            # PEFT's convention for a config without task_type: AutoPeftModel* rebuild the base from this class
+            auto_mapping=self.auto_mapping(),
         )
+
+    def auto_mapping(self) -> Optional[dict[str, str]]:
+        """{"base_model_class", "parent_library"} of the base (what PEFT writes when saving), so that
+        `AutoPeftModel.from_pretrained(adapter_dir)` and `AutoPeftModelForCausalLM` can load the base it names."""
+        if "base_model" not in self._modules:
+            return self.gradiend_config.auto_mapping
+        cls = type(self.get_base_model())
+        return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **card_fields: Any) -> None:
         """adapter_config.json + adapter_model.safetensors + README.md, written atomically."""
@@ -329,6 +362,7 @@ class GradiendModel(nn.Module):
 
         An adapter trained with objective='auxiliary_mlm' also loads its auxiliary head from a local folder (or pass
         `auxiliary_head=`); the head is only needed for gradients and encodings, not for merging."""
+        check_plain_base(base_model)
         config, grouped = read_adapter(path_or_repo_id, revision=revision, **hub_kwargs)
         check_fits(base_model, config, grouped)
         indices = {n: t["index"] for n, t in grouped.items() if "index" in t}
@@ -401,6 +435,21 @@ class GradiendModel(nn.Module):
 
 
 AUXILIARY_FILES = ("auxiliary_head.safetensors", "auxiliary_head_config.json")  # = aux_head.HEAD_*_NAME
+
+
+def check_plain_base(base_model: nn.Module) -> None:
+    """GRADIEND reads and edits a plain transformers model's own weights; PEFT layers (LoRA, a loaded GRADIEND
+    adapter ...) would rename and shadow them."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = isinstance(base_model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in base_model.modules())
+    if wrapped:
+        raise ValueError(
+            f"The base model ({type(base_model).__name__}) holds PEFT adapter layers; GradiendModel wraps a plain "
+            "transformers model. Merge the adapter into the weights first (base = peft_model.merge_and_unload()) to "
+            "keep its change, or drop it (base = peft_model.unload())."
+        )
 
 
 def check_auxiliary(base_model: nn.Module, config: GradiendConfig, head: Optional[nn.Module]) -> None:

@@ -552,6 +552,13 @@ class GradiendTuner(BaseTuner):
         config = self.peft_config[adapter_name]
         if not isinstance(config, GradiendConfig):
             raise TypeError(f"A GRADIEND adapter needs a GradiendConfig, got {type(config).__name__}.")
+        if config.encoder_bias is None and state_dict is None:
+            raise ValueError(
+                "This GradiendConfig belongs to no trained adapter (it has no encoder_bias, which saving writes): PEFT "
+                "and transformers only load saved GRADIEND adapters. Create and train one with "
+                "gradiend_hf.get_gradiend_model(base, config) and GradiendTrainer (not peft.get_peft_model), save it, "
+                "then load it with PeftModel.from_pretrained(base, adapter_dir)."
+            )
         layers = _layer_paths(model)
         view = _UnwrappedView(model) if layers else model
         if state_dict is not None:
