@@ -54,6 +54,7 @@ class GradiendModel(nn.Module):
             base_model_name_or_path=config.base_model_name_or_path or base_name(base_model),
         )
         params = parameter_dict(base_model, names)
+        check_materialised(params)
         self.base_model = base_model
         # with pre_prune set, the dense bottleneck would be thrown away at training start: build a shapes-only
         # placeholder until pre-pruning builds the real one at the pruned size
@@ -123,6 +124,12 @@ class GradiendModel(nn.Module):
         if getattr(self, "_selected", None) is None:
             self._selected = parameter_dict(self.get_base_model(), self.bottleneck.names)
         return self._selected
+
+    @property
+    def hf_device_map(self) -> Optional[dict]:
+        """The base's device map (from `from_pretrained(device_map=...)`): the Trainer then leaves the model where it
+        is instead of moving it to one device."""
+        return getattr(self._modules.get("base_model"), "hf_device_map", None)
 
     @property
     def config(self):
@@ -435,6 +442,19 @@ class GradiendModel(nn.Module):
 
 
 AUXILIARY_FILES = ("auxiliary_head.safetensors", "auxiliary_head_config.json")  # = aux_head.HEAD_*_NAME
+
+
+def check_materialised(params: Mapping[str, torch.Tensor]) -> None:
+    """Offloaded parameters (device_map with 'disk'/'cpu' offload, or meta placeholders) hold no data on their module:
+    their gradients cannot be gathered and their weights cannot be edited in place."""
+    offloaded = [name for name, p in params.items() if p.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} selected base parameter(s) are offloaded or not materialised (on the meta device), e.g. "
+            f"{offloaded[:2]}. GRADIEND reads their gradients and edits them in place: load the base without "
+            "offloading (a device_map that fits it on your devices, or none), or leave those parameters out with "
+            "GradiendConfig(exclude_parameters=[...])."
+        )
 
 
 def check_plain_base(base_model: nn.Module) -> None:

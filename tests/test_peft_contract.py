@@ -74,3 +74,14 @@ def test_a_base_with_peft_layers_is_refused_with_the_way_out(bases, tmp_path):
             make()
     plain = lora.merge_and_unload()  # the documented way out works
     GradiendModel.from_pretrained(plain, path)
+
+
+def test_an_offloaded_base_is_refused_before_any_work_and_a_device_map_is_exposed():
+    base = tiny_model("llama")
+    base.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.empty(24, 16, device="meta"))
+    with pytest.raises(ValueError, match=r"offloaded .*model\.layers\.1\.mlp\.up_proj\.weight.*exclude_parameters"):
+        GradiendModel(base, GradiendConfig(feature_classes=CLASSES))
+    model = GradiendModel(base, GradiendConfig(feature_classes=CLASSES, exclude_parameters=[r"layers\.1\.mlp"]))
+    assert model.hf_device_map is None
+    base.hf_device_map = {"model.embed_tokens": 0, "model.layers": "cpu"}
+    assert model.hf_device_map == base.hf_device_map  # the Trainer sees it and leaves the placement alone
