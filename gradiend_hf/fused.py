@@ -14,10 +14,18 @@ The math (r = residual, act_d' its activation's derivative, N = number of entrie
 The updates are torch's own fused AdamW kernel on the optimizer's own state, so checkpoints, resuming and the sign
 flip work as with the plain step. It applies when one process takes one optimizer step per gradient without clipping
 (the Trainer falls back to the plain step otherwise: DDP must all-reduce whole gradients before any update).
+
+Non-finite values stop the step before they reach a weight (FloatingPointError): the encoder's pre-activation is
+checked before anything is updated (it is NaN/inf whenever a source gradient entry or an encoder weight is), each
+parameter's reconstruction error before its decoder step (NaN/inf whenever a target entry or a decoder weight is),
+and dL/dh before the encoder step. The check of the error is free: its sum of squares is the loss anyway. A stop in
+the middle of the decoder leaves the decoder tensors of the parameters before it updated (all finite); the trainer
+stops there, and every checkpoint predates the step.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -156,7 +164,13 @@ class DecoderStreamer:
             slope = derivative(b.decoder_activation, out)
         residual.add_(out)  # act(z) - t
         del out
-        self.loss += float(torch.dot(residual.reshape(-1), residual.reshape(-1)))
+        squares = float(torch.dot(residual.reshape(-1), residual.reshape(-1)))
+        if not math.isfinite(squares):  # before W_d[p] moves: a NaN/inf here would enter the weights
+            raise FloatingPointError(
+                f"the reconstruction error of {name} is {squares} (its target gradient or decoder weights hold "
+                "NaN/inf, or the error overflowed)"
+            )
+        self.loss += squares
         dz = residual.mul_(self.scale)
         if slope is not None:
             dz.mul_(slope)
@@ -183,18 +197,20 @@ def fused_step(model, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.
     with engine.passes(batch) as backward:
         backward(config.source, [copy_into(source)], last=plan is None)  # 'diff' is one pass (BackwardPasses)
         pre = b.encode_linear(source).detach()
-        h = b.activate(pre)
-        if not torch.isfinite(h).all():
+        if not bool(torch.isfinite(pre).all()):  # tanh(inf) = 1 would hide an inf gradient entry, so test pre, not h
             raise FloatingPointError(
-                "The encoder value is not finite: the gathered gradients contain NaN/inf (or the bottleneck diverged; "
-                "lower the learning rate)."
+                f"the encoder input is {pre.tolist()} (the gathered source gradients or the encoder weights hold "
+                "NaN/inf)"
             )
+        h = b.activate(pre)
         streamer = DecoderStreamer(b, h, source, plan[1] if plan else "source", step)
         if plan is None:
             for name in b.names:
                 streamer(name, source[name])
         else:
             backward(plan[0], [streamer], last=True)
+    if not bool(torch.isfinite(streamer.grad_h).all()):
+        raise FloatingPointError(f"dL/dh is {streamer.grad_h.tolist()}")
     grad_pre = streamer.grad_h.to(pre.device)
     slope = derivative(b.encoder_activation, h)
     if slope is not None:

@@ -126,10 +126,14 @@ class GradiendModel(nn.Module):
         return self._selected
 
     @property
-    def hf_device_map(self) -> Optional[dict]:
+    def hf_device_map(self) -> dict:
         """The base's device map (from `from_pretrained(device_map=...)`): the Trainer then leaves the model where it
-        is instead of moving it to one device."""
-        return getattr(self._modules.get("base_model"), "hf_device_map", None)
+        is instead of moving it to one device. Absent (AttributeError) when the base has none, as on a plain model:
+        accelerate and the Trainer test `hasattr`."""
+        device_map = getattr(self._modules.get("base_model"), "hf_device_map", None)
+        if device_map is None:
+            raise AttributeError("hf_device_map")
+        return device_map
 
     @property
     def config(self):

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import recover_folder
 from .config import CONFIG_NAME, GradiendConfig, base_name
 from .objective import CAUSAL_LM, MASKED_LM, resolve_objective
 
@@ -52,6 +53,7 @@ def resolve_adapter_files(
 ) -> tuple[Path, Path]:
     """Paths of adapter_config.json and adapter_model.safetensors: from a local folder or through the Hub cache."""
     local = Path(path_or_repo_id)
+    recover_folder(local)  # a save killed mid-swap is put back (or finished) before anything is read
     if local.is_dir():
         files = (local / CONFIG_NAME, local / WEIGHTS_NAME)
         for file in files:

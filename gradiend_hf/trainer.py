@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
+import numpy as np
 import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
 from . import fused
-from .atomic import write_text_atomically
-from .checkpointing import has_optimizer_state, load_optimizer_state, save_optimizer_state
+from .atomic import recover_folder, recover_folders, staged_folder, write_file_atomically, write_text_atomically
+from .checkpointing import (
+    OPTIMIZER_JSON,
+    OPTIMIZER_TENSORS,
+    TRAINER_STATE,
+    checkpoint_problem,
+    has_optimizer_state,
+    last_complete_checkpoint,
+    load_optimizer_state,
+    load_scaler_state,
+    pickled_files,
+    save_optimizer_state,
+    save_scaler_state,
+)
+from .config import CONFIG_NAME
 from .data import GradiendDataCollator
 from .evaluation.encoder import encode_dataset, encoder_metrics
 from .model import GradiendModel
@@ -157,6 +173,11 @@ def collapsed(record: dict, feature_classes: list[str]) -> bool:
     return None not in means and means[0] * means[1] > 0 and min(abs(m) for m in means) >= COLLAPSED_MEAN
 
 
+def finite(value: Any) -> bool:
+    """A real number that is not NaN or inf (NaN fails no `<` test, so every threshold check must ask this first)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 class ConvergenceCallback(TrainerCallback, ExportableState):
     """Tracks the best evaluation and decides at the end whether the run converged (kept in trainer_state.json).
 
@@ -175,12 +196,28 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
             "attributes": {},
         }
 
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Take over the best evaluation and the history kept in a checkpoint's trainer_state.json (`state()`), so
+        that the verdict after a resume covers the whole run, not only the evaluations since the resume."""
+        kept = saved.get("args", {})
+        classes = kept.get("feature_classes")
+        if classes is not None and list(classes) != self.feature_classes:
+            raise ValueError(
+                f"The checkpoint was trained for the feature classes {list(classes)}, this run has "
+                f"{self.feature_classes}: resume it with the GradiendConfig it was started with."
+            )
+        self.best = kept.get("best")
+        self.history = list(kept.get("history") or [])
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not metrics or "eval_correlation" not in metrics:
             return
         record = {"step": state.global_step, **{k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}}
         self.history.append(record)
-        if self.best is None or abs(record["correlation"]) > abs(self.best["correlation"]):
+        # a NaN correlation (constant or non-finite h) is never the best: it would fail no later comparison
+        if finite(record["correlation"]) and (
+            self.best is None or abs(record["correlation"]) > abs(self.best["correlation"])
+        ):
             self.best = record
         if self.collapsed_steps():
             control.should_training_stop = True
@@ -194,15 +231,20 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
         return []
 
     def verdict(self, args: GradiendTrainingArguments) -> dict:
-        """Converged: |corr| >= threshold, both class means |h| >= threshold with opposite signs, best step > 0."""
+        """Converged: |corr| >= threshold, both class means |h| >= threshold with opposite signs, best step > 0.
+        Every test asks for the good case, so a NaN (which fails every comparison) counts as not converged."""
         best = self.best or {}
         first, second = (best.get(f"mean_h_{c}") for c in self.feature_classes)
         reasons = [] if self.history else ["no evaluation ran (give the trainer an eval_dataset)"]
-        if abs(best.get("correlation", 0.0)) < args.convergence_correlation:
-            reasons.append(f"|correlation| {abs(best.get('correlation', 0.0)):.3f} < {args.convergence_correlation}")
+        if self.history and self.best is None:
+            reasons.append("no evaluation gave a finite correlation (h was NaN/inf or the same for every row)")
+        correlation = best.get("correlation", 0.0)
+        if not (finite(correlation) and abs(correlation) >= args.convergence_correlation):
+            reasons.append(f"|correlation| {abs(correlation):.3f} < {args.convergence_correlation}")
         if first is None or second is None:
             reasons.append("a feature class is missing from the evaluation rows")
-        elif min(abs(first), abs(second)) < args.convergence_mean or first * second >= 0:
+        elif not (finite(first) and finite(second) and min(abs(first), abs(second)) >= args.convergence_mean
+                  and first * second < 0):
             reasons.append(
                 f"class means {first:.3f} / {second:.3f} are not both beyond +-{args.convergence_mean} "
                 "with opposite signs"
@@ -221,6 +263,13 @@ class GradiendTrainer(Trainer):
 
     Only the bottleneck is optimised (AdamW); checkpoints hold the adapter format plus optimizer state as
     safetensors/JSON; `evaluate()` logs the correlation of per-row encodings (forward-mode, no backward per row).
+
+    Faults: a checkpoint is written whole into a staging folder and renamed to checkpoint-N last, so a kill or a full
+    disk leaves no half checkpoint; `train(resume_from_checkpoint=True)` resumes from the last complete one (naming
+    the incomplete ones it skips) and restores the convergence history with it; resuming never unpickles anything
+    (scaler.pt, rng_state.pth, training_args.bin ... are ignored with a warning). Training stops with a
+    FloatingPointError naming the step at the first NaN/inf loss, gradient or encoder value, before it is applied,
+    and no checkpoint ever holds NaN/inf.
     """
 
     def __init__(
@@ -328,6 +377,8 @@ class GradiendTrainer(Trainer):
         return self.fused_step_blocker() is None
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """One step, fused or plain. Stops training at the first NaN/inf loss, gradient or encoder value, before the
+        optimizer applies it, so no later checkpoint can hold it (a diverged run never looks converged)."""
         blocker = self.fused_step_blocker()
         if blocker is not None:
             if self.args.optimizer_state_dtype != "float32":
@@ -336,13 +387,55 @@ class GradiendTrainer(Trainer):
                     f"cannot take: {blocker}. Use optimizer_state_dtype='float32', or one process with "
                     "gradient_accumulation_steps=1, max_grad_norm=0 and the default AdamW."
                 )
-            return super().training_step(model, inputs, num_items_in_batch)
+            try:  # the base model's losses are checked while the gradients are gathered (gradients.py)
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            except FloatingPointError as error:
+                raise FloatingPointError(self.stopped_message(str(error))) from error
+            problem = self.nonfinite_problem(loss)  # before the Trainer's optimizer.step() applies the gradients
+            if problem is not None:
+                raise FloatingPointError(self.stopped_message(problem))
+            return loss
         model.train()
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         if getattr(self, "_adamw_steps", None) is None or self._adamw_steps.optimizer is not optimizer:
             dtype = getattr(torch, self.args.optimizer_state_dtype)
             self._adamw_steps = fused.AdamWSteps(optimizer, dtype, torch.Generator().manual_seed(self.args.seed))
-        return fused.fused_step(self.gradiend_model, self._prepare_inputs(inputs), optimizer, self._adamw_steps)
+        try:  # the fused step checks as it goes (fused.py) and raises before it applies a non-finite update
+            return fused.fused_step(self.gradiend_model, self._prepare_inputs(inputs), optimizer, self._adamw_steps)
+        except FloatingPointError as error:
+            raise FloatingPointError(self.stopped_message(str(error))) from error
+
+    def nonfinite_problem(self, loss: torch.Tensor) -> Optional[str]:
+        """What is NaN/inf after the plain step's backward pass (the loss or a bottleneck gradient), or None."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            return f"the loss is {float(loss.detach().float().mean())}"
+        for name, param in self.gradiend_model.bottleneck.named_parameters():
+            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+                return f"the gradient of the bottleneck tensor {name} is not finite"
+        return None
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of bottleneck tensors holding NaN/inf (e.g. after an AdamW step overflowed)."""
+        return [n for n, p in self.gradiend_model.bottleneck.named_parameters() if not bool(torch.isfinite(p).all())]
+
+    def stopped_message(self, problem: str) -> str:
+        """The error for a NaN/inf met in the step being taken, naming it (global_step counts the finished ones)."""
+        return (
+            f"GRADIEND training stopped at step {self.state.global_step + 1}: {problem.rstrip('.')}. Nothing of this "
+            "step is saved, and no checkpoint holds NaN/inf. The run diverged: lower the learning rate, or look for "
+            "NaN/inf in this step's data rows (their loss in the base model)."
+        )
+
+    def require_finite_bottleneck(self, step: int) -> None:
+        """Raise (naming `step`) when a bottleneck tensor holds NaN/inf: before every checkpoint and after training,
+        for what the step checks cannot see (an AdamW update that overflowed, a callback writing the weights)."""
+        bad = self.nonfinite_tensors()
+        if bad:
+            raise FloatingPointError(
+                f"GRADIEND training stopped at step {step}: the bottleneck tensors {bad[:3]}"
+                f"{' ...' if len(bad) > 3 else ''} hold NaN/inf after this step's update, so nothing is saved from "
+                "it (earlier checkpoints are finite). The run diverged: lower the learning rate."
+            )
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -381,6 +474,13 @@ class GradiendTrainer(Trainer):
         rows = list(dataset)
         frame = encode_dataset(model, rows, self.data_collator, self.args.per_device_eval_batch_size,
                                progress=not self.args.disable_tqdm)
+        bad = int((~np.isfinite(frame["h"].to_numpy(dtype=float))).sum())
+        if bad:
+            raise FloatingPointError(
+                f"The encoder value h of {bad} of {len(frame)} evaluation rows is NaN/inf (at step "
+                f"{self.state.global_step}): the bottleneck diverged, or these rows' loss in the base model is not "
+                "finite. Lower the learning rate or check the evaluation rows."
+            )
         metrics = encoder_metrics(frame, classes, model.gradiend_config.source)
         if self.args.sign_normalisation and model.gradiend_config.latent_dim == 1 and metrics["correlation"] < 0:
             flip_sign(model, self.optimizer)
@@ -392,8 +492,12 @@ class GradiendTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def train(self, *args: Any, **kwargs: Any):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
+        """transformers' train(), except: `resume_from_checkpoint=True` resumes from the last *complete* checkpoint
+        (incomplete ones are logged and skipped), the convergence history is restored with it, and the verdict is
+        written to convergence.json."""
+        output = super().train(self.resolve_resume(resume_from_checkpoint), *args, **kwargs)
+        self.require_finite_bottleneck(self.state.global_step)
         maybe_post_prune(self.gradiend_model)
         verdict = self.convergence.verdict(self.args)
         self.state.stateful_callbacks[type(self.convergence).__name__] = self.convergence.state()
@@ -408,12 +512,110 @@ class GradiendTrainer(Trainer):
         self.verdict = verdict
         return output
 
+    def resolve_resume(self, resume_from_checkpoint: Union[str, bool, None]) -> Optional[str]:
+        """The checkpoint folder to resume from, after repairing what killed saves left in the output folder.
+
+        True: the complete checkpoint with the highest step (transformers would take the highest step even when that
+        folder is half written); a path: that checkpoint, which must be complete; None/False: no resume."""
+        if self.args.should_save:
+            recover_folder(self.args.output_dir)
+            recover_folders(self.args.output_dir)
+            if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+                recover_folder(resume_from_checkpoint)
+        self.accelerator.wait_for_everyone()
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            path, skipped = last_complete_checkpoint(self.args.output_dir)
+            for incomplete, problem in skipped:
+                logger.warning("Not resuming from the incomplete checkpoint %s: %s.", incomplete, problem)
+            if path is None:
+                found = f" (incomplete: {'; '.join(f'{p}: {why}' for p, why in skipped)})" if skipped else ""
+                raise ValueError(
+                    f"resume_from_checkpoint=True found no complete checkpoint in {self.args.output_dir}{found}. "
+                    "Train without resume_from_checkpoint to start afresh."
+                )
+            logger.info("Resuming from %s, the last complete checkpoint.", path)
+            return path
+        path = os.fspath(resume_from_checkpoint)
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ValueError(
+                f"Cannot resume from {path}: {problem}. Pass resume_from_checkpoint=True to resume from the last "
+                f"complete checkpoint in {self.args.output_dir}."
+            )
+        return path
+
     # --- checkpoints: adapter format + safetensors/JSON optimizer state, never pickle ---------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """What transformers' Trainer saves, written whole into a staging folder that becomes checkpoint-N only at
+        the end (atomic.staged_folder): a kill or a full disk while saving leaves no checkpoint-N, so a resume never
+        meets half a checkpoint. A bottleneck holding NaN/inf is never saved (training stops instead)."""
+        step = self.state.global_step
+        self.require_finite_bottleneck(step)
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        saving_best = self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        if saving_best and self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if best == output_dir or os.path.isdir(best):  # output_dir exists once the block below has ended
+                self.state.best_model_checkpoint = best
+        if self.args.should_save:
+            with staged_folder(output_dir, last=(CONFIG_NAME, TRAINER_STATE)) as staging:
+                self._save(str(staging))
+                if not self.args.save_only_model:
+                    self._save_optimizer_and_scheduler(str(staging))
+                    self._save_scaler(str(staging))
+                    self._save_rng_state(str(staging))
+                for callback in [*self.callback_handler.callbacks, self.control]:
+                    if isinstance(callback, ExportableState):
+                        name, saved = type(callback).__name__, callback.state()
+                        kept = self.state.stateful_callbacks.get(name)
+                        if isinstance(kept, list):
+                            kept.append(saved)
+                        else:
+                            self.state.stateful_callbacks[name] = saved
+                self.state.save_to_json(str(staging / TRAINER_STATE))  # the last file: see checkpoint_problem
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(output_dir)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def save_state(self) -> None:
+        """trainer_state.json of the output folder, written atomically."""
+        if self.is_world_process_zero():
+            path = os.path.join(self.args.output_dir, TRAINER_STATE)
+            write_file_atomically(path, lambda tmp: self.state.save_to_json(str(tmp)))
+
+    def _load_callback_state(self) -> None:
+        """Restore the convergence history and best evaluation from the resumed checkpoint, always: transformers does
+        so only with restore_callback_states_from_checkpoint=True, and then into a new callback object, while the
+        verdict is made by self.convergence."""
+        saved = self.state.stateful_callbacks.get(type(self.convergence).__name__)
+        super()._load_callback_state()
+        self.convergence = next(
+            (cb for cb in self.callback_handler.callbacks if isinstance(cb, ConvergenceCallback)), self.convergence
+        )
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        if saved:
+            self.convergence.restore(saved)
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         if self.args.should_save:
             self.gradiend_model.save_pretrained(output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        ignored = pickled_files(resume_from_checkpoint)
+        if ignored:
+            logger.warning(
+                "Ignoring %s in %s: only pickle reads these files, and a GRADIEND checkpoint never unpickles anything "
+                "(its state is in safetensors and JSON files). Delete them to silence this warning.",
+                ", ".join(ignored), resume_from_checkpoint,
+            )
         self.gradiend_model.load_adapter_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
@@ -429,8 +631,26 @@ class GradiendTrainer(Trainer):
             save_optimizer_state(self.optimizer, self.lr_scheduler, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
-        if checkpoint is not None and has_optimizer_state(checkpoint):
-            load_optimizer_state(self.optimizer, self.lr_scheduler, checkpoint)
+        if checkpoint is None:
+            return
+        if not has_optimizer_state(checkpoint):  # resuming with a fresh AdamW would silently train differently
+            raise ValueError(
+                f"{checkpoint} holds no optimizer state ({OPTIMIZER_TENSORS}, {OPTIMIZER_JSON}), so training cannot "
+                "resume from it; load its adapter with GradiendModel.from_pretrained and start a new run instead."
+            )
+        load_optimizer_state(self.optimizer, self.lr_scheduler, checkpoint)
+
+    def _save_scaler(self, output_dir: str) -> None:
+        """The mixed-precision grad scaler as scaler.json (transformers pickles it into scaler.pt)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and self.args.should_save:
+            save_scaler_state(scaler, output_dir)
+
+    def _load_scaler(self, checkpoint: Optional[str]) -> None:
+        """scaler.json if this run has a grad scaler; a scaler.pt is never read (see _load_from_checkpoint)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is not None and scaler is not None and not load_scaler_state(scaler, checkpoint):
+            logger.warning("%s holds no scaler.json: the grad scaler starts afresh.", checkpoint)
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Nothing to save: the base runs in eval mode and the sampler is seeded per epoch."""

@@ -180,3 +180,32 @@ def test_resumed_bfloat16_moments_stay_bfloat16(tmp_path):
     saved = optimizer.state[weight]["exp_avg_sq"].clone()
     assert torch.equal(step._state(weight)["exp_avg_sq"], saved)
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in (step._state(p) for p in gradiend.bottleneck.parameters()))
+
+
+def test_an_infinite_encoder_input_stops_the_fused_step_before_any_update():
+    """tanh(inf) = 1 is finite, so the check must look at the encoder's input, not at h: an inf there (from a source
+    gradient entry or an encoder weight) would turn AdamW's moments and then the weights into NaN."""
+    gradiend, collator = setup("gpt2")
+    with torch.no_grad():
+        gradiend.bottleneck.encoder_bias.fill_(float("inf"))
+    before = [p.detach().clone() for p in gradiend.bottleneck.parameters()]
+    optimizer = optimizer_for(gradiend)
+    with pytest.raises(FloatingPointError, match=r"encoder input is \[inf\]"):
+        fused_step(gradiend, collator(rows()[:2]), optimizer)
+    for want, got in zip(before, gradiend.bottleneck.parameters()):
+        assert torch.equal(got, want)  # nothing moved
+    assert not optimizer.state  # and AdamW took no step
+
+
+def test_a_nan_decoder_weight_stops_the_fused_step_before_it_reaches_an_update():
+    gradiend, collator = setup("gpt2")
+    b = gradiend.bottleneck
+    poisoned = b.names[-1]
+    with torch.no_grad():
+        b.decoder(poisoned).view(-1)[0] = float("nan")
+    encoder_before = [b.encoder(n).detach().clone() for n in b.names] + [b.encoder_bias.detach().clone()]
+    with pytest.raises(FloatingPointError, match=f"reconstruction error of {poisoned} is nan"):
+        fused_step(gradiend, collator(rows()[:2]), optimizer_for(gradiend))
+    for want, got in zip(encoder_before, [b.encoder(n) for n in b.names] + [b.encoder_bias]):
+        assert torch.equal(got, want)  # the encoder steps after the decoder: untouched
+    assert all(bool(torch.isfinite(p).all()) for p in b.parameters() if p is not b.decoder(poisoned))
