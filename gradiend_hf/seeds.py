@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from .atomic import write_text_atomically
+from .checkpointing import last_complete_checkpoint
 from .comparison import seed_stability
 from .config import GradiendConfig
 from .model import GradiendModel
@@ -44,6 +45,7 @@ def train_seeds(
     processing_class: Any,
     seeds: Sequence[int] = (0, 1, 2),
     enough: int = 1,
+    resume: bool = False,
     **trainer_kwargs: Any,
 ) -> SeedSearch:
     """Train one adapter per seed (init and data order) until `enough` converged; keep the best.
@@ -51,16 +53,28 @@ def train_seeds(
     Each seed writes its run into `<output_dir>/seed-<seed>` (with the seed's best adapter at its top level); the best
     adapter is saved to `<output_dir>/best`. The report's "stability" entry (see `comparison.seed_stability`) holds the
     pairwise top-1% overlap and decoder cosine among the trained seeds.
+
+    resume: continue each seed from the last complete checkpoint in its folder, if there is one (an interrupted
+    search picks up where it stopped). A seed whose training diverges (FloatingPointError: NaN/inf) counts as not
+    converged and the next seed is tried; if every seed diverges, the last error is raised.
     """
     if enough < 1 or not seeds:
         raise ValueError("train_seeds needs at least one seed and enough >= 1.")
-    entries, best, best_entry = [], None, None
+    entries, best, best_entry, diverged = [], None, None, None
     for seed in seeds:
         run_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"seed-{seed}"), seed=seed)
         model = GradiendModel(base_model, config.with_updates(init_seed=seed))
         trainer = GradiendTrainer(model=model, args=run_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                   processing_class=processing_class, **trainer_kwargs)
-        trainer.train()
+        checkpoint = last_complete_checkpoint(run_args.output_dir)[0] if resume else None
+        try:
+            trainer.train(resume_from_checkpoint=True if checkpoint else None)
+        except FloatingPointError as error:
+            logger.warning("seed %s diverged: %s", seed, error)
+            entries.append({"seed": seed, "converged": False, "correlation": None, "best_step": None,
+                            "class_means": {}, "reasons": [f"diverged: {error}"], "output_dir": None})
+            diverged = error
+            continue
         if run_args.should_save:  # the seed's best adapter, for the stability summary and later comparisons
             trainer.gradiend_model.save_pretrained(run_args.output_dir)
         verdict = trainer.verdict
@@ -79,6 +93,8 @@ def train_seeds(
             best, best_entry = trainer.gradiend_model, entry
         if sum(e["converged"] for e in entries) >= enough:
             break
+    if best_entry is None:
+        raise FloatingPointError(f"Every seed diverged ({len(entries)} tried); the last: {diverged}") from diverged
     if not best_entry["converged"]:
         logger.warning(
             "No seed converged; keeping seed %s with |correlation| %.3f.",
@@ -93,8 +109,8 @@ def train_seeds(
         "seeds": entries,
         # pairwise top-k overlap and decoder cosine among the trained seeds (read back from their run dirs)
         "stability": (
-            seed_stability({e["seed"]: e["output_dir"] for e in entries},
-                           converged={e["seed"]: e["converged"] for e in entries})
+            seed_stability({e["seed"]: e["output_dir"] for e in entries if e["output_dir"]},
+                           converged={e["seed"]: e["converged"] for e in entries if e["output_dir"]})
             if args.should_save
             else None
         ),
