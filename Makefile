@@ -44,7 +44,7 @@ lock: $(STAMP)
 	$(PY) requirements/pin_no_deps.py requirements/offline-data.in requirements/offline-data.txt
 
 demo: $(STAMP)
-	$(VENV)/bin/gradiend-hf demo --output-dir runs/demo
+	$(VENV)/bin/gradiend-hf demo --output-dir runs/demo --overwrite   # a second `make demo` starts afresh
 
 bench: $(STAMP)  # performance suite (issue 8): ratio tables in benchmarks/results/latest.md; run on an idle machine
 	$(PY) benchmarks/run_all.py

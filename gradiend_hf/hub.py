@@ -3,11 +3,20 @@
 Pushing never goes through a model's own `push_to_hub`: the folder is written locally (adapter files, or the
 transformers model + tokenizer) together with our card (cards.py), then uploaded with `HfApi.create_repo` +
 `upload_folder`.
+
+A folder given by the user (`gradiend-hf push`) is pushed through an allow-list (`plan_push`): only the files that
+belong to an adapter or a model, regular files at the folder's top level (a symlink only if it points to a file inside
+the folder). Never dotfiles (.env, .git), tokens, checkpoints, optimizer state, pickles or anything else; those are
+listed as not uploaded. The allowed files are staged in a temporary folder, which is what gets uploaded.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -21,6 +30,96 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .edit import Edit
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "auxiliary_head.safetensors",
+                 "auxiliary_head_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+SHARD = "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
+MODEL_FILES = ("config.json", "generation_config.json", "README.md", "model.safetensors", SHARD,
+               "model.safetensors.index.json", *TOKENIZER_FILES)
+REQUIRED = {"adapter": ("adapter_config.json", "adapter_model.safetensors"), "model": ("config.json",)}
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What `gradiend-hf push` uploads from a folder: `files` (allowed) and `skipped` (name, why not)."""
+
+    folder: Path
+    kind: str  # "adapter" or "model"
+    files: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        """The files to upload (with sizes) and those left out, for the output before the upload."""
+        lines = [f"{self.kind} folder {self.folder}: {len(self.files)} files to upload"]
+        lines += [f"  {name}  ({(self.folder / name).stat().st_size:,} bytes)" for name in self.files]
+        if self.skipped:
+            lines.append(f"not uploaded ({len(self.skipped)}): " + ", ".join(f"{n} ({why})" for n, why in self.skipped))
+        return "\n".join(lines)
+
+
+def _allowed(kind: str, name: str) -> bool:
+    patterns = ADAPTER_FILES if kind == "adapter" else MODEL_FILES
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def plan_push(folder: Path, repo_id: Optional[str] = None) -> PushPlan:
+    """The allow-listed files of an adapter folder (adapter_config.json) or a model folder (config.json); ValueError
+    naming the problem if the folder is neither, lacks its weights, or the repo id is malformed."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id is not None:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            raise ValueError(f"{repo_id!r} is not a Hub repo id ({error}); write it as user/name.") from None
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder: push runs/<run>/adapter or runs/<run>/models/<goal>.")
+    kind = "adapter" if (folder / "adapter_config.json").exists() else "model" if (folder / "config.json").exists() \
+        else None
+    if kind is None:
+        raise ValueError(f"{folder} is neither an adapter folder (adapter_config.json) nor a model folder "
+                         "(config.json): push runs/<run>/adapter or runs/<run>/models/<goal>.")
+    inside, files, skipped = folder.resolve(), [], []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name.startswith("."):
+            skipped.append((name, "hidden"))
+        elif entry.is_symlink() and not entry.resolve().is_relative_to(inside):
+            skipped.append((name, "symlink out of the folder"))
+        elif entry.is_dir():
+            skipped.append((f"{name}/", "folder"))
+        elif not entry.is_file():
+            skipped.append((name, "not a regular file"))
+        elif not _allowed(kind, name):
+            skipped.append((name, f"not part of {'an adapter' if kind == 'adapter' else 'a model'}"))
+        else:
+            files.append(name)
+    missing = [name for name in REQUIRED[kind] if name not in files]
+    if kind == "model" and not any(fnmatch.fnmatchcase(n, "model*.safetensors") for n in files):
+        missing.append("model.safetensors (or its shards)")
+    if missing:
+        raise ValueError(f"{folder} is {'an adapter' if kind == 'adapter' else 'a model'} folder without "
+                         f"{', '.join(missing)} (as regular files inside it): nothing was uploaded.")
+    return PushPlan(folder=folder, kind=kind, files=tuple(files), skipped=tuple(skipped))
+
+
+def push_planned(plan: PushPlan, repo_id: str, *, private: Optional[bool], token: Optional[str],
+                 revision: Optional[str], commit_message: str) -> "CommitInfo":
+    """Upload exactly `plan.files`: they are linked (or copied) into a temporary folder, which is uploaded."""
+    with tempfile.TemporaryDirectory(prefix="gradiend-push-") as tmp:
+        for name in plan.files:
+            source = (plan.folder / name).resolve()
+            try:
+                os.link(source, Path(tmp) / name)
+            except OSError:  # another file system, or no hard links: copy
+                shutil.copyfile(source, Path(tmp) / name)
+        return upload_folder(Path(tmp), repo_id, private=private, token=token, revision=revision,
+                             commit_message=commit_message)
 
 
 # --- pushing -----------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_run_writes_the_whole_run_folder_and_the_saved_model_reproduces_the_repo
     assert main(["run", str(job)]) == 0
     run = tmp_path / "run"
     assert f"report: {run / 'report.md'}" in capsys.readouterr().out
-    for name in ("job.yaml", "adapter/adapter_config.json", "adapter/README.md", "plots/training.png",
+    for name in ("run.json", "job.yaml", "adapter/adapter_config.json", "adapter/README.md", "plots/training.png",
                  "plots/encoder.png", "plots/decoder.png", "results/evaluation.json", "results/decoder_grid.csv",
                  "results/contexts.csv", "models/balance/config.json", "models/balance/README.md", "report.md"):
         assert (run / name).is_file(), name

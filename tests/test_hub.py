@@ -260,3 +260,48 @@ def test_large_and_tiny_figures_stay_readable():
     assert "| perplexity | 9000 | 12,346 | +3346 |" in text
     config = config.with_updates(evaluation={**EVALUATION, "probabilities": {"female": 1.234e-05, "male": 0.5}})
     assert "| P(female) | 0.1234 | 1.234e-05 | -0.1234 |" in adapter_card(config, 10).text
+
+
+# --- pushing a folder given by the user: the allow-list ------------------------------------------------------------
+def test_plan_push_keeps_only_the_files_of_an_adapter_or_a_model(tmp_path, hub):
+    from gradiend_hf.hub import plan_push, push_planned
+
+    _, gradiend = wrap("gpt2")
+    adapter = tmp_path / "adapter"
+    gradiend.save_pretrained(adapter)
+    (tmp_path / "secret").write_text("hf_secret")
+    (adapter / ".env").write_text("HF_TOKEN=hf_secret")
+    (adapter / "token").symlink_to(tmp_path / "secret")
+    (adapter / "checkpoint-5").mkdir()
+    for name in ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_state.pth", "notes.txt"):
+        (adapter / name).write_text("x")
+    plan = plan_push(adapter, "user/adapter")
+    assert plan.kind == "adapter" and set(plan.files) == ADAPTER_FILES
+    assert dict(plan.skipped) == {".env": "hidden", "token": "symlink out of the folder", "checkpoint-5/": "folder",
+                                  **{n: "not part of an adapter" for n in ("notes.txt", "optimizer.json",
+                                                                           "optimizer.safetensors", "rng_state.pth",
+                                                                           "scheduler.json")}}
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "tokenizer.json", "merges.txt", "optimizer.safetensors",
+                 "pytorch_model.bin", "training_args.bin"):
+        (model / name).write_text(name)
+    (model / "vocab.json").symlink_to(model / "merges.txt")  # a symlink inside the folder is a file of it
+    plan = plan_push(model)
+    assert plan.kind == "model" and plan.files == (
+        "config.json", "merges.txt", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "tokenizer.json", "vocab.json")
+    push_planned(plan, "user/model", private=None, token=None, revision=None, commit_message="m")
+    (upload,) = hub.uploads
+    assert set(upload["files"]) == set(plan.files) and upload["files"]["vocab.json"] == b"merges.txt"
+    assert sorted(p.name for p in model.iterdir()) == sorted([*plan.files, "optimizer.safetensors",
+                                                              "pytorch_model.bin", "training_args.bin"])
+
+    (model / "model-00001-of-00002.safetensors").unlink()
+    (model / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match="model folder without model.safetensors"):
+        plan_push(model)
+    with pytest.raises(ValueError, match="neither an adapter folder"):
+        plan_push(tmp_path / "adapter" / "checkpoint-5")

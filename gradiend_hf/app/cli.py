@@ -2,52 +2,61 @@
 
     gradiend-hf demo                                  # the embedded main job on SmolLM2-135M -> runs/demo/report.md
     gradiend-hf run job.yaml --set training.max_steps=100
+    gradiend-hf run job.yaml --resume                 # continue an interrupted run (--overwrite: replace the run)
     gradiend-hf train job.yaml                        # works under `accelerate launch`
     gradiend-hf evaluate runs/x                       # encoder, decoder grid, edits, report.md
     gradiend-hf rewrite runs/x --goal balance         # plain transformers model in runs/x/models/balance
-    gradiend-hf push runs/x/adapter user/my-adapter   # an adapter folder or a rewritten model folder
+    gradiend-hf push runs/x/adapter user/my-adapter   # the adapter's files only (listed first; --dry-run: only list)
+
+Exit codes: 0 done, 2 bad input (job, options, folder; nothing was started), 3 the run failed (report.md says why).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .job import JobConfig, JobConfigError, RunFailed, demo_job
+from .job import JobConfig, JobConfigError, RunFailed, demo_job, parse_yaml, read_job_file
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """`section.key=value` pairs (values parsed as YAML) written into the raw job mapping."""
-    import yaml
-
+    """`section.key=value` pairs (values parsed as YAML, safe_load) written into the raw job mapping."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise JobConfigError(f"--set {item!r}: write it as section.key=value, e.g. training.max_steps=100.")
         *path, last = key.split(".")
         node = raw
         for part in path:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise JobConfigError(f"--set {item!r}: {part!r} is not a section.")
-        node[last] = yaml.safe_load(value)
+        node[last] = parse_yaml(value, f"--set {item!r}: the value")
     return raw
 
 
 def read_job(path: Optional[str], overrides: Sequence[str], output_dir: Optional[str]) -> JobConfig:
-    base = demo_job().to_dict() if path is None else _raw(path)
-    raw = apply_overrides(base, overrides)
-    if output_dir is not None:
-        raw["output_dir"] = output_dir
-    return JobConfig.from_dict(raw)
+    """The job file (or the embedded demo job) with the overrides, validated once as a whole."""
+    raw = demo_job().to_dict() if path is None else read_job_file(path)
+    raw = {} if raw is None else raw
+    if isinstance(raw, dict):  # anything else is refused by from_dict
+        raw = apply_overrides(raw, overrides)
+        if output_dir is not None:
+            raw["output_dir"] = output_dir
+    source = "the demo job" if path is None else f"job file {path}"
+    return JobConfig.from_dict(raw, source=source + (" with --set" if overrides else ""))
 
 
-def _raw(path: str) -> dict[str, Any]:
-    return JobConfig.from_file(path).to_dict()  # validated once as written, then again after the overrides
+def mode(args) -> str:
+    """new, resume or overwrite: what the command does with a run folder that already holds a run."""
+    return "resume" if getattr(args, "resume", False) else "overwrite" if getattr(args, "overwrite", False) else "new"
 
 
 # --- subcommands -----------------------------------------------------------------------------------------------------
@@ -55,49 +64,62 @@ def cmd_train(args) -> None:
     import torch
     from accelerate import PartialState
 
-    from .pipeline import RunFolder, build_data, load_base, prepare, train
+    from .pipeline import load_base, start, train
 
     job = read_job(args.job, args.set, args.output_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         job.training.setdefault("use_cpu", True)  # launched as several processes on a CPU-only machine: gloo on the CPU
-    run = RunFolder(Path(job.output_dir))
-    main = PartialState().is_main_process
-    data = prepare(job, run) if main else build_data(job)  # every process builds the same rows; one writes them
+    state = PartialState(cpu=bool(job.training.get("use_cpu")))  # cpu: the processes join one gloo group at once
+    run, data, resumed = start(job, mode(args), main=state.is_main_process, barrier=state.wait_for_everyone)
     base, tokenizer = load_base(job)
-    train(job, run, base, tokenizer, data)
-    if main:
+    train(job, run, base, tokenizer, data, resume=resumed)
+    if state.is_main_process:
         print(f"adapter: {run.adapter}\nnext: gradiend-hf evaluate {run.root}")
 
 
-def _load_run(folder: str):
-    from ..model import GradiendModel
-    from .pipeline import RunFolder, load_base, load_data
+def _open(folder: str):
+    """The run folder (checked: runfolder.open_run) and its job, its base model checked before anything loads."""
+    from .preflight import model_problems
+    from .runfolder import open_run
 
-    run = RunFolder(Path(folder))
-    job = run.load_job()
+    run, job = open_run(Path(folder))
+    problems = model_problems(job.model)
+    if problems:
+        raise JobConfigError(f"{run.job}: {problems[0]}")
+    run.check_adapter()
+    return run, job
+
+
+def _load(run, job):
+    from ..model import GradiendModel
+    from .pipeline import load_base, load_data
+
+    data = load_data(run)
     base, tokenizer = load_base(job)
-    if not (run.adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{run.adapter} holds no adapter: run `gradiend-hf train` for this run folder first.")
-    return run, job, GradiendModel.from_pretrained(base, run.adapter), tokenizer, load_data(run)
+    return GradiendModel.from_pretrained(base, run.adapter), tokenizer, data
 
 
 def cmd_evaluate(args) -> None:
     from .pipeline import evaluate
     from .report import write_report
 
-    run, job, model, tokenizer, data = _load_run(args.run)
+    run, job = _open(args.run)
+    model, tokenizer, data = _load(run, job)
     evaluate(job, run, model, tokenizer, data)
     print(f"report: {write_report(run)}")
 
 
 def cmd_rewrite(args) -> None:
     from ..edit import Edit
-    from .pipeline import describe_data, rewrite
+    from .pipeline import describe_data, model_folder, rewrite
+    from .preflight import check_model_output
 
-    run, job, model, tokenizer, data = _load_run(args.run)
+    run, job = _open(args.run)
     if args.feature_factor is not None or args.learning_rate is not None:
         if args.feature_factor is None or args.learning_rate is None or args.goal is not None:
             raise JobConfigError("give either --goal or both --feature-factor and --learning-rate.")
+        if not (math.isfinite(args.feature_factor) and math.isfinite(args.learning_rate)):
+            raise JobConfigError("--feature-factor and --learning-rate must be finite numbers.")
         edit = Edit(feature_factor=args.feature_factor, learning_rate=args.learning_rate, goal=None)
         correlation = None
     else:
@@ -109,37 +131,44 @@ def cmd_rewrite(args) -> None:
             )
         edit = Edit.from_dict(evaluation["edits"][goal])
         correlation = evaluation["encoder"]["correlation"]
-    folder = rewrite(job, run, model, tokenizer, edit, out=Path(args.output) if args.output else None,
-                     data_text=describe_data(job, data), encoder_correlation=correlation)
+    out = Path(args.output) if args.output else model_folder(run, edit)
+    check_model_output(out, run.root)  # before the model is loaded
+    model, tokenizer, data = _load(run, job)
+    folder = rewrite(job, run, model, tokenizer, edit, out=out, data_text=describe_data(job, data),
+                     encoder_correlation=correlation)
     print(f"model: {folder}")
 
 
 def cmd_push(args) -> None:
-    from ..hub import upload_folder
+    from ..hub import plan_push, push_planned
 
-    folder = Path(args.folder)
-    if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        raise JobConfigError(f"{folder} is neither an adapter folder (adapter_config.json) nor a model folder "
-                             "(config.json): push runs/<run>/adapter or runs/<run>/models/<goal>.")
-    kind = "GRADIEND adapter" if (folder / "adapter_config.json").is_file() else "model edited by GRADIEND"
-    info = upload_folder(folder, args.repo_id, private=args.private, token=args.token, revision=args.revision,
-                         commit_message=f"Upload {kind}")
-    print(f"pushed {folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    try:
+        plan = plan_push(Path(args.folder), args.repo_id)
+    except ValueError as error:
+        raise JobConfigError(str(error)) from None
+    print(plan.describe())
+    if args.dry_run:
+        print("dry run: nothing was uploaded.")
+        return
+    kind = "GRADIEND adapter" if plan.kind == "adapter" else "model edited by GRADIEND"
+    info = push_planned(plan, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+                        commit_message=f"Upload {kind}")
+    print(f"pushed {plan.folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
 
 
 def cmd_run(args) -> None:
     from .pipeline import run_all
 
     job = read_job(getattr(args, "job", None), args.set, args.output_dir)
-    report = run_all(job)
+    report = run_all(job, mode(args))
     print(f"report: {report}")
 
 
 def cmd_report(args) -> None:
-    from .pipeline import RunFolder
     from .report import write_report
+    from .runfolder import open_run
 
-    print(f"report: {write_report(RunFolder(Path(args.run)))}")
+    print(f"report: {write_report(open_run(Path(args.run))[0])}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,6 +182,11 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("job", help="job file (.yaml/.json)")
         q.add_argument("--output-dir", help="run folder (default: the job's output_dir)")
         q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a job value")
+        folder = q.add_mutually_exclusive_group()
+        folder.add_argument("--resume", action="store_true",
+                            help="continue the run of this same job in the run folder (from its last checkpoint)")
+        folder.add_argument("--overwrite", action="store_true",
+                            help="replace the run the run folder holds (it is deleted first)")
 
     q = sub.add_parser("train", help="build the data and train the adapter into a run folder")
     job_options(q)
@@ -173,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--private", action="store_true", default=None)
     q.add_argument("--revision", help="branch to commit to (created if missing)")
     q.add_argument("--token")
+    q.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, upload nothing")
     q.set_defaults(func=cmd_push)
     q = sub.add_parser("run", help="train + evaluate + rewrite + report from one job file")
     job_options(q)

@@ -1,7 +1,10 @@
 """A GRADIEND job in one YAML/JSON file: base model, data, adapter config, training, evaluation and the edit to keep.
 
-The CLI (`gradiend-hf train/evaluate/rewrite/demo`) reads a JobConfig. Every section is validated before anything is
-loaded, so a typo fails in a second with the bad key, the allowed keys and the nearest match named.
+The CLI (`gradiend-hf train/evaluate/rewrite/demo`) reads a JobConfig. The whole job is validated before anything is
+written or loaded: unknown keys (with the allowed keys and the nearest match), the type of every value (fields.py;
+`1e-3` is a number although YAML 1.1 reads it as a string) and the values themselves. All problems are reported at
+once, each naming its field and what it expects. A file that is not valid YAML/JSON, or that holds a YAML tag such as
+`!!python/object` (never constructed: YAML is read with safe_load), is refused naming the file and the line.
 
     model: smollm2                  # the embedded offline model, a local folder, or a Hub id
     data:
@@ -20,11 +23,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..config import GradiendConfig
+from .fields import Mismatch, check
+from .names import class_name_problems
 
 RECIPES = ("english_gender_names", "english_gender", "english_gender_pronouns", "english_pronoun_number", "religion",
            "race", "german_articles")
@@ -41,13 +47,65 @@ class RunFailed(RuntimeError):
     adapter is saved as the run's result and no edit is made; report.md says why in its first lines (exit code 3)."""
 
 
-def check_keys(section: str, given: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    """Refuse unknown keys, naming the nearest allowed one."""
+# Fields whose values GradiendConfig accepts in more forms than its type hints say (it converts them itself).
+GRADIEND_HINTS = {
+    "feature_factor": Optional[Union[float, list[float]]],
+    "target_parameters": Optional[Union[str, list[str]]],
+    "exclude_parameters": Optional[Union[str, list[str]]],
+}
+# Training arguments a job sets otherwise (the value: why and what to use instead).
+TRAINING_REFUSED = {
+    "output_dir": "training.output_dir is set by the job: use the top-level output_dir instead.",
+    "resume_from_checkpoint": "training.resume_from_checkpoint is not read by a job (the trainer would ignore it): "
+                              "continue an interrupted run with `gradiend-hf run JOB --resume` (or train --resume).",
+    "push_to_hub": "training.push_to_hub would upload the training folder (checkpoints, optimizer state): push the "
+                   "adapter or a rewritten model with `gradiend-hf push` instead.",
+}
+
+
+def unknown_keys(section: str, given: Mapping[str, Any], allowed: Sequence[str]) -> list[str]:
+    """One problem per unknown key, naming the nearest allowed one."""
+    problems = []
     for key in given:
         if key not in allowed:
             near = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise JobConfigError(f"Unknown key {key!r} in {section}.{hint} Allowed keys: {', '.join(sorted(allowed))}.")
+            problems.append(f"Unknown key {key!r} in {section}.{hint} Allowed keys: {', '.join(sorted(allowed))}.")
+    return problems
+
+
+def check_keys(section: str, given: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    """Refuse unknown keys, naming the nearest allowed one."""
+    problems = unknown_keys(section, given, allowed)
+    if problems:
+        raise JobConfigError(problems[0])
+
+
+def typed_section(section: str, given: Mapping[str, Any], hints: Mapping[str, Any],
+                  problems: list[str]) -> dict[str, Any]:
+    """`given` with every known key's value checked against its hint (a problem appended per bad value)."""
+    out = {}
+    for key, value in given.items():
+        if key not in hints:
+            continue  # reported by unknown_keys
+        try:
+            out[key] = check(f"{section}.{key}" if section else str(key), value, hints[key])
+        except Mismatch as error:
+            problems.append(str(error))
+    return out
+
+
+def init_hints(cls: type) -> dict[str, Any]:
+    """The type hints of a dataclass's init fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def job_error(source: str, problems: list[str]) -> JobConfigError:
+    """One error naming `source` (the job file) and every problem, one per line."""
+    if len(problems) == 1:
+        return JobConfigError(f"{source}: {problems[0]}")
+    return JobConfigError(f"{source} has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def check_choice(where: str, value: Any, allowed: Sequence[str]) -> None:
@@ -97,6 +155,9 @@ class EvaluationSpec:
     neutral_contexts: Union[None, str, list[str]] = None   # "gender" (built-in) or masked sentences
 
     def __post_init__(self) -> None:
+        if self.encoder_rows is not None and self.encoder_rows < 1:
+            raise JobConfigError(f"evaluation.encoder_rows must be at least 1 (or null: all test rows), got "
+                                 f"{self.encoder_rows}.")
         if isinstance(self.neutral_contexts, str) and self.neutral_contexts != "gender":
             raise JobConfigError(f"evaluation.neutral_contexts is {self.neutral_contexts!r}: use 'gender' (built-in "
                                  "gender-neutral sentences) or a list of sentences with one [MASK].")
@@ -133,12 +194,20 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         check_choice("model_class", self.model_class, MODEL_CLASSES)
+        if not self.model.strip() or not self.output_dir.strip():
+            raise JobConfigError("model and output_dir must be non-empty: a model name or folder, and a run folder.")
         if not self.seeds:
             raise JobConfigError("seeds must list at least one seed, e.g. seeds: [0].")
-        self.adapter_config()  # GradiendConfig validates its own values
+        if len(set(self.seeds)) != len(self.seeds) or not all(0 <= s < 2**32 for s in self.seeds):
+            raise JobConfigError(f"seeds must be different integers from 0 to 2**32 - 1, got {self.seeds}.")
+        classes = self.adapter_config().feature_classes  # GradiendConfig validates its own values
+        problems = class_name_problems(classes)
+        if problems:
+            raise JobConfigError(problems[0])
         check_keys("training", self.training, training_fields())
-        if "output_dir" in self.training:
-            raise JobConfigError("training.output_dir is set by the job: use the top-level output_dir instead.")
+        for key, why in TRAINING_REFUSED.items():
+            if self.training.get(key) not in (None, False):
+                raise JobConfigError(why)
         goals = self.evaluation.goals or self.default_goals()
         for goal in goals:
             if goal not in self.goal_names():
@@ -178,40 +247,42 @@ class JobConfig:
 
     # --- reading ---------------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "JobConfig":
+    def from_dict(cls, raw: Any, source: str = "the job") -> "JobConfig":
+        """Validate a parsed job (keys, then the type of every value, all problems at once; then the values)."""
+        if raw is None:
+            raw = {}
         if not isinstance(raw, Mapping):
-            raise JobConfigError(f"A job file holds a mapping of sections, got {type(raw).__name__}.")
-        check_keys("the job file", raw, [f.name for f in dataclasses.fields(cls)])
-        values = dict(raw)
-        for name, spec in (("data", DataSpec), ("evaluation", EvaluationSpec)):
-            if name in values:
-                section = values[name] or {}
-                if not isinstance(section, Mapping):
-                    raise JobConfigError(f"{name} must be a mapping of keys, got {section!r}.")
-                check_keys(name, section, [f.name for f in dataclasses.fields(spec)])
-                values[name] = spec(**section)
-        for name in ("gradiend", "training"):
-            if name in values and not isinstance(values[name] or {}, Mapping):
-                raise JobConfigError(f"{name} must be a mapping of keys, got {values[name]!r}.")
-            values[name] = dict(values.get(name) or {})
-        return cls(**values)
+            raise JobConfigError(f"{source}: a job holds a mapping of sections (model:, data:, ...), got "
+                                 f"{type(raw).__name__}.")
+        problems = unknown_keys("the job file", raw, list(init_hints(cls)))
+        values = typed_section("", {k: v for k, v in raw.items() if k not in SECTIONS}, init_hints(cls), problems)
+        for name, hints in section_hints().items():
+            if name not in raw:
+                continue
+            section = {} if raw[name] is None else raw[name]
+            if not isinstance(section, Mapping):
+                problems.append(f"{name}: expected a mapping of keys (key: value); got {section!r}.")
+                continue
+            problems += unknown_keys(name, section, list(hints))
+            if name == "training":  # said before its type: the key itself is the problem
+                refused = [k for k in TRAINING_REFUSED if section.get(k) not in (None, False)]
+                problems += [TRAINING_REFUSED[k] for k in refused]
+                section = {k: v for k, v in section.items() if k not in refused}
+            values[name] = typed_section(name, section, hints, problems)
+        if problems:
+            raise job_error(source, problems)
+        try:
+            for name, spec in (("data", DataSpec), ("evaluation", EvaluationSpec)):
+                if name in values:
+                    values[name] = spec(**values[name])
+            return cls(**values)
+        except JobConfigError as error:
+            raise job_error(source, [str(error)]) from None
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "JobConfig":
         """Read a .yaml/.yml or .json job file (YAML is parsed with safe_load: data only, no code)."""
-        path = Path(path)
-        if not path.is_file():
-            raise JobConfigError(f"Job file {path} does not exist.")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            raw = json.loads(text)
-        else:
-            raise JobConfigError(f"Job file {path}: use a .yaml, .yml or .json file.")
-        return cls.from_dict(raw or {})
+        return cls.from_dict(read_job_file(path), source=f"job file {path}")
 
     def save(self, path: Union[str, Path]) -> None:
         import yaml
@@ -221,10 +292,83 @@ class JobConfig:
         write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+SECTIONS = ("data", "gradiend", "training", "evaluation")
+
+
 def training_fields() -> list[str]:
     from ..trainer import GradiendTrainingArguments
 
     return [f.name for f in dataclasses.fields(GradiendTrainingArguments) if f.init]
+
+
+def section_hints() -> dict[str, dict[str, Any]]:
+    """The type hint of every key of each section."""
+    from ..trainer import GradiendTrainingArguments
+
+    return {
+        "data": init_hints(DataSpec),
+        "gradiend": {**init_hints(GradiendConfig), **GRADIEND_HINTS},
+        "training": init_hints(GradiendTrainingArguments),
+        "evaluation": init_hints(EvaluationSpec),
+    }
+
+
+# --- parsing ---------------------------------------------------------------------------------------------------------
+def read_job_file(path: Union[str, Path]) -> Any:
+    """The parsed content of a .yaml/.yml or .json job file; a file that cannot be read names the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobConfigError(f"Job file {path} does not exist.")
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise JobConfigError(f"Job file {path}: use a .yaml, .yml or .json file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise JobConfigError(f"Job file {path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise JobConfigError(f"Job file {path} is not valid JSON: {error.msg} at line {error.lineno}, column "
+                                 f"{error.colno}.") from None
+    return parse_yaml(text, f"Job file {path}")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML read with safe_load (plain data: a tag such as !!python/object is refused, never constructed); a syntax
+    error or a key given twice in one mapping (YAML would keep the last silently) names `where` and the line."""
+    import yaml
+
+    try:
+        refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), where)
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as error:
+        line = f" (line {error.problem_mark.line + 1})" if error.problem_mark else ""
+        raise JobConfigError(f"{where}{line}: {error.problem}. A job holds plain data (mappings, lists, strings, "
+                             "numbers, true/false, null); YAML tags such as !!python/object are not allowed.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise JobConfigError(f"{where} is not valid YAML{place}: {problem}. Quote strings that hold YAML "
+                             "punctuation ([ ] { } : , #).") from None
+
+
+def refuse_duplicate_keys(node: Any, where: str) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                if key.value in seen:
+                    raise JobConfigError(f"{where} (line {key.start_mark.line + 1}): key {key.value!r} is given twice "
+                                         "in the same mapping; YAML would keep only the last one. Keep one.")
+                seen.add(key.value)
+            refuse_duplicate_keys(value, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            refuse_duplicate_keys(item, where)
 
 
 def demo_job(output_dir: str = "runs/demo") -> JobConfig:

@@ -1,68 +1,36 @@
-"""The steps of a GRADIEND run, each reading and writing one run folder (see RunFolder), so they can run separately
+"""The steps of a GRADIEND run, each reading and writing one run folder (runfolder.py), so they can run separately
 (`gradiend-hf train`, then `evaluate`, then `rewrite`) or in one go (`gradiend-hf run` / `demo`).
+
+`start` checks the job against the machine and the folder (preflight.py, runfolder.plan_claim) before it writes
+anything, then claims the folder and writes the data; `--resume` reuses the saved data, keeps a finished training and
+continues an interrupted one from its last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import datasets
 import pandas as pd
 import torch
 
-from ..atomic import write_file_atomically, write_text_atomically
+from ..atomic import write_file_atomically, write_folder_atomically, write_text_atomically
 from ..edit import Edit
 from .job import JobConfig, JobConfigError, RunFailed
+from .names import custom_folder
+from .preflight import ROW_SUFFIXES, check_job, check_model_output
+from .runfolder import RunFolder, claim, file_sha256, plan_claim
 
 logger = logging.getLogger("gradiend_hf")
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """Where each step puts its output inside one run folder."""
-
-    root: Path
-
-    @property
-    def job(self) -> Path: return self.root / "job.yaml"
-    @property
-    def data(self) -> Path: return self.root / "data"
-    @property
-    def training(self) -> Path: return self.root / "training"
-    @property
-    def adapter(self) -> Path: return self.root / "adapter"
-    @property
-    def plots(self) -> Path: return self.root / "plots"
-    @property
-    def results(self) -> Path: return self.root / "results"
-    @property
-    def report(self) -> Path: return self.root / "report.md"
-
-    def model(self, goal: str) -> Path:
-        return self.root / "models" / goal.replace("-", "weaken-")
-
-    def read_json(self, name: str) -> Any:
-        path = self.results / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run the step that writes it first (train, then evaluate).")
-        return json.loads(path.read_text(encoding="utf-8"))
-
-    def write_json(self, name: str, value: Any) -> None:
-        self.results.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(self.results / name, json.dumps(value, indent=2, default=float))
-
-    def load_job(self) -> JobConfig:
-        if not self.job.is_file():
-            raise FileNotFoundError(
-                f"{self.root} is not a run folder (no job.yaml): run `gradiend-hf train <job file>` first."
-            )
-        return JobConfig.from_file(self.job)
+NO_NEUTRAL = ("the data has no neutral texts (split 'neutral'), which the language-modelling score needs: give "
+              "data.neutral: <texts.txt> or use a recipe with neutral > 0.")
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -71,9 +39,11 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 @contextmanager
 def timed(run: RunFolder, phase: str) -> Iterator[None]:
-    """Adds the phase's wall time (seconds) to results/timings.json."""
+    """Adds the phase's wall time (seconds) to results/timings.json (of an opened run: not in a helper process)."""
     start = time.perf_counter()
     yield
+    if run.run_id is None:
+        return
     path = run.results / "timings.json"
     timings = json.loads(path.read_text()) if path.is_file() else {}
     timings[phase] = round(time.perf_counter() - start, 1)
@@ -112,8 +82,8 @@ def read_rows(path: Union[str, Path]) -> datasets.Dataset:
     if suffix == ".txt":
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return datasets.Dataset.from_dict({"text": lines})
-    readers = {".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json, ".csv": pd.read_csv,
-               ".parquet": pd.read_parquet}
+    readers = dict(zip(ROW_SUFFIXES, (lambda p: pd.read_json(p, lines=True), pd.read_json, pd.read_csv,
+                                      pd.read_parquet)))
     if suffix not in readers:
         raise JobConfigError(f"data file {path}: use .jsonl, .json, .csv, .parquet (rows) or .txt (neutral text).")
     return datasets.Dataset.from_pandas(readers[suffix](path), preserve_index=False)
@@ -141,9 +111,19 @@ def build_data(job: JobConfig) -> datasets.DatasetDict:
 
 
 def load_data(run: RunFolder) -> datasets.DatasetDict:
+    """The run's saved splits, in memory: datasets would otherwise write cache files (e.g. of a shuffle) into them."""
     if not run.data.is_dir():
         raise FileNotFoundError(f"{run.data} is missing: run `gradiend-hf train` for this run folder first.")
-    return datasets.load_from_disk(str(run.data))
+    return datasets.load_from_disk(str(run.data), keep_in_memory=True)
+
+
+def save_data(data: datasets.DatasetDict, folder: Path) -> None:
+    """DatasetDict.save_to_disk's layout (one folder per split + dataset_dict.json), written atomically."""
+    writers: dict[str, Callable[[Path], None]] = {
+        name: (lambda path, split=split: split.save_to_disk(str(path))) for name, split in data.items()
+    }
+    writers["dataset_dict.json"] = lambda path: path.write_text(json.dumps({"splits": list(data)}), encoding="utf-8")
+    write_folder_atomically(folder, writers)
 
 
 def describe_data(job: JobConfig, data: datasets.DatasetDict) -> str:
@@ -153,27 +133,45 @@ def describe_data(job: JobConfig, data: datasets.DatasetDict) -> str:
 
 
 # --- steps -----------------------------------------------------------------------------------------------------------
-def train(job: JobConfig, run: RunFolder, base, tokenizer, data: datasets.DatasetDict):
-    """Train one adapter per seed (keeping the best convergent one), save it to run/adapter, plot training."""
+def train(job: JobConfig, run: RunFolder, base, tokenizer, data: datasets.DatasetDict, resume: bool = False):
+    """Train one adapter per seed (keeping the best convergent one), save it to run/adapter, plot training.
+
+    `resume`: a finished training is kept (its adapter loaded, or its failure raised again); an interrupted one
+    continues from each seed's last complete checkpoint."""
+    from ..model import GradiendModel
     from ..plotting import plot_training
     from ..seeds import train_seeds
+    from ..serialization import WEIGHTS_NAME
 
+    if resume and (run.results / "training.json").is_file():
+        record = run.read_json("training.json")
+        if record.get("adapter_sha256") is None:
+            fail(run, "training had finished without a converged seed; resuming cannot change that (start the job "
+                      "again with other settings and --overwrite)", write=False)
+        run.check_adapter()
+        logger.info("%s: training had finished; its adapter is kept.", run.root)
+        return GradiendModel.from_pretrained(base, run.adapter)
     args = job.training_arguments(run.training)
     with timed(run, "training"):
-        search = train_seeds(base, job.adapter_config(), args, data["train"], data["validation"], tokenizer,
-                             seeds=job.seeds)
-    model = search.model
+        try:
+            search = train_seeds(base, job.adapter_config(), args, data["train"], data["validation"], tokenizer,
+                                 seeds=job.seeds, resume=resume)
+        except FloatingPointError as error:  # every seed diverged (NaN/inf): a failed run, reported like one
+            fail(run, f"training diverged for every seed ({error}); lower training.learning_rate", args.should_save)
+    model, converged = search.model, search.report["chosen_converged"]
     if args.should_save:
         state = json.loads((run.training / f"seed-{search.seed}" / "trainer_state.json").read_text())
         run.plots.mkdir(parents=True, exist_ok=True)
         plot_training(state["log_history"], model.gradiend_config.feature_classes, run.plots / "training.png")
-        run.write_json("training.json", {**search.report, "selected_entries": model.num_entries,
-                                         "steps": state.get("global_step")})
-    if not search.report["chosen_converged"]:
+        if converged:  # before training.json, which records the adapter's weights
+            model.save_pretrained(run.adapter, training_data=describe_data(job, data))
+        run.write_json("training.json", {
+            **search.report, "selected_entries": model.num_entries, "steps": state.get("global_step"),
+            "adapter_sha256": file_sha256(run.adapter / WEIGHTS_NAME) if converged else None,
+        })
+    if not converged:
         seeds = "; ".join(f"seed {e['seed']}: " + ", ".join(e["reasons"]) for e in search.report["seeds"])
         fail(run, f"no seed converged ({seeds})", args.should_save)
-    if args.should_save:
-        model.save_pretrained(run.adapter, training_data=describe_data(job, data))
     return model
 
 
@@ -188,17 +186,30 @@ def fail(run: RunFolder, why: str, write: bool = True) -> None:
     raise RunFailed(f"the encoder is not usable, so no edit was made: {why}. See {run.report}.")
 
 
-def prepare(job: JobConfig, run: RunFolder) -> datasets.DatasetDict:
-    """Write job.yaml and the data splits into the run folder (the later steps read them from there)."""
-    run.root.mkdir(parents=True, exist_ok=True)
-    job.save(run.job)
+def start(job: JobConfig, mode: str = "new", evaluates: bool = False, main: bool = True,
+          barrier: Callable[[], None] = lambda: None) -> tuple[RunFolder, datasets.DatasetDict, bool]:
+    """Check everything, claim the run folder and write the data: (run, data, resumed).
+
+    Nothing is written before the job, the machine (preflight.check_job) and the folder (runfolder.plan_claim:
+    `mode` new, resume or overwrite) are checked. Several processes (accelerate): every process checks, waits at
+    `barrier`, then the main one claims the folder and writes the data while the others build the same rows."""
+    action = plan_claim(Path(job.output_dir), job, mode)
+    reuse = action == "resume" and (Path(job.output_dir) / "data").is_dir()  # written atomically: complete
+    check_job(job, data_files=not reuse, evaluates=evaluates)
+    barrier()
+    run = claim(Path(job.output_dir), job, action) if main else RunFolder(Path(job.output_dir))
+    if reuse:
+        return run, load_data(run), True
     with timed(run, "data"):
         data = build_data(job)
         missing = [s for s in ("train", "validation", "test") if s not in data]
         if missing:
             raise JobConfigError(f"the data has no {', '.join(missing)} split(s); splits found: {list(data)}.")
-        data.save_to_disk(str(run.data))
-    return data
+        if evaluates and ("neutral" not in data or len(data["neutral"]) == 0):
+            raise JobConfigError(NO_NEUTRAL)
+        if main:
+            save_data(data, run.data)
+    return run, data, action == "resume"
 
 
 def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
@@ -213,10 +224,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
 
     spec, classes = job.evaluation, model.gradiend_config.feature_classes
     if "neutral" not in data or len(data["neutral"]) == 0:
-        raise JobConfigError(
-            "the data has no neutral texts (split 'neutral'), which the language-modelling score needs: "
-            "give data.neutral: <texts.txt> or use a recipe with neutral > 0."
-        )
+        raise JobConfigError(NO_NEUTRAL)
     test = data["test"].shuffle(seed=0)
     run.plots.mkdir(parents=True, exist_ok=True)
     with timed(run, "encoder evaluation"):
@@ -262,24 +270,40 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
     }
     run.write_json("evaluation.json", results)
     if run.adapter.is_dir():  # the adapter's card now shows the held-out encoder correlation
-        adapter_card(model.gradiend_config, model.num_entries, training_data=describe_data(job, data),
-                     encoder_correlation=encoder.correlation).save(run.adapter / "README.md")
+        card = adapter_card(model.gradiend_config, model.num_entries, training_data=describe_data(job, data),
+                            encoder_correlation=encoder.correlation)
+        write_file_atomically(run.adapter / "README.md", lambda path: card.save(path))
     return results, edits
+
+
+def model_folder(run: RunFolder, edit: Edit) -> Path:
+    """models/<goal folder> for an edit chosen for a goal, models/custom-ff<f>-lr<lr> for one given by its values."""
+    if edit.goal is not None:
+        return run.model(edit.goal)
+    return run.root / "models" / custom_folder(edit.feature_factor, edit.learning_rate)
 
 
 def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: Optional[Path] = None,
             data_text: Optional[str] = None, encoder_correlation: Optional[float] = None) -> Path:
-    """Merge `edit` into the base (in place; the adapter lets go of it) and save a plain transformers model + card."""
+    """Merge `edit` into the base (in place; the adapter lets go of it) and save a plain transformers model + card,
+    replacing the folder atomically (a reader sees the earlier model or this one)."""
     from ..cards import merged_card
 
-    out = Path(out) if out is not None else run.model(edit.goal or "custom")
+    out = Path(out) if out is not None else model_folder(run, edit)
+    check_model_output(out, run.root)
     config = model.gradiend_config
     with timed(run, f"rewrite ({edit.goal or 'custom'})"):
         merged = model.merge_and_unload(edit)
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        merged_card(config, edit=edit, with_tokenizer=True,
-                    training_data=data_text, encoder_correlation=encoder_correlation).save(out / "README.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.files-", dir=out.parent) as tmp:
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            card = merged_card(config, edit=edit, with_tokenizer=True, training_data=data_text,
+                               encoder_correlation=encoder_correlation)
+            names = sorted(set(os.listdir(tmp)) - {"README.md", "config.json"}) + ["config.json"]  # config last
+            writers: dict[str, Callable[[Path], None]] = {"README.md": lambda path: card.save(path)}
+            writers.update({name: (lambda path, src=os.path.join(tmp, name): os.replace(src, path)) for name in names})
+            write_folder_atomically(out, writers)
     return out
 
 
@@ -298,24 +322,26 @@ def check_reload(job: JobConfig, run: RunFolder, folder: Path, tokenizer, classe
     return summarise_contexts(frame, classes)
 
 
-def run_all(job: JobConfig, report: bool = True) -> Path:
-    """data -> training -> evaluation -> rewrite (the job's goal) -> reload check -> report.md; returns the report."""
+def run_all(job: JobConfig, mode: str = "new", report: bool = True) -> Path:
+    """data -> training -> evaluation -> rewrite (the job's goal) -> reload check -> report.md; returns the report.
+
+    `mode`: "new" (refuses a folder that holds a run), "resume" (continues this job's run) or "overwrite"."""
     from .report import write_report
 
-    run = RunFolder(Path(job.output_dir))
-    start = time.perf_counter()
-    data = prepare(job, run)
+    started = time.perf_counter()
+    run, data, resumed = start(job, mode, evaluates=True)
     with timed(run, "load model"):
         base, tokenizer = load_base(job)
-    model = train(job, run, base, tokenizer, data)
+    model = train(job, run, base, tokenizer, data, resume=resumed)
     results, edits = evaluate(job, run, model, tokenizer, data)
     folder = rewrite(job, run, model, tokenizer, edits[job.rewrite], data_text=describe_data(job, data),
                      encoder_correlation=results["encoder"]["correlation"])
     del base, model
     with timed(run, "reload check"):
-        run.write_json("reload.json", {"folder": str(folder), "contexts": check_reload(job, run, folder, tokenizer,
-                                                                                       job.adapter_config().feature_classes)})
+        classes = job.adapter_config().feature_classes
+        run.write_json("reload.json", {"folder": str(folder),
+                                       "contexts": check_reload(job, run, folder, tokenizer, classes)})
     timings = run.read_json("timings.json")
-    timings["total"] = round(time.perf_counter() - start, 1)
+    timings["total"] = round(time.perf_counter() - started, 1)
     run.write_json("timings.json", timings)
     return write_report(run) if report else run.root

@@ -5,7 +5,6 @@ Everything comes from the run's JSON results, so the report can be rewritten at 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -82,7 +81,7 @@ def write_report(run) -> Path:
     evaluation = run.read_json("evaluation.json")
     training = run.read_json("training.json")
     timings = run.read_json("timings.json")
-    reload = json.loads((run.results / "reload.json").read_text()) if (run.results / "reload.json").is_file() else None
+    reload = run.read_json("reload.json") if (run.results / "reload.json").is_file() else None
     lines = [f"# GRADIEND run: {a} vs {b} on `{job.model}`", ""]
 
     selection = config.target_parameters or "all weights except embeddings"

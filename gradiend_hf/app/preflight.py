@@ -1,0 +1,108 @@
+"""Checks of a valid job against this machine, made before anything is written or loaded: the base model, the data
+files, the recipe's options, the training arguments and where a rewritten model goes. Each problem names the field
+and the fix; all of them are reported at once (JobConfigError, exit code 2).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Optional
+
+from .job import JobConfig, JobConfigError, job_error
+
+ROW_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?\Z")
+
+
+def model_problems(model: str) -> list[str]:
+    """A local model folder must hold config.json and safetensors weights; a Hub id must resolve (config.json)."""
+    if model == "smollm2":
+        return []
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return [f"model: {model} is a file; give a model folder (config.json + *.safetensors), a Hub id or "
+                    "smollm2."]
+        if not (path / "config.json").is_file():
+            return [f"model: the folder {model} has no config.json; give a folder written by save_pretrained."]
+        if not any(path.glob("*.safetensors")):
+            return [f"model: the folder {model} holds no .safetensors weights; weights are loaded from safetensors "
+                    "only (never pickle): save the model with save_pretrained(..., safe_serialization=True)."]
+        return []
+    if not HUB_ID.match(model) or model.startswith((".", "~")):
+        return [f"model: the folder {model} does not exist; give an existing model folder, a Hub id (user/name) or "
+                "smollm2."]
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return [f"model: {model!r} is not a local folder, and its config could not be loaded from the Hub ({first}). "
+                "Check the name, the network, or give a local folder."]
+    return []
+
+
+def data_problems(job: JobConfig) -> list[str]:
+    """Row files that exist with a readable suffix, text files that exist, recipe options the recipe takes."""
+    spec, problems = job.data, []
+    if spec.recipe is None:
+        for name in ("train", "validation", "test", "neutral"):
+            value = getattr(spec, name)
+            if value is None:
+                continue
+            suffixes = (*ROW_SUFFIXES, ".txt") if name == "neutral" else ROW_SUFFIXES
+            if not Path(value).is_file():
+                problems.append(f"data.{name}: the file {value} does not exist.")
+            elif Path(value).suffix.lower() not in suffixes:
+                problems.append(f"data.{name}: {value} is not a {', '.join(suffixes)} file.")
+        return problems
+    if isinstance(spec.text, list):
+        problems += [f"data.text: the text file {t} does not exist." for t in spec.text if not Path(t).is_file()]
+    from .. import creation
+
+    recipe = getattr(creation, spec.recipe)
+    try:
+        inspect.signature(recipe).bind(None, **spec.options)
+    except TypeError as error:
+        takes = [p for p in inspect.signature(recipe).parameters if p != "source"]
+        problems.append(f"data.options do not fit recipe {spec.recipe!r} ({error}); it takes: {', '.join(takes)}.")
+    return problems
+
+
+def evaluation_problems(job: JobConfig) -> list[str]:
+    if job.data.recipe is None and job.data.neutral is None:
+        return ["data.neutral: evaluation needs neutral texts for the language-modelling score: give "
+                "data.neutral: <texts.txt> (one text per line)."]
+    return []
+
+
+def training_problems(job: JobConfig) -> list[str]:
+    try:
+        job.training_arguments(Path(job.output_dir) / "training")
+    except JobConfigError as error:
+        return [str(error)]
+    return []
+
+
+def check_job(job: JobConfig, data_files: bool = True, evaluates: bool = False) -> None:
+    """Everything a run of `job` needs before it starts (`data_files`: the data will be built from the job's files,
+    not read from the run folder; `evaluates`: the run goes on to evaluation)."""
+    problems = [*training_problems(job), *(data_problems(job) if data_files else [])]
+    problems += evaluation_problems(job) if evaluates and data_files else []
+    problems += model_problems(job.model)
+    if problems:
+        raise job_error(f"job for {job.output_dir}", problems)
+
+
+def check_model_output(out: Path, run_root: Optional[Path] = None) -> None:
+    """A rewritten model replaces only a model folder: `out` must be new, empty or hold config.json, and must not be
+    (or hold) the run folder."""
+    out = Path(out)
+    if run_root is not None and Path(run_root).resolve().is_relative_to(out.resolve()):
+        raise JobConfigError(f"--output {out} is (or holds) the run folder {run_root}; give a folder for the model.")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise JobConfigError(f"--output {out} exists and is not a model folder (no config.json): a rewritten model "
+                             "replaces only an earlier model; give a new or empty folder.")
