@@ -7,13 +7,17 @@ Two cards, both Jinja templates in `model_cards/` (shipped as `gradiend_hf.model
 Both read the figures that decoder evaluation stores in `GradiendConfig.evaluation` (every key optional):
 `goal, feature_factor, learning_rate, lms, base_lms, perplexity, base_perplexity, probabilities, base_probabilities,
 encoder_correlation, training_rows, training_data`. A missing figure renders as "not evaluated". Uploading is hub.py's.
+
+The adapter card a GradiendTrainer writes (`save_model`, `push_to_hub`, `create_model_card`) also carries the user's
+tags and datasets in its metadata and a "Training results" table (the best evaluation, the convergence verdict);
+`training_results_section` renders it.
 """
 
 from __future__ import annotations
 
 import math
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -168,7 +172,36 @@ def template_fields(
 
 
 def _tags(config: GradiendConfig, *extra: str) -> list[str]:
-    return ["gradiend", *(f"feature:{c}" for c in config.feature_classes), *extra]
+    tags = ["gradiend", *(f"feature:{c}" for c in config.feature_classes), *extra]
+    return list(dict.fromkeys(tags))  # user tags may repeat ours
+
+
+def _as_list(value: Union[str, Sequence[str], None]) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+RESULTS_HEADING = "## Training results"
+
+
+def training_results_section(results: Mapping[str, Any]) -> str:
+    """A markdown table of training figures (name -> value; numbers with 4 significant digits, lists joined)."""
+    lines = [RESULTS_HEADING, "", "| | |", "|---|---|"]
+    for name, value in results.items():
+        if isinstance(value, (list, tuple)):
+            shown = "; ".join(str(v) for v in value) or "none"
+        elif isinstance(value, bool):
+            shown = "yes" if value else "no"
+        else:
+            shown = format_figure(value)
+        lines.append(f"| {name} | {shown.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _insert_section(text: str, section: str, before: str = "## How to load") -> str:
+    at = text.find(before)
+    return text + "\n" + section if at < 0 else text[:at] + section + "\n" + text[at:]
 
 
 # --- cards -------------------------------------------------------------------------------------------------------
@@ -178,22 +211,33 @@ def adapter_card(
     repo_id: Optional[str] = None,
     training_data: Optional[str] = None,
     encoder_correlation: Optional[float] = None,
-    license: str = "apache-2.0",
+    license: Optional[str] = "apache-2.0",
+    *,
+    tags: Union[str, Sequence[str], None] = None,
+    datasets: Union[str, Sequence[str], None] = None,
+    language: Union[str, Sequence[str], None] = None,
+    training_results: Optional[Mapping[str, Any]] = None,
 ) -> ModelCard:
     """The README.md of a saved adapter: Hub metadata, what the feature neuron means, the stored edit and its
-    figures."""
+    figures. `tags`/`datasets`/`language` go into the metadata beside GRADIEND's own tags; `training_results` (name ->
+    value) adds a "Training results" table."""
     data = ModelCardData(
         library_name="gradiend_hf",
         base_model=config.base_model_name_or_path,
         base_model_relation="adapter" if config.base_model_name_or_path else None,
-        license=license,
-        tags=_tags(config, "peft"),
+        license=license or "apache-2.0",
+        tags=_tags(config, "peft", *_as_list(tags)),
+        datasets=_as_list(datasets) or None,
+        language=_as_list(language) or None,
     )
     fields = template_fields(
         config, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id
     )
     fields.update(num_entries=f"{int(num_entries):,}", latent_dim=config.latent_dim)
-    return ModelCard.from_template(data, template_path=template_path("adapter.md"), **fields)
+    card = ModelCard.from_template(data, template_path=template_path("adapter.md"), **fields)
+    if training_results:
+        card.text = _insert_section(card.text, training_results_section(training_results))
+    return card
 
 
 def merged_card(

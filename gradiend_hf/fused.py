@@ -12,8 +12,10 @@ The math (r = residual, act_d' its activation's derivative, N = number of entrie
     dz[p] = 2/N * r[p] * act_d'(z[p]);  dL/dW_d[p] = h (x) dz[p];  dL/db_d[p] = dz[p];  dL/dh = sum_p W_d[p] dz[p]
     dL/dpre = dL/dh * act_e'(pre);      dL/dW_e[p] = dL/dpre (x) s[p];  dL/db_e = dL/dpre
 The updates are torch's own fused AdamW kernel on the optimizer's own state, so checkpoints, resuming and the sign
-flip work as with the plain step. It applies when one process takes one optimizer step per gradient without clipping
-(the Trainer falls back to the plain step otherwise: DDP must all-reduce whole gradients before any update).
+flip work as with the plain step. The gradient's L2 norm (logged as grad_norm) follows in closed form from values the
+step has anyway: |h (x) dz|^2 = |h|^2 |dz|^2 for W_d, |dL/dpre|^2 |s[p]|^2 for W_e. It applies when one process
+takes one AdamW step per gradient without clipping (the Trainer falls back to the plain step otherwise: DDP must
+all-reduce whole gradients before any update, other optimizers and clipping need the whole gradient).
 
 Non-finite values stop the step before they reach a weight (FloatingPointError): the encoder's pre-activation is
 checked before anything is updated (it is NaN/inf whenever a source gradient entry or an encoder weight is), each
@@ -26,6 +28,7 @@ stops there, and every checkpoint predates the step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
@@ -74,7 +77,12 @@ def derivative(activation: str, output: torch.Tensor) -> Optional[torch.Tensor]:
 def to_bfloat16_stochastic(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """float32 -> bfloat16 rounded up or down with probability proportional to the distance (unbiased), so that AdamW's
     small per-step changes of its moments (0.1% for beta2 = 0.999) survive on average instead of always rounding
-    away."""
+    away. The random bits are drawn on the values' device, so `generator` must live there (AdamWSteps.generator_for)."""
+    if torch.device(generator.device) != values.device:
+        raise ValueError(
+            f"The rounding generator is on {generator.device}, the values on {values.device}: torch.randint draws on "
+            "the values' device and needs a generator of that device (AdamWSteps.generator_for(device))."
+        )
     bits = values.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, device=values.device, generator=generator)
     return (bits + noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # exact: low 16 bits are zero
@@ -86,14 +94,27 @@ class AdamWSteps:
 
     With `state_dtype=torch.bfloat16` the two moments are stored in bfloat16 (8 instead of 16 bytes per weight); each
     step widens one tensor's moments to float32, runs the same kernel, and stores them back stochastically rounded.
+    The rounding draws its random bits on each tensor's own device, from one generator per device seeded with `seed`
+    (a bottleneck follows its base parameters, so on a device-mapped base its tensors sit on several GPUs); a
+    `generator` given is used for its own device (on the CPU: the same numbers as before generators were per device).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, state_dtype: torch.dtype = torch.float32,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, seed: int = 0) -> None:
         self.optimizer = optimizer
         self.groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         self.state_dtype = state_dtype
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
+        if generator is not None:
+            self.generators[torch.device(generator.device)] = generator
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The rounding generator of `device` (created on first use, seeded with `seed`)."""
+        device = torch.device(device)
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
 
     def _state(self, param: torch.Tensor) -> dict:
         state = self.optimizer.state[param]
@@ -127,12 +148,13 @@ class AdamWSteps:
             if narrow:
                 for s, w in zip(states, wide):
                     for key in moments:
-                        s[key].copy_(to_bfloat16_stochastic(w[key], self.generator))
+                        s[key].copy_(to_bfloat16_stochastic(w[key], self.generator_for(w[key].device)))
 
 
 class DecoderStreamer:
     """The action of the target's backward pass: turns each arriving gradient into the target entries of its
-    parameter, steps W_d[p] and b_d[p], and accumulates the loss and dL/dh (with the decoder as it was)."""
+    parameter, steps W_d[p] and b_d[p], and accumulates the loss, dL/dh (with the decoder as it was) and the squared
+    norm of the decoder's gradients (closed form: |h (x) dz|^2 = |h|^2 |dz|^2, |dL/db_d[p]|^2 = |dz|^2)."""
 
     def __init__(self, bottleneck: Bottleneck, h: torch.Tensor, source: Mapping[str, torch.Tensor], rule: str,
                  step: AdamWSteps) -> None:
@@ -140,6 +162,8 @@ class DecoderStreamer:
         self.scale = 2.0 / bottleneck.num_entries
         self.loss = 0.0  # sum of squared residuals
         self.grad_h = torch.zeros(bottleneck.latent_dim, dtype=torch.float32)
+        self.h_squares = float(h.double().pow(2).sum())
+        self.grad_squares = 0.0  # |dL/dW_d|^2 + |dL/db_d|^2 so far
 
     def target(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """-(t[p]) ready to add to the decoder output (the sign saves one temporary)."""
@@ -174,6 +198,10 @@ class DecoderStreamer:
         dz = residual.mul_(self.scale)
         if slope is not None:
             dz.mul_(slope)
+            dz_squares = float(torch.dot(dz.reshape(-1), dz.reshape(-1)))
+        else:  # dz = scale * residual: its squared norm is already known
+            dz_squares = self.scale * self.scale * squares
+        self.grad_squares += dz_squares * (self.h_squares + (bias is not None))
         self.grad_h += torch.tensordot(weight.detach(), dz, dims=dz.dim()).to(self.grad_h.dtype).cpu()
         grad_weight = self.h.to(weight.dtype).to(dz.device).view(-1, *[1] * dz.dim()) * dz
         if bias is None:
@@ -182,12 +210,30 @@ class DecoderStreamer:
             self.step([weight, bias], [grad_weight, dz])
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class FusedStep:
+    """What one fused step reports: the reconstruction loss (as the plain step's forward computes it) and the L2 norm
+    of the bottleneck's gradient that AdamW applied (what autograd's .grad tensors would hold on the plain step; the
+    Trainer logs it as grad_norm)."""
+
+    loss: torch.Tensor
+    grad_norm: float
+
+
 def fused_step(model, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                step: Optional[AdamWSteps] = None) -> torch.Tensor:
     """One GRADIEND training step on one batch (one transition) with the bottleneck updated in place by `optimizer`
     (a torch AdamW over the bottleneck; `step` to keep its moments in bfloat16). Returns the reconstruction loss (as
-    the plain step's forward would)."""
+    the plain step's forward would); `fused_training_step` also returns the gradient norm."""
+    return fused_training_step(model, batch, optimizer, step).loss
+
+
+@torch.no_grad()
+def fused_training_step(model, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        step: Optional[AdamWSteps] = None) -> FusedStep:
+    """`fused_step` with its report (FusedStep). The gradient norm is in closed form, from values the step computes
+    anyway: |dL/dW_e[p]|^2 = |dL/dpre|^2 |s[p]|^2, |dL/db_e|^2 = |dL/dpre|^2, and the decoder's share from
+    DecoderStreamer; no gradient tensor is kept for it."""
     config = model.gradiend_config
     b: Bottleneck = model.bottleneck
     engine = model.engine
@@ -215,9 +261,13 @@ def fused_step(model, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.
     slope = derivative(b.encoder_activation, h)
     if slope is not None:
         grad_pre = grad_pre * slope
+    source_squares = 0.0
     for name in b.names:
         weight = b.encoder(name)
         entries = source[name].to(weight.dtype).reshape(weight.shape[1:])
+        source_squares += float(torch.dot(entries.reshape(-1), entries.reshape(-1)))
         step([weight], [grad_pre.to(weight.dtype).to(weight.device).view(-1, *[1] * entries.dim()) * entries])
     step([b.encoder_bias], [grad_pre.to(b.encoder_bias.dtype)])
-    return torch.tensor(streamer.loss / b.num_entries, dtype=torch.float32)
+    pre_squares = float(grad_pre.double().pow(2).sum())
+    grad_norm = math.sqrt(streamer.grad_squares + pre_squares * (source_squares + 1.0))
+    return FusedStep(torch.tensor(streamer.loss / b.num_entries, dtype=torch.float32), grad_norm)

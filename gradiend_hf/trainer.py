@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -15,10 +17,17 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    EvalPrediction,
+    PredictionOutput,
+    SaveStrategy,
+    rotate_checkpoints,
+)
 
-from . import fused
+from . import fused, training_flags
 from .atomic import recover_folder, recover_folders, staged_folder, write_file_atomically, write_text_atomically
+from .base_passes import base_passes, checkpoint_options, checkpointable_layers
 from .checkpointing import (
     OPTIMIZER_JSON,
     OPTIMIZER_TENSORS,
@@ -34,12 +43,13 @@ from .checkpointing import (
 )
 from .config import CONFIG_NAME
 from .data import GradiendDataCollator
-from .evaluation.encoder import encode_dataset, encoder_metrics
+from .evaluation.encoder import encode_dataset, encoder_metrics, row_labels
+from .gradients import shares_input
 from .model import GradiendModel
 from .pruning import maybe_post_prune, maybe_pre_prune
+from .trainer_hub import CONVERGENCE_FILE, SavingAndHub
 
 logger = logging.getLogger("gradiend_hf")
-CONVERGENCE_FILE = "convergence.json"
 OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
 
 
@@ -103,8 +113,42 @@ class GradiendTrainingArguments(TrainingArguments):
         ddp_find_unused_parameters (`bool`, defaults to `False`, transformers: `None`):
             Every bottleneck tensor is used in every step, so DDP need not search for unused ones.
 
-    Training takes the fused step (fused.py) whenever one process takes one unclipped AdamW step per gradient: about
-    16 bytes per selected weight less than autograd over the bottleneck, same numbers.
+        > The base model's passes (base_passes.py); the bottleneck always stays float32
+
+        bf16 (`bool`, defaults to `False`):
+            The base's forward passes run under bfloat16 autocast (backward outside it), on the fused and the plain
+            step alike; the bottleneck, its arithmetic and its optimizer state stay float32. On the CPU it needs
+            `use_cpu=True` (a transformers rule). `fp16`, `bf16_full_eval` and `fp16_full_eval` are refused.
+        gradient_checkpointing (`bool`, defaults to `False`):
+            Recompute the base's layers in the backward pass instead of keeping their activations (same gradients).
+            `gradient_checkpointing_kwargs` may hold `every_n_layers` and torch.utils.checkpoint's own options.
+
+        > Optimizers
+
+        optim (`str`, defaults to transformers' `"adamw_torch_fused"`):
+            Any optimizer transformers builds from a list of tensors works (`"adamw_torch"`, `"adafactor"`, `"sgd"`,
+            `"adagrad"`, `"rmsprop"`, bitsandbytes' ...), as do `optimizers=` and `optimizer_cls_and_kwargs=`; GaLore,
+            APOLLO and LOMO (built from a model's layers) are refused. Weight decay applies to every bottleneck tensor.
+
+        > Steps, logging and callbacks
+
+        Training takes the fused step (fused.py) whenever one process takes one unclipped torch AdamW step per
+        gradient and no callback watches the optimizer step: about 16 bytes per selected weight less than autograd over
+        the bottleneck, same numbers. Otherwise (another optimizer, `max_grad_norm`, `gradient_accumulation_steps`,
+        several processes, a callback with `on_pre_optimizer_step`/`on_optimizer_step`) it takes the plain step, where
+        the bottleneck's `.grad` exists as with any Trainer; the reason is logged once. The fused step updates the
+        bottleneck during the backward pass, so it has no `.grad` and nothing left to do when `optimizer.step()` runs:
+        callbacks that need the gradients before the update get the plain step for that reason. `grad_norm` is logged
+        on both steps (closed form on the fused one); `include_num_input_tokens_seen` counts the tokens of every
+        distinct input the base model reads (a masked LM reads one input for both sides, a causal LM two).
+
+        > Saving and the Hub
+
+        `save_model` writes the adapter, the tokenizer (`processing_class`), the GRADIEND card (README.md) and
+        training_args.json (transformers pickles them into training_args.bin; nothing here is a pickle).
+        `push_to_hub=True` / `trainer.push_to_hub()` upload exactly those files (plus convergence.json and
+        trainer_state.json at the end), with the GRADIEND card: base model, tags, datasets, training results.
+        Uploads are blocking (transformers pushes in the background).
     """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the bottleneck."})
@@ -162,6 +206,27 @@ def flip_sign(model: GradiendModel, optimizer: Optional[torch.optim.Optimizer]) 
                     moment.neg_()
 
 
+def primary_eval_name(names: list[str], metric_for_best_model: Optional[str]) -> str:
+    """Of several eval datasets (a dict), the one that decides: the one `metric_for_best_model` names
+    ("eval_<name>_correlation" or "<name>_correlation"), else the first. Its evaluation normalises the encoder's
+    sign and feeds the convergence verdict."""
+    metric = (metric_for_best_model or "").removeprefix("eval_")
+    named = [name for name in names if metric.startswith(f"{name}_")]
+    return max(named, key=len) if named else names[0]
+
+
+def best_metric_for(args: TrainingArguments, primary: str) -> TrainingArguments:
+    """With a dict of eval datasets, metrics are named eval_<name>_...: a metric_for_best_model naming no dataset
+    (GRADIEND's default "correlation") would be missing from them, so it is read from the primary dataset."""
+    metric = args.metric_for_best_model
+    if metric is None or metric.removeprefix("eval_").startswith(f"{primary}_"):
+        return args
+    renamed = f"eval_{primary}_{metric.removeprefix('eval_')}"
+    logger.info("metric_for_best_model=%r with several eval datasets: using %r (the eval dataset %r decides).",
+                metric, renamed, primary)
+    return dataclasses.replace(args, metric_for_best_model=renamed)
+
+
 # Both classes' mean h this far out on the same side: tanh is saturated for every row (its slope ~0), so the encoder
 # reads nothing and its gradient has vanished. Seen with a learning rate too high for the number of selected weights.
 COLLAPSED_MEAN = 0.9
@@ -185,10 +250,14 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
     the same side): it does not recover, and the seed search (seeds.train_seeds) can move on to the next seed.
     """
 
-    def __init__(self, feature_classes: list[str], best: Optional[dict] = None, history: Optional[list] = None) -> None:
+    def __init__(self, feature_classes: list[str], best: Optional[dict] = None, history: Optional[list] = None,
+                 metric_prefix: str = "eval_") -> None:
         self.feature_classes = list(feature_classes)
         self.best = best
         self.history = history or []
+        # the evaluation it follows: "eval_" for one eval dataset, "eval_<name>_" for the one of a dict that decides
+        # (see GradiendTrainer.primary_eval_name)
+        self.metric_prefix = metric_prefix
 
     def state(self) -> dict:
         return {
@@ -210,9 +279,11 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
         self.history = list(kept.get("history") or [])
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not metrics or "eval_correlation" not in metrics:
+        prefix = self.metric_prefix
+        if not metrics or f"{prefix}correlation" not in metrics:
             return
-        record = {"step": state.global_step, **{k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}}
+        record = {"step": state.global_step,
+                  **{k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}}
         self.history.append(record)
         # a NaN correlation (constant or non-finite h) is never the best: it would fail no later comparison
         if finite(record["correlation"]) and (
@@ -258,11 +329,16 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
         return {"converged": not reasons, "reasons": reasons, "best": best, "evaluations": len(self.history)}
 
 
-class GradiendTrainer(Trainer):
+class GradiendTrainer(SavingAndHub, Trainer):
     """Trains a GradiendModel's bottleneck; each step computes the base gradients of one batch of rows.
 
-    Only the bottleneck is optimised (AdamW); checkpoints hold the adapter format plus optimizer state as
-    safetensors/JSON; `evaluate()` logs the correlation of per-row encodings (forward-mode, no backward per row).
+    Only the bottleneck is optimised; checkpoints hold the adapter format plus optimizer state as safetensors/JSON;
+    `evaluate()` logs the correlation of per-row encodings (forward-mode, no backward per row), `predict()` returns
+    them per row with the rows' labels.
+
+    The transformers contract (training_flags.py): every TrainingArguments flag works as with transformers' Trainer
+    or is refused here, at construction, naming it and the alternative. A plain `TrainingArguments` is converted to
+    GradiendTrainingArguments (its values kept, GRADIEND's added fields at their defaults).
 
     Faults: a checkpoint is written whole into a staging folder and renamed to checkpoint-N last, so a kill or a full
     disk leaves no half checkpoint; `train(resume_from_checkpoint=True)` resumes from the last complete one (naming
@@ -275,7 +351,7 @@ class GradiendTrainer(Trainer):
     def __init__(
         self,
         model: GradiendModel,
-        args: Optional[GradiendTrainingArguments] = None,
+        args: Optional[TrainingArguments] = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -292,15 +368,28 @@ class GradiendTrainer(Trainer):
             )
         if processing_class is None and data_collator is None:
             raise ValueError("Pass the base model's tokenizer as processing_class= (it tokenizes the rows).")
-        args = args or GradiendTrainingArguments(output_dir="gradiend_output")
+        if args is None:
+            args = GradiendTrainingArguments(output_dir="gradiend_output")
+        elif not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be GradiendTrainingArguments or TrainingArguments, not {type(args).__name__}.")
+        args = training_flags.convert_arguments(args, GradiendTrainingArguments)
+        refused = training_flags.problems(args, model.get_base_model(), kwargs)
+        if refused:
+            raise ValueError("GradiendTrainer cannot honour these training arguments:\n- " + "\n- ".join(refused))
         classes = model.gradiend_config.feature_classes
         if train_dataset is not None:
             train_dataset = prepare_rows(train_dataset, classes, seed=args.seed, tokenizer=processing_class)
-        if eval_dataset is not None:
+        primary = None
+        if isinstance(eval_dataset, Mapping):
+            eval_dataset = {name: prepare_rows(rows, classes, seed=args.seed, tokenizer=processing_class)
+                            for name, rows in eval_dataset.items()}
+            primary = primary_eval_name(list(eval_dataset), args.metric_for_best_model)
+            args = best_metric_for(args, primary)
+        elif eval_dataset is not None:
             eval_dataset = prepare_rows(eval_dataset, classes, seed=args.seed, tokenizer=processing_class)
         data_collator = data_collator or GradiendDataCollator(processing_class, model.objective, classes)
         model = maybe_pre_prune(model, train_dataset, data_collator, args.per_device_train_batch_size, args.seed)
-        self.convergence = ConvergenceCallback(classes)
+        self.convergence = ConvergenceCallback(classes, metric_prefix=f"eval_{primary}_" if primary else "eval_")
         super().__init__(
             model=model,
             args=args,
@@ -319,6 +408,26 @@ class GradiendTrainer(Trainer):
                 "process would train alone on all the data and write the same checkpoints. Without a GPU, pass "
                 "use_cpu=True to the training arguments (or export ACCELERATE_USE_CPU=true) to train on the CPU."
             )
+        self.optimizer_class()  # an optimizer that cannot be built (a missing package) fails here, not at train()
+        if self.args.optimizer_state_dtype != "float32" and self.static_step_blockers():
+            raise ValueError(
+                f"optimizer_state_dtype={self.args.optimizer_state_dtype!r} needs the fused step, which this run "
+                f"cannot take: {self.static_step_blockers()[0]}. Use optimizer_state_dtype='float32', or one process "
+                "with gradient_accumulation_steps=1, max_grad_norm=0 and optim='adamw_torch_fused'/'adamw_torch'."
+            )
+        self.precision = training_flags.autocast_dtype(self.args)
+        every, self.checkpoint_kwargs = checkpoint_options(self.args.activation_checkpointing_kwargs)
+        base = self.gradiend_model.get_base_model()
+        self.checkpoint_layers = checkpointable_layers(base, every) if self.args.activation_checkpointing else []
+        self._fused_grad_norm: Optional[float] = None
+        self._announced_step: Optional[str] = None
+
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        """accelerate's mixed precision off: it would autocast the whole GradiendModel.forward (the bottleneck too).
+        bf16 autocasts the base's passes only (base_passes.py), on the fused and the plain step alike."""
+        built = super()._build_accelerator_args(**kwargs)
+        built["mixed_precision"] = "no"
+        return built
 
     @property
     def gradiend_model(self) -> GradiendModel:
@@ -326,34 +435,63 @@ class GradiendTrainer(Trainer):
 
     # --- data ------------------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
-        """Batches of one transition each, alternating directions, reshuffled per epoch (see sampling.py)."""
+        """Batches of one transition each, alternating directions, reshuffled per epoch (see sampling.py); seeded with
+        `data_seed` if set, else `seed` (as transformers' sampler)."""
         from .sampling import ProcessBatches, TransitionBatchSampler
 
         if self.train_dataset is None:
             raise ValueError("GradiendTrainer needs a train_dataset to train.")
-        sampler = TransitionBatchSampler.from_dataset(
-            self.train_dataset, batch_size=self._train_batch_size, seed=self.args.seed
-        )
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        sampler = TransitionBatchSampler.from_dataset(self.train_dataset, batch_size=self._train_batch_size, seed=seed)
         processes = self.accelerator.num_processes
         if processes > 1:
             sampler = ProcessBatches(sampler, processes, self.accelerator.process_index)
+        workers = self.args.dataloader_num_workers
         loader = DataLoader(
             self.train_dataset,
             batch_sampler=sampler,
             collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory and self.args.device.type != "cpu",  # pinning is for GPUs
+            persistent_workers=self.args.dataloader_persistent_workers if workers else False,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
         )
         if processes > 1:  # already this process's share: accelerate must only move the batches to the device
             return prepare_data_loader(loader, self.accelerator.device, num_processes=1, process_index=0,
                                        put_on_device=self.accelerator.device_placement)
         return self.accelerator.prepare(loader)
 
+    def _track_num_input_tokens(self, inputs: Mapping[str, Any]) -> None:
+        """`include_num_input_tokens_seen`: the tokens of every distinct input the base model reads in a step (one
+        input for both sides of a masked LM, the factual and the alternative input of a causal LM); 'non_padding'
+        counts attended tokens only."""
+        mode = self.args.include_num_input_tokens_seen
+        if mode == "no":
+            return
+        sides = ("factual",) if shares_input(inputs) else ("factual", "alternative")
+        key = "attention_mask" if mode == "non_padding" else "input_ids"
+        count = sum(int(inputs[f"{side}_{key}"].sum() if key == "attention_mask" else inputs[f"{side}_{key}"].numel())
+                    for side in sides)
+        tokens = torch.as_tensor(count, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
+
     # --- training ------------------------------------------------------------------------------------------------
-    def fused_step_blocker(self) -> Optional[str]:
-        """Why this run cannot take the fused step (fused.py: no stored target or bottleneck gradients), or None. It
-        serves one process taking one unclipped AdamW step per gradient; anything else takes the plain step."""
+    def optimizer_class(self) -> type:
+        """The class of the optimizer this run uses (or will build)."""
+        if self.optimizer is not None:
+            return type(getattr(self.optimizer, "optimizer", self.optimizer))  # accelerate wraps it
+        if self.optimizer_cls_and_kwargs is not None:
+            return self.optimizer_cls_and_kwargs[0]
+        try:
+            return self.get_optimizer_cls_and_kwargs(self.args, None)[0]
+        except (ImportError, ValueError) as error:
+            raise ValueError(f"optim={getattr(self.args.optim, 'value', self.args.optim)!r}: {error}") from error
+
+    def static_step_blockers(self) -> list[str]:
+        """What keeps this run from the fused step whatever the callbacks (fused.py serves one process taking one
+        unclipped torch AdamW step per gradient)."""
         config = self.gradiend_model.gradiend_config
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer = self.optimizer_class()
         reasons = {
             f"{self.accelerator.num_processes} processes (DDP all-reduces whole gradients)": (
                 self.accelerator.num_processes != 1
@@ -364,46 +502,93 @@ class GradiendTrainer(Trainer):
             f"max_grad_norm={self.args.max_grad_norm} (clipping needs the whole gradient)": (
                 bool(self.args.max_grad_norm)
             ),
-            f"optimizer {type(optimizer).__name__} (not torch.optim.AdamW)": (
-                not isinstance(optimizer, torch.optim.AdamW)
-            ),
+            f"optimizer {optimizer.__name__} (not torch.optim.AdamW)": optimizer is not torch.optim.AdamW,
             f"source={config.source!r} with target={config.target!r} (needs a third backward pass)": (
                 not fused.supports(config.source, config.target)
             ),
         }
-        return next((reason for reason, blocks in reasons.items() if blocks), None)
+        return [reason for reason, blocks in reasons.items() if blocks]
+
+    def fused_step_blocker(self) -> Optional[str]:
+        """Why this run cannot take the fused step (fused.py: no stored target or bottleneck gradients), or None: a
+        static reason (static_step_blockers), or a callback that watches the optimizer step (on the fused step the
+        update happens during the backward pass, before on_pre_optimizer_step, and leaves no .grad to look at)."""
+        static = self.static_step_blockers()
+        if static:
+            return static[0]
+        for callback in self.callback_handler.callbacks:
+            for event in ("on_pre_optimizer_step", "on_optimizer_step"):
+                if getattr(type(callback), event, None) is not getattr(TrainerCallback, event):
+                    return f"callback {type(callback).__name__} implements {event} (it sees the bottleneck's .grad)"
+        return None
 
     def uses_fused_step(self) -> bool:
         return self.fused_step_blocker() is None
+
+    @contextlib.contextmanager
+    def base_passes(self) -> Iterator[None]:
+        """The base's passes of a step: bf16 autocast and activation checkpointing as the arguments ask
+        (base_passes.py); the bottleneck is never inside the autocast region."""
+        with base_passes(self.gradiend_model.get_base_model(), self.precision, self.checkpoint_layers,
+                         self.checkpoint_kwargs):
+            yield
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One step, fused or plain. Stops training at the first NaN/inf loss, gradient or encoder value, before the
         optimizer applies it, so no later checkpoint can hold it (a diverged run never looks converged)."""
         blocker = self.fused_step_blocker()
-        if blocker is not None:
-            if self.args.optimizer_state_dtype != "float32":
-                raise ValueError(
-                    f"optimizer_state_dtype={self.args.optimizer_state_dtype!r} needs the fused step, which this run "
-                    f"cannot take: {blocker}. Use optimizer_state_dtype='float32', or one process with "
-                    "gradient_accumulation_steps=1, max_grad_norm=0 and the default AdamW."
-                )
-            try:  # the base model's losses are checked while the gradients are gathered (gradients.py)
-                loss = super().training_step(model, inputs, num_items_in_batch)
-            except FloatingPointError as error:
-                raise FloatingPointError(self.stopped_message(str(error))) from error
-            problem = self.nonfinite_problem(loss)  # before the Trainer's optimizer.step() applies the gradients
-            if problem is not None:
-                raise FloatingPointError(self.stopped_message(problem))
-            return loss
+        if blocker != self._announced_step:
+            self._announced_step = blocker
+            if blocker is None:
+                logger.info("GRADIEND takes the fused step.")
+            else:
+                logger.info("GRADIEND takes the plain step (autograd over the bottleneck): %s.", blocker)
+        with self.base_passes():
+            if blocker is not None:
+                return self.plain_step(model, inputs, num_items_in_batch, blocker)
+            return self.fused_training_step(model, inputs)
+
+    def plain_step(self, model, inputs, num_items_in_batch, blocker: str) -> torch.Tensor:
+        if self.args.optimizer_state_dtype != "float32":
+            raise ValueError(
+                f"optimizer_state_dtype={self.args.optimizer_state_dtype!r} needs the fused step, which this run "
+                f"cannot take: {blocker}. Use optimizer_state_dtype='float32', or one process with "
+                "gradient_accumulation_steps=1, max_grad_norm=0 and the default AdamW."
+            )
+        try:  # the base model's losses are checked while the gradients are gathered (gradients.py)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except FloatingPointError as error:
+            raise FloatingPointError(self.stopped_message(str(error))) from error
+        problem = self.nonfinite_problem(loss)  # before the Trainer's optimizer.step() applies the gradients
+        if problem is not None:
+            raise FloatingPointError(self.stopped_message(problem))
+        return loss
+
+    def fused_training_step(self, model, inputs) -> torch.Tensor:
         model.train()
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         if getattr(self, "_adamw_steps", None) is None or self._adamw_steps.optimizer is not optimizer:
             dtype = getattr(torch, self.args.optimizer_state_dtype)
-            self._adamw_steps = fused.AdamWSteps(optimizer, dtype, torch.Generator().manual_seed(self.args.seed))
+            self._adamw_steps = fused.AdamWSteps(optimizer, dtype, seed=self.args.seed)
         try:  # the fused step checks as it goes (fused.py) and raises before it applies a non-finite update
-            return fused.fused_step(self.gradiend_model, self._prepare_inputs(inputs), optimizer, self._adamw_steps)
+            result = fused.fused_training_step(self.gradiend_model, self._prepare_inputs(inputs), optimizer,
+                                               self._adamw_steps)
         except FloatingPointError as error:
             raise FloatingPointError(self.stopped_message(str(error))) from error
+        self._fused_grad_norm = result.grad_norm
+        steps = self.args.torch_empty_cache_steps
+        if steps is not None and self.state.global_step % steps == 0:
+            from accelerate.utils.memory import clear_device_cache
+
+            clear_device_cache()
+        return result.loss.to(self.args.device)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The gradient norm to log: on the fused step its closed form (there is no .grad), else transformers'."""
+        if self._fused_grad_norm is not None:
+            norm, self._fused_grad_norm = self._fused_grad_norm, None
+            return norm
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def nonfinite_problem(self, loss: torch.Tensor) -> Optional[str]:
         """What is NaN/inf after the plain step's backward pass (the loss or a bottleneck gradient), or None."""
@@ -442,61 +627,136 @@ class GradiendTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """One fused AdamW over the bottleneck tensors (the base model is never optimised)."""
+        """The optimizer `optim` names (or `optimizer_cls_and_kwargs`), over the bottleneck tensors only (the base is
+        never optimised), with weight decay on all of them. torch's AdamW runs fused where its tensors allow."""
         if self.optimizer is None:
             params = [p for p in self.gradiend_model.bottleneck.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(
-                params,
-                lr=self.args.learning_rate,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-                weight_decay=self.args.weight_decay,
-                fused=all(p.device.type in ("cpu", "cuda") for p in params),
-            )
+            if self.optimizer_cls_and_kwargs is not None:
+                cls, kwargs = self.optimizer_cls_and_kwargs
+            else:
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, None)
+            kwargs = dict(kwargs)
+            if kwargs.get("fused") and not all(p.device.type in ("cpu", "cuda") for p in params):
+                kwargs["fused"] = False  # the same update, by the foreach kernel
+            self.optimizer = cls([{"params": params, "weight_decay": self.args.weight_decay}], **kwargs)
         return self.optimizer
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Per-row encodings of the evaluation rows; logs correlation, ternary accuracy and class means of h."""
-        from .schema import prepare_rows
+        """Per-row encodings of the evaluation rows; logs correlation, ternary accuracy and class means of h (and what
+        `compute_metrics` returns for EvalPrediction(predictions=h, label_ids=labels)).
 
+        A dict of datasets (given here or to the trainer) is evaluated per dataset, its metrics prefixed
+        `eval_<name>_`, as transformers does; a string names one of the trainer's. The sign of the encoder is
+        normalised on the first dataset evaluated only: the one `metric_for_best_model` names, else the first."""
+        override = eval_dataset is not None
+        data = eval_dataset if override else self.eval_dataset
+        if isinstance(data, str):
+            if not isinstance(self.eval_dataset, Mapping) or data not in self.eval_dataset:
+                known = list(self.eval_dataset) if isinstance(self.eval_dataset, Mapping) else []
+                raise ValueError(f"evaluate({data!r}): the trainer has no eval dataset named so (it has {known}).")
+            return self.evaluate_rows(self.eval_dataset[data], f"{metric_key_prefix}_{data}", normalise=True)
+        if data is None:
+            raise ValueError("evaluate() needs an eval_dataset (rows of both classes, ideally held out).")
+        if isinstance(data, Mapping):
+            names = list(data)
+            first = primary_eval_name(names, self.args.metric_for_best_model)
+            metrics: dict[str, float] = {}
+            for name in [first, *(n for n in names if n != first)]:
+                metrics.update(self.evaluate_rows(data[name], f"{metric_key_prefix}_{name}", normalise=name == first,
+                                                  prepare=override))
+            return metrics
+        return self.evaluate_rows(data, metric_key_prefix, normalise=True, prepare=override)
+
+    def evaluate_rows(self, dataset: Any, prefix: str, normalise: bool, prepare: bool = False) -> dict[str, float]:
+        """evaluate() on one dataset: metrics under `prefix`, sign normalisation only if `normalise`."""
         model = self.gradiend_model
         classes = model.gradiend_config.feature_classes
-        dataset = (
-            self.eval_dataset
-            if eval_dataset is None
-            else prepare_rows(eval_dataset, classes, tokenizer=self.processing_class)
-        )
-        if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (rows of both classes, ideally held out).")
+        if prepare:
+            dataset = self.prepared(dataset)
         if self.args.max_eval_rows is not None:
             dataset = dataset.select(range(min(self.args.max_eval_rows, len(dataset))))
-        rows = list(dataset)
-        frame = encode_dataset(model, rows, self.data_collator, self.args.per_device_eval_batch_size,
-                               progress=not self.args.disable_tqdm)
-        bad = int((~np.isfinite(frame["h"].to_numpy(dtype=float))).sum())
-        if bad:
-            raise FloatingPointError(
-                f"The encoder value h of {bad} of {len(frame)} evaluation rows is NaN/inf (at step "
-                f"{self.state.global_step}): the bottleneck diverged, or these rows' loss in the base model is not "
-                "finite. Lower the learning rate or check the evaluation rows."
-            )
+        with self.optimizer_in_eval_mode():
+            frame = self.encoded(dataset, f"at step {self.state.global_step}")
         metrics = encoder_metrics(frame, classes, model.gradiend_config.source)
-        if self.args.sign_normalisation and model.gradiend_config.latent_dim == 1 and metrics["correlation"] < 0:
+        if (normalise and self.args.sign_normalisation and model.gradiend_config.latent_dim == 1
+                and metrics["correlation"] < 0):
             flip_sign(model, self.optimizer)
             frame["h"] = -frame["h"]
             metrics = encoder_metrics(frame, classes, model.gradiend_config.source)
             metrics["sign_flipped"] = 1.0
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        metrics.update(self.user_metrics(frame))
+        metrics = {f"{prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def predict(self, test_dataset: Any, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
+        """Per-row encoder values: `predictions` (rows x latent_dim) is h of each row's own gradient (as evaluation
+        computes it, forward-mode), `label_ids` the row's label (+1 first class, -1 second, 0 identity/neutral rows;
+        with source='alternative' the alternative's class), `metrics` those of evaluate() under `test_`. The model is
+        not changed (no sign normalisation)."""
+        model = self.gradiend_model
+        config = model.gradiend_config
+        frame = self.encoded(self.prepared(test_dataset), "in predict()")
+        columns = ["h", *(f"h_{k}" for k in range(1, config.latent_dim))]
+        predictions = frame[columns].to_numpy(dtype=np.float32)
+        labels = row_labels(frame, config.feature_classes, config.source)
+        metrics = {**encoder_metrics(frame, config.feature_classes, config.source), **self.user_metrics(frame)}
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
+        return PredictionOutput(predictions=predictions, label_ids=labels, metrics=metrics)
+
+    def prepared(self, data: Any) -> Any:
+        """User rows as the validated GRADIEND dataset (schema.prepare_rows)."""
+        from .schema import prepare_rows
+
+        return prepare_rows(data, self.gradiend_model.gradiend_config.feature_classes, seed=self.args.seed,
+                            tokenizer=self.processing_class)
+
+    def encoded(self, dataset: Any, when: str):
+        """The rows with their encoder value h (evaluation.encoder.encode_dataset); NaN/inf h is an error."""
+        frame = encode_dataset(self.gradiend_model, list(dataset), self.data_collator,
+                               self.args.per_device_eval_batch_size, progress=not self.args.disable_tqdm)
+        bad = int((~np.isfinite(frame["h"].to_numpy(dtype=float))).sum())
+        if bad:
+            raise FloatingPointError(
+                f"The encoder value h of {bad} of {len(frame)} evaluation rows is NaN/inf ({when}): the bottleneck "
+                "diverged, or these rows' loss in the base model is not finite. Lower the learning rate or check the "
+                "evaluation rows."
+            )
+        return frame
+
+    def user_metrics(self, frame) -> dict[str, float]:
+        """What `compute_metrics` returns for EvalPrediction(predictions=h per row, label_ids=+1/-1/0 per row)."""
+        if self.compute_metrics is None:
+            return {}
+        config = self.gradiend_model.gradiend_config
+        columns = ["h", *(f"h_{k}" for k in range(1, config.latent_dim))]
+        prediction = EvalPrediction(predictions=frame[columns].to_numpy(dtype=np.float32),
+                                    label_ids=row_labels(frame, config.feature_classes, config.source))
+        return dict(self.compute_metrics(prediction))
+
+    @contextlib.contextmanager
+    def optimizer_in_eval_mode(self) -> Iterator[None]:
+        """Optimizers with train()/eval() modes (schedule-free) evaluate at their evaluation point, as transformers
+        does."""
+        optimizer = self.optimizer
+        switch = optimizer is not None and callable(getattr(optimizer, "eval", None))
+        if switch:
+            optimizer.eval()
+        try:
+            yield
+        finally:
+            if switch and callable(getattr(optimizer, "train", None)):
+                optimizer.train()
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
         """transformers' train(), except: `resume_from_checkpoint=True` resumes from the last *complete* checkpoint
         (incomplete ones are logged and skipped), the convergence history is restored with it, and the verdict is
         written to convergence.json."""
-        output = super().train(self.resolve_resume(resume_from_checkpoint), *args, **kwargs)
+        with self.checkpointing_requested():
+            output = super().train(self.resolve_resume(resume_from_checkpoint), *args, **kwargs)
         self.require_finite_bottleneck(self.state.global_step)
         maybe_post_prune(self.gradiend_model)
         verdict = self.convergence.verdict(self.args)
@@ -511,6 +771,23 @@ class GradiendTrainer(Trainer):
             logger.warning(message)
         self.verdict = verdict
         return output
+
+    @contextlib.contextmanager
+    def checkpointing_requested(self) -> Iterator[None]:
+        """transformers' train() asks the model to enable activation checkpointing (`activation_checkpointing_enable`),
+        which a GradiendModel lacks: its base must stay in eval mode, where transformers' layers do not checkpoint.
+        The trainer checkpoints the base's layers per step instead (base_passes); during train() the model answers
+        that call by confirming it."""
+        model = self.model
+        answer = self.args.activation_checkpointing and not hasattr(model, "activation_checkpointing_enable")
+        if answer:
+            model.activation_checkpointing_enable = lambda *args, **kwargs: logger.info(
+                "Activation checkpointing of %d base layers per training step.", len(self.checkpoint_layers))
+        try:
+            yield
+        finally:
+            if answer:
+                del model.activation_checkpointing_enable
 
     def resolve_resume(self, resume_from_checkpoint: Union[str, bool, None]) -> Optional[str]:
         """The checkpoint folder to resume from, after repairing what killed saves left in the output folder.
@@ -564,7 +841,7 @@ class GradiendTrainer(Trainer):
                 self.state.best_model_checkpoint = best
         if self.args.should_save:
             with staged_folder(output_dir, last=(CONFIG_NAME, TRAINER_STATE)) as staging:
-                self._save(str(staging))
+                self.write_model_files(staging)
                 if not self.args.save_only_model:
                     self._save_optimizer_and_scheduler(str(staging))
                     self._save_scaler(str(staging))
@@ -605,8 +882,11 @@ class GradiendTrainer(Trainer):
             self.convergence.restore(saved)
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        """save_model(): the files of write_model_files, swapped into `output_dir` atomically (atomic.staged_folder;
+        a run folder keeps its checkpoints)."""
         if self.args.should_save:
-            self.gradiend_model.save_pretrained(output_dir or self.args.output_dir)
+            with staged_folder(output_dir or self.args.output_dir, last=(CONFIG_NAME,)) as staging:
+                self.write_model_files(staging)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         ignored = pickled_files(resume_from_checkpoint)

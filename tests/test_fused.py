@@ -9,7 +9,7 @@ import torch
 from tiny import rows, tiny_model, tokenizer_for
 
 from gradiend_hf import GradiendConfig, GradiendDataCollator, GradiendModel, get_gradiend_model
-from gradiend_hf.fused import fused_step, supports
+from gradiend_hf.fused import fused_step, fused_training_step, supports
 
 CLASSES = ["female", "male"]
 
@@ -27,20 +27,23 @@ def optimizer_for(gradiend, **kwargs):
 
 
 def plain_steps(gradiend, batches, **kwargs):
+    """Autograd's steps; also the norm of each step's bottleneck gradient (what clip_grad_norm_ measures)."""
     optimizer = optimizer_for(gradiend, **kwargs)
-    losses = []
+    losses, norms = [], []
     for batch in batches:
         loss = gradiend(**batch).loss
         loss.backward()
+        norms.append(float(torch.cat([p.grad.reshape(-1) for p in gradiend.bottleneck.parameters()]).norm()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    return losses, optimizer
+    return losses, optimizer, norms
 
 
 def fused_steps(gradiend, batches, **kwargs):
     optimizer = optimizer_for(gradiend, **kwargs)
-    return [float(fused_step(gradiend, batch, optimizer)) for batch in batches], optimizer
+    results = [fused_training_step(gradiend, batch, optimizer) for batch in batches]
+    return [float(r.loss) for r in results], optimizer, [r.grad_norm for r in results]
 
 
 def assert_same_training(config, kind="gpt2", steps=3, **optimizer_kwargs):
@@ -48,9 +51,11 @@ def assert_same_training(config, kind="gpt2", steps=3, **optimizer_kwargs):
     fused = copy.deepcopy(plain)
     data = rows()
     batches = [collator(data[i % len(data): i % len(data) + 2] or data[:2]) for i in range(steps)]
-    plain_losses, plain_optimizer = plain_steps(plain, batches, **optimizer_kwargs)
-    fused_losses, fused_optimizer = fused_steps(fused, batches, **optimizer_kwargs)
+    plain_losses, plain_optimizer, plain_norms = plain_steps(plain, batches, **optimizer_kwargs)
+    fused_losses, fused_optimizer, fused_norms = fused_steps(fused, batches, **optimizer_kwargs)
     torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-12)
+    # the fused step's closed-form gradient norm is autograd's
+    torch.testing.assert_close(torch.tensor(fused_norms), torch.tensor(plain_norms), rtol=1e-5, atol=1e-12)
     for (name, want), (_, got) in zip(plain.bottleneck.named_parameters(), fused.bottleneck.named_parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
     plain_state = plain_optimizer.state_dict()["state"]
@@ -154,15 +159,14 @@ def test_bfloat16_moments_need_the_fused_step(tmp_path):
     with pytest.raises(ValueError, match="not supported"):
         GradiendTrainingArguments(output_dir=str(tmp_path), optimizer_state_dtype="float16")
     gradiend, _ = setup("bert")
-    trainer = GradiendTrainer(
-        model=gradiend,
-        args=GradiendTrainingArguments(output_dir=str(tmp_path), max_steps=1, optimizer_state_dtype="bfloat16",
-                                       max_grad_norm=1.0, eval_strategy="no", save_strategy="no",
-                                       load_best_model_at_end=False),
-        train_dataset=rows(), processing_class=tokenizer_for("bert"),
-    )
-    with pytest.raises(ValueError, match="max_grad_norm=1.0"):
-        trainer.train()
+    with pytest.raises(ValueError, match=r"optimizer_state_dtype='bfloat16' needs the fused step.*max_grad_norm=1.0"):
+        GradiendTrainer(  # refused when the trainer is built, not when training starts
+            model=gradiend,
+            args=GradiendTrainingArguments(output_dir=str(tmp_path), max_steps=1, optimizer_state_dtype="bfloat16",
+                                           max_grad_norm=1.0, eval_strategy="no", save_strategy="no",
+                                           load_best_model_at_end=False),
+            train_dataset=rows(), processing_class=tokenizer_for("bert"),
+        )
 
 
 def test_resumed_bfloat16_moments_stay_bfloat16(tmp_path):
@@ -209,3 +213,59 @@ def test_a_nan_decoder_weight_stops_the_fused_step_before_it_reaches_an_update()
     for want, got in zip(encoder_before, [b.encoder(n) for n in b.names] + [b.encoder_bias]):
         assert torch.equal(got, want)  # the encoder steps after the decoder: untouched
     assert all(bool(torch.isfinite(p).all()) for p in b.parameters() if p is not b.decoder(poisoned))
+
+
+def test_bfloat16_rounding_draws_with_a_generator_on_each_tensors_own_device(monkeypatch):
+    """torch.randint draws on the moments' device and needs a generator there: on a GPU a CPU generator fails. One
+    generator per device, made on that device (recorded here, as this machine has no GPU), seeded with the seed."""
+    from gradiend_hf.fused import AdamWSteps, to_bfloat16_stochastic
+
+    gradiend, _ = setup("bert")
+    steps = AdamWSteps(optimizer_for(gradiend), torch.bfloat16, seed=7)
+    made = []
+
+    class Recording:
+        def __init__(self, device="cpu"):
+            self.device = torch.device(device)
+            made.append(self.device)
+
+        def manual_seed(self, seed):
+            self.seed = seed
+            return self
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "Generator", Recording)
+        first = steps.generator_for(torch.device("cuda", 1))
+        again = steps.generator_for(torch.device("cuda", 1))
+        other = steps.generator_for(torch.device("cuda", 0))
+    assert made == [torch.device("cuda", 1), torch.device("cuda", 0)]
+    assert first is again and (first.seed, other.seed) == (7, 7)
+    with pytest.raises(ValueError, match="generator is on cpu, the values on meta"):
+        to_bfloat16_stochastic(torch.zeros(3, device="meta"), torch.Generator().manual_seed(0))
+
+
+def test_the_trainers_bfloat16_moments_draw_on_the_cpu_what_the_cpu_generator_drew_before(tmp_path):
+    """Per-device generators change nothing on the CPU: the trainer's bfloat16 run equals fused steps rounding with
+    torch.Generator().manual_seed(seed), the generator it used to pass."""
+    from gradiend_hf.fused import AdamWSteps
+    from gradiend_hf.trainer import GradiendTrainer, GradiendTrainingArguments
+
+    gradiend, collator = setup("bert")
+    reference = copy.deepcopy(gradiend)
+    trainer = GradiendTrainer(
+        model=gradiend,
+        args=GradiendTrainingArguments(output_dir=str(tmp_path), max_steps=3, optimizer_state_dtype="bfloat16",
+                                       learning_rate=1e-2, per_device_train_batch_size=2, eval_strategy="no",
+                                       save_strategy="no", load_best_model_at_end=False, seed=3, disable_tqdm=True),
+        train_dataset=rows() + rows(factual_first=False), processing_class=tokenizer_for("bert"),
+    )
+    batches = [batch for _, batch in zip(range(3), trainer.get_train_dataloader())]
+    trainer.train()
+    optimizer = torch.optim.AdamW(list(reference.bottleneck.parameters()), lr=1e-2, weight_decay=0.01, fused=True)
+    step = AdamWSteps(optimizer, torch.bfloat16, torch.Generator().manual_seed(3))
+    for batch in batches:
+        fused_step(reference, batch, optimizer, step)
+    for (name, want), got in zip(reference.bottleneck.named_parameters(), gradiend.bottleneck.parameters()):
+        assert torch.equal(got, want), name
+    moments = lambda opt: [s["exp_avg_sq"] for s in opt.state.values()]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(moments(trainer.optimizer), moments(optimizer)))

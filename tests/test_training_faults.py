@@ -146,7 +146,9 @@ def test_the_adapter_saved_into_the_run_folder_keeps_the_checkpoints_beside_it(t
     before = listing(run)
     trainer.save_model()
     trainer.save_model()  # an overwrite too
-    assert listing(run) == sorted(set(before) | {"adapter_config.json", "adapter_model.safetensors", "README.md"})
+    saved = {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
+             "training_args.json"}  # the adapter, its card, the tokenizer and the arguments as JSON
+    assert listing(run) == sorted(set(before) | saved)
     assert all(checkpoint_problem(run / f"checkpoint-{n}") is None for n in (2, 4))
     reloaded = make_trainer(tmp_path / "unused", 1).gradiend_model
     reloaded.load_adapter_weights(run)
