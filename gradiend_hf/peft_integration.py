@@ -357,19 +357,49 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(*args, **kwargs)
-        if self.merged:
+        replaced = self.edited_parameters()
+        if not replaced:
             return self.base_layer(*args, **kwargs)
+        return torch.func.functional_call(self.base_layer, replaced, args, kwargs)
+
+    def edited_parameters(self, only: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """The wrapped module's own parameters as the active, unmerged adapters edit them (all, or just `only`)."""
+        if self.disable_adapters or self.merged:
+            return {}
         base = self.get_base_layer()
         replaced: dict[str, torch.Tensor] = {}
         for adapter_name in self.active_adapters:
             if adapter_name not in self.gradiend_config:
                 continue
             for local in self.edited_locals(adapter_name):
-                current = replaced.get(local, base._parameters[local])
-                replaced[local] = self.edited(current, adapter_name, local)
-        if not replaced:
-            return self.base_layer(*args, **kwargs)
-        return torch.func.functional_call(self.base_layer, replaced, args, kwargs)
+                if only is None or local == only:
+                    current = replaced.get(local, base._parameters[local])
+                    replaced[local] = self.edited(current, adapter_name, local)
+        return replaced
+
+    def edited_parameter(self, local: str) -> torch.Tensor:
+        """`base_layer.<local>` with the edit: what a model reading the parameter directly (DeBERTa-v2 reads
+        `rel_embeddings.weight`, T5 `wo.weight`) must see, as it never runs this layer's forward."""
+        return self.edited_parameters(only=local).get(local, self.get_base_layer()._parameters[local])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.edited_parameter("weight")
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        base = self.get_base_layer()
+        return self.edited_parameter("bias") if base._parameters.get("bias") is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        """Other direct parameters of the wrapped module (e.g. a custom `scale`) read through the edit too."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if base is not None and base._parameters.get(name) is not None:
+                return self.edited_parameter(name)
+            raise
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """p += delta in place (same arithmetic as GradiendModel.merge_and_unload). Tied parameters share storage, so
@@ -523,9 +553,14 @@ class GradiendTuner(BaseTuner):
             head, marker, tail = key.rpartition("." + PREFIX)
             kind, _, local = tail.partition(".")
             if marker and kind in KINDS and local and "." not in local:
-                key = f"{head}.{PREFIX}{kind}.{adapter_name}.{local}"
+                key = f"{_loaded_path(model, head)}.{PREFIX}{kind}.{adapter_name}.{local}"
             remapped[key] = value
         return remapped
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Unloading puts the wrapped module itself back (PEFT's version copies `.weight` across, which a wrapped
+        module without a `weight` of its own, e.g. ConvBERT's SeparableConv1D, does not have)."""
+        setattr(parent, child_name, new_module)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **spec):
         if isinstance(target, GradiendLayer):
@@ -596,16 +631,6 @@ class GradiendTuner(BaseTuner):
                 if source is not None and source != (path, local) and local not in own.get(path, {}):
                     tied.setdefault(path, {})[local] = source
 
-        wrapped = sorted(set(own) | set(tied) | {_clean(p, layers) or p for p in layers})
-        for outer in wrapped:
-            for inner in wrapped:
-                if inner != outer and inner.startswith(outer + "."):
-                    raise NotImplementedError(
-                        f"GRADIEND's PEFT layers wrap whole modules, but both {outer!r} and its submodule {inner!r} "
-                        "hold edited parameters. Load this adapter with GradiendModel.from_pretrained and "
-                        "merge_and_unload."
-                    )
-
         if not (config.feature_factor is not None and config.learning_rate is not None):
             warnings.warn(
                 f"The GRADIEND adapter '{adapter_name}' has no stored edit (feature_factor/learning_rate are null): "
@@ -620,6 +645,8 @@ class GradiendTuner(BaseTuner):
         for path in list(own) + [p for p in tied if p not in own]:
             parent_path, target_name = _split(path)
             parent = model.get_submodule(_actual_path(model, parent_path))
+            while isinstance(parent, GradiendLayer):  # the parent's own parameters are edited too: nest inside it
+                parent = parent.base_layer
             target = getattr(parent, target_name)
             with context():
                 created[path] = self._create_and_replace(
@@ -636,6 +663,15 @@ class GradiendTuner(BaseTuner):
         if config.inference_mode:
             for layer in created.values():
                 layer.requires_grad_(False)
+
+
+def _loaded_path(model: nn.Module, clean_path: str) -> str:
+    """`_actual_path` for a key of an adapter file: the layer of a parameter nested inside another edited module sits
+    below that module's `base_layer`; a path the model does not have stays as it is (reported as unexpected)."""
+    try:
+        return _actual_path(model, clean_path)
+    except AttributeError:
+        return clean_path
 
 
 def _actual_path(model: nn.Module, clean_path: str) -> str:

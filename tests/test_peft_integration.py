@@ -451,32 +451,50 @@ def test_adapter_keys_parse_the_same_in_every_form_the_loaders_hand_over():
         group_adapter_tensors({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": t})
 
 
-def test_edited_parameters_in_a_module_and_its_submodule_are_refused():
-    from peft import inject_adapter_in_model
+def _tiny_masked(kind):
+    """Architectures whose edits PEFT's whole-module wrapping used to miss or refuse (large init so edits show)."""
+    from tiny import wordpiece_tokenizer
+    from transformers import ConvBertConfig, ConvBertForMaskedLM, DebertaV2Config, DebertaV2ForMaskedLM
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(4))
-            self.inner = torch.nn.Linear(4, 4)
+    torch.manual_seed(0)
+    size = dict(vocab_size=len(wordpiece_tokenizer()), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=24, max_position_embeddings=64, initializer_range=0.1)
+    if kind == "convbert":  # SeparableConv1D owns a bias and holds two convolutions with their own weights
+        return ConvBertForMaskedLM(ConvBertConfig(embedding_size=16, **size)).eval()
+    # DeBERTa-v2 reads rel_embeddings.weight directly instead of calling the embedding module
+    return DebertaV2ForMaskedLM(DebertaV2Config(relative_attention=True, position_buckets=8, max_relative_positions=16,
+                                                pos_att_type=["p2c", "c2p"], **size)).eval()
 
-        def forward(self, x):
-            return self.inner(x) * self.scale
 
-    class Toy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = Block()
+@pytest.mark.parametrize("kind", ["convbert", "deberta-v2"])
+def test_nested_and_directly_read_parameters_carry_the_edit_through_peft(tmp_path, kind):
+    """Route (a), unmerged and merged, equals GradiendModel's merge for the default selection: nested edited modules
+    are wrapped inside each other, and a parameter read as `module.weight` is read through the edit."""
+    from tiny import wordpiece_tokenizer
 
-        def forward(self, x):
-            return self.block(x)
+    path = tmp_path / "adapter"
+    GradiendModel(_tiny_masked(kind), GradiendConfig(feature_classes=CLASSES, **EDIT)).save_pretrained(path)
+    ids = wordpiece_tokenizer()(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = _tiny_masked(kind)(**ids).logits
+        expected = GradiendModel.from_pretrained(_tiny_masked(kind), path).merge_and_unload()(**ids).logits
+        assert not torch.allclose(plain, expected, atol=1e-4)  # the edit shows in the logits
+        model = PeftModel.from_pretrained(_tiny_masked(kind), path)
+        assert torch.equal(model(**ids).logits, expected)
+        assert torch.equal(model.merge_and_unload()(**ids).logits, expected)
 
-    config = GradiendConfig(feature_classes=CLASSES, target_parameters=[r"block\.scale", r"inner\.weight"], **EDIT,
-                            encoder_bias=[0.0])  # as saved: PEFT injects only trained adapters
-    with pytest.raises(NotImplementedError, match="wrap whole modules"):
-        inject_adapter_in_model(config, Toy())
-    toy = inject_adapter_in_model(config.with_updates(target_parameters=[r"inner\.weight"]), Toy())
-    assert isinstance(toy.block.inner, GradiendLayer)  # a Linear inside a module without own edits is fine
+
+def test_a_nested_adapter_through_transformers_loader_fails_loudly_not_silently(tmp_path):
+    """transformers' loader names tensors without the inner layer's `base_layer`: they stay unloaded, and the first
+    forward says so (route (a) or GradiendModel load them)."""
+    from tiny import wordpiece_tokenizer
+
+    path = tmp_path / "adapter"
+    GradiendModel(_tiny_masked("convbert"), GradiendConfig(feature_classes=CLASSES, **EDIT)).save_pretrained(path)
+    model = _tiny_masked("convbert")
+    model.load_adapter(path)
+    with pytest.raises(RuntimeError, match="never loaded"):
+        model(**wordpiece_tokenizer()(TEXTS, return_tensors="pt", padding=True))
 
 
 # --- transformers asking for a newer peft than installed --------------------------------------------------------------
