@@ -16,6 +16,8 @@ tags and datasets in its metadata and a "Training results" table (the best evalu
 from __future__ import annotations
 
 import math
+import os
+import re
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
@@ -27,6 +29,27 @@ if TYPE_CHECKING:
     from .edit import Edit
 
 NOT_EVALUATED = "not evaluated"
+REPO_PLACEHOLDER = "PATH_OR_REPO_ID"  # what a card saved without a repo id shows where the repo id goes
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def hub_model_id(name_or_path: Optional[str]) -> Optional[str]:
+    """`name_or_path` if it can be a Hub model id, None for a local path (absolute, relative, or an existing folder):
+    the Hub's `base_model` metadata must name a Hub repo, and a local path there leaks a directory name."""
+    if not name_or_path or not HUB_ID.match(name_or_path) or os.path.exists(name_or_path):
+        return None
+    return name_or_path
+
+
+def card_for_repo(text: str, repo_id: str) -> str:
+    """A saved card (README.md) made ready for `repo_id`: the repo id where the loading code shows the placeholder,
+    and no local path as `base_model` in the metadata."""
+    card = ModelCard(text)
+    card.text = card.text.replace(REPO_PLACEHOLDER, repo_id)
+    if card.data.base_model is not None and hub_model_id(card.data.base_model) is None:
+        card.data.base_model = None
+        card.data.base_model_relation = None
+    return str(card)
 # Figures that do not depend on which edit was chosen (they stay valid when another edit is merged).
 EDIT_INDEPENDENT = (
     "encoder_correlation", "training_rows", "training_data", "base_lms", "base_perplexity", "base_probabilities"
@@ -223,8 +246,8 @@ def adapter_card(
     value) adds a "Training results" table."""
     data = ModelCardData(
         library_name="gradiend_hf",
-        base_model=config.base_model_name_or_path,
-        base_model_relation="adapter" if config.base_model_name_or_path else None,
+        base_model=hub_model_id(config.base_model_name_or_path),
+        base_model_relation="adapter" if hub_model_id(config.base_model_name_or_path) else None,
         license=license or "apache-2.0",
         tags=_tags(config, "peft", *_as_list(tags)),
         datasets=_as_list(datasets) or None,
@@ -266,8 +289,8 @@ def merged_card(
     pipeline = {"masked_lm": "fill-mask", "causal_lm": "text-generation"}.get(config.objective)
     data = ModelCardData(
         library_name="transformers",
-        base_model=config.base_model_name_or_path,
-        base_model_relation="finetune" if config.base_model_name_or_path else None,
+        base_model=hub_model_id(config.base_model_name_or_path),
+        base_model_relation="finetune" if hub_model_id(config.base_model_name_or_path) else None,
         license=license,
         pipeline_tag=pipeline,
         tags=_tags(config, "debiased" if fields["goal"] == "balance" else "edited"),

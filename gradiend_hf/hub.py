@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from huggingface_hub import HfApi
 
-from .cards import merged_card
+from .cards import card_for_repo, merged_card
 from .config import GradiendConfig, base_name
 
 if TYPE_CHECKING:
@@ -114,6 +114,10 @@ def push_planned(plan: PushPlan, repo_id: str, *, private: Optional[bool], token
     with tempfile.TemporaryDirectory(prefix="gradiend-push-") as tmp:
         for name in plan.files:
             source = (plan.folder / name).resolve()
+            if name == "README.md":  # the card names this repo, not a placeholder or a local base path
+                text = card_for_repo(source.read_text(encoding="utf-8"), repo_id)
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
+                continue
             try:
                 os.link(source, Path(tmp) / name)
             except OSError:  # another file system, or no hard links: copy

@@ -305,3 +305,27 @@ def test_plan_push_keeps_only_the_files_of_an_adapter_or_a_model(tmp_path, hub):
         plan_push(model)
     with pytest.raises(ValueError, match="neither an adapter folder"):
         plan_push(tmp_path / "adapter" / "checkpoint-5")
+
+
+def test_a_saved_folder_pushed_later_names_its_repo_and_no_local_base_path(hub, tmp_path):
+    """A card saved without a repo id shows a placeholder; `gradiend-hf push` fills in the repo, and a base model
+    loaded from a local folder never appears as the Hub `base_model` (it would leak a directory name)."""
+    from gradiend_hf.cards import REPO_PLACEHOLDER, card_for_repo, hub_model_id
+    from gradiend_hf.hub import plan_push, push_planned
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "local-base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "local-base")
+    GradiendModel(base, GradiendConfig(feature_classes=["female", "male"])).save_pretrained(tmp_path / "adapter")
+    saved = (tmp_path / "adapter" / "README.md").read_text()
+    assert REPO_PLACEHOLDER in saved and ModelCard(saved).data.base_model is None  # local path: not in metadata
+    push_planned(plan_push(tmp_path / "adapter"), "user/adapter", private=None, token=None, revision=None,
+                 commit_message="up")
+    (upload,) = hub.uploads
+    card = upload["files"]["README.md"].decode()
+    assert REPO_PLACEHOLDER not in card and 'from_pretrained(base, "user/adapter")' in card
+    assert str(tmp_path) not in ModelCard(card).data.to_yaml()
+    assert hub_model_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M" and hub_model_id("gpt2")
+    assert hub_model_id("/abs/path") is None and hub_model_id("./rel") is None and hub_model_id(str(tmp_path)) is None
+    stale = "---\nbase_model: /home/me/model\nbase_model_relation: adapter\n---\nload PATH_OR_REPO_ID\n"
+    fixed = ModelCard(card_for_repo(stale, "org/x"))
+    assert fixed.data.base_model is None and "load org/x" in fixed.text
