@@ -179,7 +179,8 @@ class Bottleneck(nn.Module):
         for name in self.names:
             weight = self.encoder(name)
             s = source[name].to(weight.dtype)
-            total = total + weight.reshape(self.latent_dim, -1) @ s.reshape(-1).to(weight.device)
+            # each product where its weight lives (a device-mapped base spreads them), summed where b_e lives
+            total = total + (weight.reshape(self.latent_dim, -1) @ s.reshape(-1).to(weight.device)).to(total.device)
         return total
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
