@@ -11,6 +11,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import Formatter
 
 from .atomic import write_file_atomically
 from .edit import Edit
@@ -74,18 +75,80 @@ def plot_encoder(evaluation: EncoderEvaluation, feature_classes: Sequence[str], 
     return _save(figure, path)
 
 
+def compact(value: float, digits: int = 2) -> str:
+    """A tick label as short as it can be: 0, 0.01, 0.5, 10, 100, 1e-3, -2e3, 0.016 (no mathtext, no '+0')."""
+    if value == 0:
+        return "0"
+    if 1e-2 <= abs(value) < 1e3:
+        text = f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{max(digits, 3)}g}"
+    else:
+        text = f"{value:.{digits}g}" if "e" in f"{value:.{digits}g}" else f"{value:.0e}"
+    mantissa, _, exponent = text.partition("e")
+    return mantissa if not exponent else f"{mantissa}e{int(exponent)}"
+
+
+class DistinctFormatter(Formatter):
+    """Tick labels made by `compact` with the fewest significant digits (2 to 8) that keep every label of the axis
+    distinct: ticks 0.0158, 0.0159, 0.016 on a narrow log axis are not all written 0.016."""
+
+    def __call__(self, value: float, pos: Optional[int] = None) -> str:
+        return compact(value)
+
+    def format_ticks(self, values: Sequence[float]) -> list[str]:
+        labels: list[str] = []
+        for digits in range(2, 9):
+            labels = [compact(v, digits) for v in values]
+            if len(set(labels)) == len(labels):
+                break
+        return labels
+
+
+def learning_rate_ticks(rates: Sequence[float]) -> list[float]:
+    """Major ticks of a symlog learning-rate axis: the powers of ten within the grid's range (both signs), and 0 when
+    the grid has rates of both signs or 0 itself."""
+    rates = [float(r) for r in rates]
+    ticks: set[float] = set()
+    for sign in (1, -1):
+        side = [abs(r) for r in rates if r * sign > 0]
+        if side:
+            low, high = int(np.floor(np.log10(min(side)) + 1e-9)), int(np.ceil(np.log10(max(side)) - 1e-9))
+            ticks.update(sign * 10.0 ** e for e in range(low, high + 1))
+    if 0 in rates or (min(rates, default=0) < 0 < max(rates, default=0)):
+        ticks.add(0.0)
+    return sorted(ticks)
+
+
+PANEL_TICK_INCHES = 0.42  # horizontal room one learning-rate tick label needs (a label such as -1e-3 at 8 pt)
+
+
+def decoder_panel_width(ticks: int) -> float:
+    """Inches of one feature-factor panel: wider for a grid spanning more decades, so its labels do not collide."""
+    return float(min(max(4.2, PANEL_TICK_INCHES * ticks + 1.6), 11.0))
+
+
 def plot_decoder(
     evaluation: DecoderEvaluation, edits: Optional[Iterable[Edit]] = None, path: PathLike = None
 ) -> Figure:
     """P(class) (log scale) and LMS across the learning-rate grid, one panel per feature factor, chosen edits
-    starred."""
+    starred.
+
+    Readable at any grid size: each panel is as wide as its decades need (decoder_panel_width), tick labels are
+    compact (1e-3, 0.01, 100: `compact`) and thinned to every second or third decade if a panel would still be too
+    narrow, and matplotlib's constrained layout places titles, labels and the legend without overlaps."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+
     grid = evaluation.grid[~evaluation.grid["skipped"] & ~evaluation.grid["is_base"]]
     base = evaluation.grid[evaluation.grid["is_base"]].iloc[0]
     factors = sorted(grid["feature_factor"].unique(), reverse=True)
-    figure = Figure(figsize=(4.6 * max(len(factors), 1), 4.4))
-    axes = np.atleast_1d(figure.subplots(1, max(len(factors), 1), sharey=True))
-    ratios = grid["lms"] / evaluation.base_lms
-    lms_low = min(evaluation.lms_ratio - 0.02, float(ratios.min()) - 0.01) if len(ratios) else 0.9
+    ticks = learning_rate_ticks(grid["learning_rate"].unique())
+    width = decoder_panel_width(len(ticks))
+    step = int(np.ceil(len(ticks) * PANEL_TICK_INCHES / max(width - 1.6, PANEL_TICK_INCHES)))
+    labelled = set(ticks[::-1][::max(step, 1)])  # every step-th decade, counted from the largest rate
+    figure = Figure(figsize=(width * max(len(factors), 1), 4.8), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, max(len(factors), 1), sharex=True, sharey=True))
+    has_lms = evaluation.base_lms > 0
+    ratios = grid["lms"] / evaluation.base_lms if has_lms else grid["lms"] * np.nan
+    lms_low = min(evaluation.lms_ratio - 0.02, float(ratios.min()) - 0.01) if has_lms and len(ratios) else 0.9
     goals: dict[tuple, list[str]] = {}
     for edit in edits or []:
         if edit.learning_rate != 0:
@@ -98,18 +161,29 @@ def plot_decoder(
                 part["learning_rate"], part[f"p_{c}"], "-o", color=colour, markersize=3, label=f"P({c})"
             )
             axis.axhline(base[f"p_{c}"], color=colour, linestyle=":", linewidth=0.9)
-        axis.set_xscale("symlog", linthresh=1e-3)
+        axis.set_xscale("symlog", linthresh=min((abs(t) for t in ticks if t), default=1e-3))
         axis.set_yscale("log")
-        axis.set(xlabel="learning rate", title=f"feature factor {ff:+g}")
+        axis.xaxis.set_major_locator(FixedLocator(ticks))
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: compact(x) if x in labelled else ""))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.tick_params(labelsize=8)
+        axis.set(xlabel="learning rate", title=f"feature factor {'+' if ff > 0 else ''}{compact(ff)}")
         lms_axis = axis.twinx()
-        handles += lms_axis.plot(part["learning_rate"], part["lms"] / evaluation.base_lms, "--", color="black",
-                                 linewidth=1, label="LMS / base LMS")
-        lms_axis.axhline(evaluation.lms_ratio, color="grey", linestyle="-.", linewidth=0.8)
-        lms_axis.set_ylim(lms_low, 1.01 + 0.02 * (1 - lms_low))
+        if has_lms:
+            handles += lms_axis.plot(part["learning_rate"], ratios.loc[part.index], "--", color="black",
+                                     linewidth=1, label="LMS / base LMS")
+            lms_axis.axhline(evaluation.lms_ratio, color="grey", linestyle="-.", linewidth=0.8)
+            lms_axis.set_ylim(lms_low, 1.01 + 0.02 * (1 - lms_low))
+        lms_axis.yaxis.set_major_locator(MaxNLocator(6))
+        lms_axis.yaxis.set_major_formatter(DistinctFormatter())
+        lms_axis.tick_params(labelsize=8)
         if i == len(factors) - 1:
-            lms_axis.set_ylabel(f"LMS / base LMS (dash-dot: {evaluation.lms_ratio})")
+            lms_axis.set_ylabel(f"LMS / base LMS (dash-dot: {evaluation.lms_ratio})" if has_lms else
+                                "LMS / base LMS: not drawn (the base's LMS is 0)")
         else:
-            lms_axis.set_yticklabels([])
+            lms_axis.tick_params(labelright=False)
+        if not has_lms:
+            lms_axis.set_yticks([])
         for (edit_ff, lr), names in goals.items():
             hit = part[part["learning_rate"] == lr]
             if edit_ff != ff or hit.empty:
@@ -121,11 +195,23 @@ def plot_decoder(
             axis.annotate(", ".join(names),
                           (lr, float(hit[[f"p_{c}" for c in evaluation.feature_classes]].max(axis=1).iloc[0])),
                           textcoords="offset points", xytext=(-10, 10), fontsize=8, ha="right")
+    if len(grid):  # the grid's range plus 4% on each side (in symlog space); an LMS axis without data adds nothing
+        transform = axes[0].xaxis.get_transform()
+        ends = transform.transform(np.array([grid["learning_rate"].min(), grid["learning_rate"].max()], dtype=float))
+        span = float(ends[1] - ends[0]) or max(abs(float(ends[0])), 1e-3)  # one rate: a span around it
+        pad = 0.04 * span
+        axes[0].set_xlim(*transform.inverted().transform(np.array([ends[0] - pad, ends[1] + pad])))
+    low, high = axes[0].get_ylim()  # shared: P(class) over all panels
+    few_decades = np.log10(high / low) < 1.5 if low > 0 else False
+    axes[0].yaxis.set_major_formatter(DistinctFormatter())
+    # within a decade or so the log axis has no major tick to label: label the minor ticks (2, 3, ... x 10^k)
+    axes[0].yaxis.set_minor_formatter(DistinctFormatter() if few_decades else NullFormatter())
+    axes[0].tick_params(axis="y", which="both", labelsize=8)
     axes[0].set_ylabel("mean P(class) at the feature position")
     unique = {h.get_label(): h for h in handles}
-    figure.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), fontsize=8, frameon=False)
+    figure.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=max(len(unique), 1), fontsize=8,
+                  frameon=False)
     figure.suptitle("Decoder grid (dotted: base model; stars: chosen edits)", fontsize=10)
-    figure.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(figure, path)
 
 

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from gradiend_hf import GradiendConfig, GradiendModel, get_gradiend_model
 from gradiend_hf.app.cli import main
 from gradiend_hf.app.job import JobConfig, JobConfigError, demo_job
+from gradiend_hf.app.report import number
 
 ROOT = Path(__file__).resolve().parents[1]
 NEUTRAL = ["the results were good and they went home", "it was in the room", "the nurse and the doctor went home",
@@ -77,7 +78,7 @@ def test_run_writes_the_whole_run_folder_and_the_saved_model_reproduces_the_repo
     assert evaluation["encoder"]["correlation"] >= 0.9  # the learnable feature of the trainer tests
     assert set(evaluation["edits"]) == {"balance", "female", "male"}
     report = (run / "report.md").read_text()
-    assert f"{evaluation['encoder']['correlation']:.4f}" in report and "| holds |" in report
+    assert f"| {number(evaluation['encoder']['correlation'])} |" in report and "| holds |" in report
 
     # the saved model is plain transformers and reproduces the neutral-context probabilities of its edit
     merged = AutoModelForMaskedLM.from_pretrained(run / "models" / "balance")
@@ -129,7 +130,8 @@ def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, 
     ({"training": {"learning_rat": 1e-3}}, "Unknown key 'learning_rat' in training. Did you mean 'learning_rate'?"),
     ({"gradiend": {"feature_classes": ["a", "b"], "source": "gradient"}}, "source"),
     ({"data": {"recipe": "english_genders"}}, "data.recipe is 'english_genders'; allowed values: english_gender_names"),
-    ({"data": {"recipe": "english_gender_names", "text": "wikipedio"}}, "data.text is 'wikipedio'"),
+    ({"data": {"recipe": "english_gender_names", "text": "wikipedio"}}, "/wikipedio': use wikipedia or news (built-in "
+     "offline text) or a list of existing text files. Did you mean 'wikipedia'?"),  # a path next to the job file
     ({"evaluation": {"goals": ["female", "blance"]}}, "evaluation.goals has 'blance'"),
     ({"model_class": "seq2seq"}, "model_class is 'seq2seq'; allowed values: auto, causal_lm, masked_lm"),
 ])
@@ -202,7 +204,9 @@ def test_train_under_accelerate_launch_with_two_processes_equals_one_process_acc
     """The CLI's train under `accelerate launch` (2 CPU processes): one run folder, written once, and the adapter of
     2 processes x 1 batch equals the adapter of 1 process accumulating 2 batches (the trainer tests' oracle). Four steps
     do not converge, so both exit 3 without a run adapter (the launcher reports its workers' 3 and exits 1) and the one
-    report.md says so; the last checkpoints are compared."""
+    report.md says so; the last checkpoints are compared. Only the main process writes the run folder: one run id
+    (run.json) stamps every result, and no other process left a claim or a half-written file behind.
+    (tests/test_multiprocess.py covers the trainer under accelerate, not the CLI's run folder.)"""
     from test_multiprocess import CONFIG, free_port, run
 
     job = write_job(tmp_path, kind="gpt2", training={"learning_rate": 1e-2, "max_steps": 4, "eval_steps": 2,
@@ -223,5 +227,12 @@ def test_train_under_accelerate_launch_with_two_processes_equals_one_process_acc
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
         assert not torch.allclose(a, init, atol=1e-3)
     assert json.loads((tmp_path / "two" / "results" / "training.json").read_text())["steps"] == 4
+    two_run = tmp_path / "two"
+    run_id = json.loads((two_run / "run.json").read_text())["run_id"]
+    assert {json.loads((two_run / "results" / name).read_text())["run_id"]
+            for name in ("training.json", "data.json")} == {run_id}
+    assert sorted(p.name for p in two_run.iterdir()) == ["data", "job.yaml", "plots", "report.md", "results",
+                                                         "run.json", "training"]  # no temporaries of a second writer
+    assert sorted(p.name for p in (two_run / "results").iterdir()) == ["data.json", "timings.json", "training.json"]
     assert sorted(p.name for p in (tmp_path / "two" / "training" / "seed-1").glob("checkpoint-*")) == [
         "checkpoint-2", "checkpoint-4"]

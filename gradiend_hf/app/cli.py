@@ -6,9 +6,12 @@
     gradiend-hf train job.yaml                        # works under `accelerate launch`
     gradiend-hf evaluate runs/x                       # encoder, decoder grid, edits, report.md
     gradiend-hf rewrite runs/x --goal balance         # plain transformers model in runs/x/models/balance
+    gradiend-hf rewrite runs/x --goal -female         # weaken a class (also --goal=-female, --goal weaken:female)
     gradiend-hf push runs/x/adapter user/my-adapter   # the adapter's files only (listed first; --dry-run: only list)
 
-Exit codes: 0 done, 2 bad input (job, options, folder; nothing was started), 3 the run failed (report.md says why).
+Relative paths in a job file are relative to the job file's folder; --set and --output-dir values are relative to
+the current folder. Exit codes: 0 done, 2 bad input (job, options, folder; nothing was started), 3 the run failed
+(report.md says why).
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .job import JobConfig, JobConfigError, RunFailed, demo_job, parse_yaml, read_job_file
+from .job import JobConfig, JobConfigError, RunFailed, demo_job, parse_yaml, read_job_file, resolve_paths
+from .names import canonical_goal
+
+SHORTHANDS = {"model": "name"}  # `model: x` is short for `model: {name: x}`, so --set model.dtype=... applies to it
+OPTIONS_WITH_GOALS = ("--goal",)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -32,9 +39,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             raise JobConfigError(f"--set {item!r}: write it as section.key=value, e.g. training.max_steps=100.")
         *path, last = key.split(".")
         node = raw
-        for part in path:
+        for depth, part in enumerate(path):
             if node.get(part) is None:
                 node[part] = {}
+            if depth == 0 and part in SHORTHANDS and isinstance(node[part], str):
+                node[part] = {SHORTHANDS[part]: node[part]}
             node = node[part]
             if not isinstance(node, dict):
                 raise JobConfigError(f"--set {item!r}: {part!r} is not a section.")
@@ -44,7 +53,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 def read_job(path: Optional[str], overrides: Sequence[str], output_dir: Optional[str]) -> JobConfig:
     """The job file (or the embedded demo job) with the overrides, validated once as a whole."""
-    raw = demo_job().to_dict() if path is None else read_job_file(path)
+    raw = demo_job().to_dict() if path is None else resolve_paths(read_job_file(path), Path(path).parent)
     raw = {} if raw is None else raw
     if isinstance(raw, dict):  # anything else is refused by from_dict
         raw = apply_overrides(raw, overrides)
@@ -79,11 +88,11 @@ def cmd_train(args) -> None:
 
 def _open(folder: str):
     """The run folder (checked: runfolder.open_run) and its job, its base model checked before anything loads."""
-    from .preflight import model_problems
+    from .preflight import base_problems
     from .runfolder import open_run
 
     run, job = open_run(Path(folder))
-    problems = model_problems(job.model)
+    problems = base_problems(job)
     if problems:
         raise JobConfigError(f"{run.job}: {problems[0]}")
     run.check_adapter()
@@ -124,10 +133,11 @@ def cmd_rewrite(args) -> None:
         correlation = None
     else:
         evaluation = run.read_json("evaluation.json")
-        goal = args.goal or job.rewrite
+        goal = canonical_goal(args.goal) if args.goal is not None else job.rewrite
         if goal not in evaluation["edits"]:
             raise JobConfigError(
-                f"no edit was selected for goal {goal!r}; evaluated goals: {list(evaluation['edits'])}."
+                f"no edit was selected for goal {goal!r}; evaluated goals: {list(evaluation['edits'])} (write "
+                "-<class> as --goal=-<class> or --goal weaken:<class>)."
             )
         edit = Edit.from_dict(evaluation["edits"][goal])
         correlation = evaluation["encoder"]["correlation"]
@@ -171,42 +181,65 @@ def cmd_report(args) -> None:
     print(f"report: {write_report(open_run(Path(args.run))[0])}")
 
 
+def version() -> str:
+    """The version of the installed distribution (from its metadata, so it is the one pip installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("gradiend_hf")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
+    """The argument parser; every subcommand, argument and option has a help text (a test checks it)."""
     p = argparse.ArgumentParser(
         prog="gradiend-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"gradiend-hf {version()}",
+                   help="print the version of gradiend_hf and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help: its "
+                           "options)")
 
     def job_options(q, job: bool = True) -> None:
         if job:
-            q.add_argument("job", help="job file (.yaml/.json)")
-        q.add_argument("--output-dir", help="run folder (default: the job's output_dir)")
-        q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a job value")
+            q.add_argument("job", help="job file (.yaml/.yml/.json); relative paths in it are relative to its folder")
+        q.add_argument("--output-dir", help="run folder (default: the job's output_dir); relative to the current "
+                                            "folder")
+        q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a job value (parsed as YAML; repeat for several); a relative path given here is "
+                            "relative to the current folder")
         folder = q.add_mutually_exclusive_group()
         folder.add_argument("--resume", action="store_true",
                             help="continue the run of this same job in the run folder (from its last checkpoint)")
         folder.add_argument("--overwrite", action="store_true",
                             help="replace the run the run folder holds (it is deleted first)")
 
+    run_folder = "run folder (the output_dir of `train` or `run`)"
     q = sub.add_parser("train", help="build the data and train the adapter into a run folder")
     job_options(q)
     q.set_defaults(func=cmd_train)
     q = sub.add_parser("evaluate", help="evaluate a trained run: encoder, decoder grid, edits, plots, report.md")
-    q.add_argument("run")
+    q.add_argument("run", help=run_folder)
     q.set_defaults(func=cmd_evaluate)
     q = sub.add_parser("rewrite", help="apply an edit and save a plain transformers model")
-    q.add_argument("run")
-    q.add_argument("--goal", help="balance, <class> or -<class> (an edit chosen by evaluate; default: the job's)")
-    q.add_argument("--feature-factor", type=float)
-    q.add_argument("--learning-rate", type=float)
+    q.add_argument("run", help=run_folder)
+    q.add_argument("--goal", metavar="GOAL",
+                   help="balance, <class> (strengthen it) or -<class> (weaken it; also written weaken:<class>): the "
+                        "edit evaluate chose for this goal (default: the job's rewrite goal)")
+    q.add_argument("--feature-factor", type=float, metavar="F",
+                   help="feature value h fed to the decoder, for an edit of your own (with --learning-rate)")
+    q.add_argument("--learning-rate", type=float, metavar="LR",
+                   help="step size of an edit of your own: theta + LR * decoder(F) (with --feature-factor)")
     q.add_argument("--output", help="model folder (default: <run>/models/<goal>)")
     q.set_defaults(func=cmd_rewrite)
     q = sub.add_parser("push", help="upload an adapter or rewritten model folder to the Hugging Face Hub")
-    q.add_argument("folder")
-    q.add_argument("repo_id")
-    q.add_argument("--private", action="store_true", default=None)
+    q.add_argument("folder", help="an adapter folder (<run>/adapter) or a rewritten model folder (<run>/models/...)")
+    q.add_argument("repo_id", help="Hub repository to upload to, user/name (created if missing)")
+    q.add_argument("--private", action="store_true", default=None, help="create the repository as private")
     q.add_argument("--revision", help="branch to commit to (created if missing)")
-    q.add_argument("--token")
+    q.add_argument("--token", help="Hub token (default: HF_TOKEN, or the token stored by `hf auth login`)")
     q.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, upload nothing")
     q.set_defaults(func=cmd_push)
     q = sub.add_parser("run", help="train + evaluate + rewrite + report from one job file")
@@ -216,13 +249,32 @@ def parser() -> argparse.ArgumentParser:
     job_options(q, job=False)
     q.set_defaults(func=cmd_run, output_dir=None)
     q = sub.add_parser("report", help="rewrite report.md of a run folder from its results")
-    q.add_argument("run")
+    q.add_argument("run", help=run_folder)
     q.set_defaults(func=cmd_report)
     return p
 
 
+def join_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--goal -female` as `--goal=-female`: argparse takes a value that starts with '-' for an option and stops
+    with "expected one argument". A following value with a single leading dash is the goal (no option of
+    `rewrite` is spelled with one dash but -h, and `--goal -h` asks for no help); `--goal --output x` stays an error."""
+    out: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        nxt = items[i + 1] if i + 1 < len(items) else None
+        if item in OPTIONS_WITH_GOALS and nxt is not None and nxt.startswith("-") and not nxt.startswith("--"):
+            out.append(f"{item}={nxt}")
+            i += 2
+            continue
+        out.append(item)
+        i += 1
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gradiend_hf").setLevel(logging.INFO)
     if args.command == "demo" and args.output_dir is None:

@@ -6,7 +6,8 @@ written or loaded: unknown keys (with the allowed keys and the nearest match), t
 once, each naming its field and what it expects. A file that is not valid YAML/JSON, or that holds a YAML tag such as
 `!!python/object` (never constructed: YAML is read with safe_load), is refused naming the file and the line.
 
-    model: smollm2                  # the embedded offline model, a local folder, or a Hub id
+    model: smollm2                  # the embedded offline model, a local folder, or a Hub id; or a mapping:
+    # model: {name: base/, dtype: bfloat16, device_map: auto}    # from_pretrained(dtype=..., device_map=...)
     data:
       recipe: english_gender_names  # a built-in recipe over `text` ...
       text: wikipedia
@@ -16,6 +17,10 @@ once, each naming its field and what it expects. A file that is not valid YAML/J
     training: {learning_rate: 1.0e-4, max_steps: 200}             # GradiendTrainingArguments fields
     evaluation: {decoder_rows: 24, neutral_contexts: gender}
     rewrite: balance                # the goal whose edit becomes the saved plain model
+
+Relative paths in a job file (model folder, data and text files, output_dir) are relative to the job file's folder,
+so a job runs the same from any current directory: `resolve_paths` makes them absolute when the file is read, before
+`--set` overrides, whose values stay relative to the current directory (they are typed there).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +37,18 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..config import GradiendConfig
 from .fields import Mismatch, check
-from .names import class_name_problems
+from .names import canonical_goal, class_name_problems
 
 RECIPES = ("english_gender_names", "english_gender", "english_gender_pronouns", "english_pronoun_number", "religion",
            "race", "german_articles")
 TEXTS = ("wikipedia", "news")
 MODEL_CLASSES = ("auto", "causal_lm", "masked_lm")
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # model.dtype: from_pretrained(dtype=...); auto: the checkpoint's
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu)(:[0-9]+)?\Z")
+OFFLOAD_DEVICES = ("disk", "meta")
+# The keys of the `model:` mapping (`model: <name>` is short for `model: {name: <name>}`), with their types.
+MODEL_HINTS = {"name": str, "dtype": Optional[str], "device_map": Union[None, str, int, dict[str, Union[str, int]]]}
 
 
 class JobConfigError(ValueError):
@@ -113,6 +126,86 @@ def check_choice(where: str, value: Any, allowed: Sequence[str]) -> None:
         raise JobConfigError(f"{where} is {value!r}; allowed values: {', '.join(map(str, allowed))}.")
 
 
+def device_map_problem(device_map: Any) -> Optional[str]:
+    """Why `model.device_map` cannot be passed to from_pretrained for GRADIEND (None: it can). Offloading ('disk',
+    'meta') is refused: GRADIEND reads the gradients of the base weights and edits them in place, so every weight
+    must be held on a device."""
+    where = "model.device_map"
+    offload = (f"{where}: offloading to 'disk' or 'meta' is not possible with GRADIEND (it reads the gradients of the "
+               "base weights and edits them in place): map every module to a device (cpu, cuda, cuda:0, ...).")
+
+    def device(value: Any, place: str) -> Optional[str]:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None if value >= 0 else f"{place} is {value}: a GPU index must be 0 or more."
+        if value in OFFLOAD_DEVICES:
+            return offload
+        if isinstance(value, str) and DEVICE.match(value):
+            return None
+        return (f"{place} is {value!r}: give a device (cpu, cuda, cuda:0, mps, or a GPU index such as 0)"
+                + (f" or one of {', '.join(DEVICE_MAP_STRATEGIES)}." if place == where else "."))
+
+    if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
+        return None
+    if isinstance(device_map, dict):
+        if not device_map:
+            return f"{where} is an empty mapping: map modules to devices (e.g. {{'': cpu}}), or leave it out."
+        for module, value in device_map.items():
+            problem = device(value, f"{where}[{module!r}]")
+            if problem:
+                return problem
+        return None
+    return device(device_map, where)
+
+
+def resolve_paths(raw: Any, folder: Union[str, Path]) -> Any:
+    """The raw job of a file in `folder` with its relative paths made relative to that folder (absolute): the model
+    folder, output_dir, data.train/validation/test/neutral and text files. A relative `model` that is no folder next
+    to the job file but reads as a Hub id (user/name) stays a Hub id. Values that are not strings are left for the
+    type checks."""
+    if not isinstance(raw, dict):
+        return raw
+    folder = Path(folder).absolute()
+
+    def path(value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            return value
+        if Path(value).is_absolute():
+            return value  # as written (an absolute path means the same from everywhere)
+        expanded = Path(os.path.expanduser(value))  # ~/...: the home folder, not next to the job file
+        return str(expanded) if expanded.is_absolute() else str(folder / expanded)
+
+    def model(value: Any) -> Any:
+        if not isinstance(value, str) or value == "smollm2" or not value.strip():
+            return value
+        from .preflight import HUB_ID
+
+        local = path(value)
+        if Path(local).exists() or not HUB_ID.match(value) or value.startswith((".", "~")):
+            return local
+        return value
+
+    raw = dict(raw)
+    if isinstance(raw.get("model"), dict):
+        raw["model"] = {**raw["model"], **({"name": model(raw["model"]["name"])} if "name" in raw["model"] else {})}
+    elif "model" in raw:
+        raw["model"] = model(raw["model"])
+    if "output_dir" in raw:
+        raw["output_dir"] = path(raw["output_dir"])
+    data = raw.get("data")
+    if isinstance(data, dict):
+        data = dict(data)
+        for key in ("train", "validation", "test", "neutral"):
+            if key in data:
+                data[key] = path(data[key])
+        text = data.get("text")
+        if isinstance(text, str) and text not in TEXTS:
+            data["text"] = path(text)
+        elif isinstance(text, list):
+            data["text"] = [path(t) for t in text]
+        raw["data"] = data
+    return raw
+
+
 @dataclass
 class DataSpec:
     """Where the rows come from: a built-in recipe over a text source, or row files (jsonl/json/csv/parquet)."""
@@ -133,8 +226,10 @@ class DataSpec:
         if self.recipe is not None:
             check_choice("data.recipe", self.recipe, RECIPES)
             if isinstance(self.text, str) and self.text not in TEXTS and not Path(self.text).exists():
+                near = difflib.get_close_matches(Path(self.text).name, TEXTS, n=1)
                 raise JobConfigError(f"data.text is {self.text!r}: use {' or '.join(TEXTS)} (built-in offline text) "
-                                     "or a list of existing text files.")
+                                     "or a list of existing text files" + (f". Did you mean {near[0]!r}?" if near
+                                                                           else "."))
         if self.train is not None and (self.validation is None or self.test is None):
             raise JobConfigError(
                 "data with row files needs train:, validation: and test: (held-out rows to evaluate on)."
@@ -180,7 +275,11 @@ class EvaluationSpec:
 
 @dataclass
 class JobConfig:
-    """Everything a run needs; `output_dir` becomes the run folder."""
+    """Everything a run needs; `output_dir` becomes the run folder.
+
+    `model_dtype` and `model_device_map` are spelled `model.dtype` and `model.device_map` in a job file (the mapping
+    form of `model:`, see from_dict/to_dict); a job without them is written as `model: <name>`, as before they
+    existed, so its fingerprint is unchanged."""
 
     model: str = "smollm2"
     model_class: str = "auto"
@@ -191,9 +290,16 @@ class JobConfig:
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     rewrite: str = "balance"
+    model_dtype: Optional[str] = None
+    model_device_map: Union[None, str, int, dict[str, Union[str, int]]] = None
 
     def __post_init__(self) -> None:
         check_choice("model_class", self.model_class, MODEL_CLASSES)
+        if self.model_dtype is not None:
+            check_choice("model.dtype", self.model_dtype, DTYPES)
+        problem = device_map_problem(self.model_device_map)
+        if problem:
+            raise JobConfigError(problem)
         if not self.model.strip() or not self.output_dir.strip():
             raise JobConfigError("model and output_dir must be non-empty: a model name or folder, and a run folder.")
         if not self.seeds:
@@ -208,10 +314,14 @@ class JobConfig:
         for key, why in TRAINING_REFUSED.items():
             if self.training.get(key) not in (None, False):
                 raise JobConfigError(why)
+        if self.evaluation.goals is not None:  # strengthen:<class> / weaken:<class> held in the canonical spelling
+            self.evaluation.goals = [canonical_goal(goal) for goal in self.evaluation.goals]
+        self.rewrite = canonical_goal(self.rewrite)
         goals = self.evaluation.goals or self.default_goals()
         for goal in goals:
             if goal not in self.goal_names():
-                raise JobConfigError(f"evaluation.goals has {goal!r}; allowed: {', '.join(self.goal_names())}.")
+                raise JobConfigError(f"evaluation.goals has {goal!r}; allowed: {', '.join(self.goal_names())} "
+                                     "(-<class> may also be written weaken:<class>).")
         if self.rewrite not in goals:
             raise JobConfigError(f"rewrite is {self.rewrite!r}, which is not among the evaluated goals {goals}.")
 
@@ -243,7 +353,23 @@ class JobConfig:
             raise JobConfigError(f"training: {error}") from error
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The job as a job file holds it: `model` is a mapping only when it has a dtype or device_map."""
+        out = dataclasses.asdict(self)
+        dtype, device_map = out.pop("model_dtype"), out.pop("model_device_map")
+        if dtype is not None or device_map is not None:
+            out["model"] = {"name": self.model, "dtype": dtype, "device_map": device_map}
+        return out
+
+    def load_options(self) -> dict[str, Any]:
+        """Keyword arguments for from_pretrained: dtype (a torch dtype, or "auto") and device_map, when set."""
+        options: dict[str, Any] = {}
+        if self.model_dtype is not None:
+            import torch
+
+            options["dtype"] = "auto" if self.model_dtype == "auto" else getattr(torch, self.model_dtype)
+        if self.model_device_map is not None:
+            options["device_map"] = self.model_device_map
+        return options
 
     # --- reading ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -254,8 +380,20 @@ class JobConfig:
         if not isinstance(raw, Mapping):
             raise JobConfigError(f"{source}: a job holds a mapping of sections (model:, data:, ...), got "
                                  f"{type(raw).__name__}.")
-        problems = unknown_keys("the job file", raw, list(init_hints(cls)))
-        values = typed_section("", {k: v for k, v in raw.items() if k not in SECTIONS}, init_hints(cls), problems)
+        top = {k: v for k, v in init_hints(cls).items() if k not in ("model_dtype", "model_device_map")}
+        problems = unknown_keys("the job file", raw, list(top))
+        raw, model = dict(raw), raw.get("model")
+        if isinstance(model, Mapping):  # model: {name, dtype, device_map}
+            problems += unknown_keys("model", model, list(MODEL_HINTS))
+            options = typed_section("model", model, MODEL_HINTS, problems)
+            if "name" not in model:
+                problems.append("model: the mapping needs name: <a model folder, a Hub id or smollm2>.")
+            raw["model"] = options.get("name", "smollm2")
+            extra = {"model_dtype": options.get("dtype"), "model_device_map": options.get("device_map")}
+        else:
+            extra = {}
+        values = typed_section("", {k: v for k, v in raw.items() if k not in SECTIONS}, top, problems)
+        values.update({k: v for k, v in extra.items() if v is not None})
         for name, hints in section_hints().items():
             if name not in raw:
                 continue

@@ -52,15 +52,44 @@ def timed(run: RunFolder, phase: str) -> Iterator[None]:
 
 # --- inputs --------------------------------------------------------------------------------------------------------
 def load_base(job: JobConfig):
-    """(model, tokenizer) of the job's base model; weights are read from safetensors only (never pickle)."""
-    if job.model == "smollm2":
+    """(model, tokenizer) of the job's base model; weights are read from safetensors only (never pickle), with the
+    job's model.dtype and model.device_map (from_pretrained(dtype=..., device_map=...)). A base that comes back
+    offloaded (some weights on 'disk' or 'meta': it did not fit the devices) is refused (check_loaded)."""
+    options = job.load_options()
+    if job.model == "smollm2" and not options:
         from ..offline import load_smollm2
 
-        return load_smollm2()
+        return load_smollm2()  # float32 on the CPU
     from transformers import AutoTokenizer
 
-    model = auto_model_class(job.model, job.model_class).from_pretrained(job.model, use_safetensors=True)
-    return model.eval(), AutoTokenizer.from_pretrained(job.model)
+    path: Union[str, Path] = job.model
+    if job.model == "smollm2":
+        from ..offline import HUB_ID, smollm2_path
+
+        path = smollm2_path()
+    model = auto_model_class(path, job.model_class).from_pretrained(path, use_safetensors=True, **options)
+    check_loaded(job, model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if job.model == "smollm2":  # as load_smollm2: the Hub id as the name, a pad token
+        model.config._name_or_path = tokenizer.name_or_path = HUB_ID
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def check_loaded(job: JobConfig, model) -> None:
+    """Every base weight is held on a device: offloaded weights (device_map 'auto' on too little memory puts modules
+    on 'disk', or on 'cpu' behind a GPU, leaving meta placeholders) cannot have their gradients read or be edited in
+    place."""
+    offloaded = [name for name, p in model.named_parameters() if p.is_meta]
+    placed = getattr(model, "hf_device_map", None) or {}
+    offloaded += [f"{module} ({device})" for module, device in placed.items() if device in ("disk", "meta")]
+    if offloaded:
+        raise JobConfigError(
+            f"model.device_map {job.model_device_map!r} offloaded {len(offloaded)} part(s) of {job.model} (e.g. "
+            f"{', '.join(offloaded[:3])}): the model does not fit on the devices. GRADIEND reads the gradients of the "
+            "base weights and edits them in place, so every weight must be on a device: use a device_map that fits "
+            "(more or larger devices), a smaller model.dtype (bfloat16), or a smaller model."
+        )
 
 
 def auto_model_class(path: Union[str, Path], model_class: str = "auto"):
@@ -126,6 +155,37 @@ def save_data(data: datasets.DatasetDict, folder: Path) -> None:
     write_folder_atomically(folder, writers)
 
 
+def data_record(job: JobConfig, data: datasets.DatasetDict) -> dict[str, Any]:
+    """results/data.json: where the rows came from (recipe and text, or the row files) and how many each split has."""
+    spec = job.data
+    if spec.recipe is not None:
+        origin: dict[str, Any] = {"recipe": spec.recipe, "text": spec.text, "options": spec.options}
+    else:
+        origin = {"files": {name: getattr(spec, name) for name in ("train", "validation", "test", "neutral")
+                            if getattr(spec, name) is not None}}
+    return {**origin, "rows": {name: len(split) for name, split in data.items()}}
+
+
+def selection_record(base, job: JobConfig, pruning: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
+    """What the adapter reads and edits, for report.md: the job's patterns, the base parameters they select (count,
+    size, and which are embeddings: weights of nn.Embedding modules), then the pruning steps the adapter recorded."""
+    from torch import nn
+
+    from ..selection import select_parameters
+
+    config = job.adapter_config()
+    names = select_parameters(base, config.target_parameters, config.exclude_parameters)
+    params = dict(base.named_parameters())
+    embeddings = {f"{prefix}.{name}" if prefix else name for prefix, module in base.named_modules()
+                  if isinstance(module, nn.Embedding) for name, _ in module.named_parameters(recurse=False)}
+    return {
+        "target_parameters": config.target_parameters, "exclude_parameters": config.exclude_parameters,
+        "tensors": len(names), "weights": int(sum(params[n].numel() for n in names)),
+        "embedding_tensors": [n for n in names if n in embeddings],
+        "pruning": [{k: step.get(k) for k in ("method", "keep", "kept", "total")} for step in pruning or []],
+    }
+
+
 def describe_data(job: JobConfig, data: datasets.DatasetDict) -> str:
     counts = ", ".join(f"{name} {len(split):,}" for name, split in data.items())
     origin = f"recipe `{job.data.recipe}` on {job.data.text}" if job.data.recipe else "row files"
@@ -166,7 +226,10 @@ def train(job: JobConfig, run: RunFolder, base, tokenizer, data: datasets.Datase
         if converged:  # before training.json, which records the adapter's weights
             model.save_pretrained(run.adapter, training_data=describe_data(job, data))
         run.write_json("training.json", {
-            **search.report, "selected_entries": model.num_entries, "steps": state.get("global_step"),
+            **search.report, "selected_entries": model.num_entries,
+            "selection": selection_record(base, job, model.gradiend_config.pruning),
+            "base_dtype": str(next(base.parameters()).dtype),
+            "steps": state.get("global_step"),
             "adapter_sha256": file_sha256(run.adapter / WEIGHTS_NAME) if converged else None,
         })
     if not converged:
@@ -209,6 +272,7 @@ def start(job: JobConfig, mode: str = "new", evaluates: bool = False, main: bool
             raise JobConfigError(NO_NEUTRAL)
         if main:
             save_data(data, run.data)
+            run.write_json("data.json", data_record(job, data))
     return run, data, action == "resume"
 
 

@@ -32,8 +32,8 @@ def model_problems(model: str) -> list[str]:
                     "only (never pickle): save the model with save_pretrained(..., safe_serialization=True)."]
         return []
     if not HUB_ID.match(model) or model.startswith((".", "~")):
-        return [f"model: the folder {model} does not exist; give an existing model folder, a Hub id (user/name) or "
-                "smollm2."]
+        return [f"model: the folder {model} does not exist; give an existing model folder (a relative folder in a job "
+                "file is relative to the job file's folder), a Hub id (user/name) or smollm2."]
     from transformers import AutoConfig
 
     try:
@@ -41,8 +41,43 @@ def model_problems(model: str) -> list[str]:
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return [f"model: {model!r} is not a local folder, and its config could not be loaded from the Hub ({first}). "
-                "Check the name, the network, or give a local folder."]
+                "Check the name, the network, or give a local folder (a relative folder in a job file is relative to "
+                "the job file's folder)."]
     return []
+
+
+def device_problems(job: JobConfig) -> list[str]:
+    """model.device_map on this machine: the devices it names exist, and accelerate (which places the modules) is
+    installed. The values themselves were checked with the job (job.device_map_problem)."""
+    device_map = job.model_device_map
+    if device_map is None:
+        return []
+    import importlib.util
+
+    import torch
+
+    problems = []
+    if importlib.util.find_spec("accelerate") is None:
+        problems.append("model.device_map needs accelerate (pip install accelerate), or leave device_map out.")
+    values = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for value in dict.fromkeys(str(v) for v in values):
+        kind, _, index = value.partition(":")
+        if value.isdigit():
+            kind, index = "cuda", value
+        if kind == "cuda" and int(index or 0) >= cuda:
+            found = f"{cuda} CUDA device(s)" if cuda else "no CUDA device"
+            problems.append(f"model.device_map places modules on {value!r}, but this machine has {found}; use cpu, "
+                            "auto, or leave device_map out.")
+        elif kind == "mps" and not torch.backends.mps.is_available():
+            problems.append(f"model.device_map places modules on {value!r}, but MPS is not available here; use cpu, "
+                            "auto, or leave device_map out.")
+    return problems
+
+
+def base_problems(job: JobConfig) -> list[str]:
+    """The base model of a job, before it is loaded: the folder or Hub id, and the devices of model.device_map."""
+    return [*model_problems(job.model), *device_problems(job)]
 
 
 def data_problems(job: JobConfig) -> list[str]:
@@ -92,7 +127,7 @@ def check_job(job: JobConfig, data_files: bool = True, evaluates: bool = False) 
     not read from the run folder; `evaluates`: the run goes on to evaluation)."""
     problems = [*training_problems(job), *(data_problems(job) if data_files else [])]
     problems += evaluation_problems(job) if evaluates and data_files else []
-    problems += model_problems(job.model)
+    problems += base_problems(job)
     if problems:
         raise job_error(f"job for {job.output_dir}", problems)
 

@@ -30,7 +30,7 @@ from .names import goal_folder
 logger = logging.getLogger("gradiend_hf")
 RUN_FILE = "run.json"
 RUN_ENTRIES = ("run.json", "job.yaml", "data", "training", "adapter", "plots", "results", "models", "report.md")
-STAMPED = ("training.json", "evaluation.json", "encoder.json", "reload.json")  # results that carry the run id
+STAMPED = ("training.json", "evaluation.json", "encoder.json", "reload.json", "data.json")  # carry the run id
 MODES = ("new", "resume", "overwrite")
 
 
