@@ -227,6 +227,30 @@ def _insert_section(text: str, section: str, before: str = "## How to load") -> 
     return text + "\n" + section if at < 0 else text[:at] + section + "\n" + text[at:]
 
 
+def chosen_edit_rows(edits: Mapping[str, "Edit"], feature_classes: Sequence[str]) -> list[dict[str, str]]:
+    """One row per goal's chosen edit: what it does, its values, and where it was selected."""
+    return [
+        dict(goal=describe_goal(goal, feature_classes) or goal, feature_factor=format_edit_value(edit.feature_factor),
+             learning_rate=format_edit_value(edit.learning_rate),
+             selected_in=str((edit.metrics or {}).get("selected_in", "held-out rows")))
+        for goal, edit in edits.items()
+    ]
+
+
+def debiased(edit_metrics: Mapping[str, Any], feature_classes: Sequence[str]) -> bool:
+    """A balance edit counts as debiasing only where it was measured to be: in neutral contexts the mean |log P ratio|
+    must fall, or (without contexts) |log P(first)/P(second)| on the recorded rows."""
+    after, before = edit_metrics.get("context_abs_log_ratio"), edit_metrics.get("base_context_abs_log_ratio")
+    if _is_number(after) and _is_number(before):
+        return after < before
+    first, second = feature_classes
+    now, base = edit_metrics.get("probabilities") or {}, edit_metrics.get("base_probabilities") or {}
+    values = [now.get(first), now.get(second), base.get(first), base.get(second)]
+    if not all(_is_number(v) and v > 0 for v in values):
+        return False
+    return abs(math.log(values[0] / values[1])) < abs(math.log(values[2] / values[3]))
+
+
 # --- cards -------------------------------------------------------------------------------------------------------
 def adapter_card(
     config: GradiendConfig,
@@ -240,10 +264,12 @@ def adapter_card(
     datasets: Union[str, Sequence[str], None] = None,
     language: Union[str, Sequence[str], None] = None,
     training_results: Optional[Mapping[str, Any]] = None,
+    edits: Optional[Mapping[str, "Edit"]] = None,
 ) -> ModelCard:
     """The README.md of a saved adapter: Hub metadata, what the feature neuron means, the stored edit and its
     figures. `tags`/`datasets`/`language` go into the metadata beside GRADIEND's own tags; `training_results` (name ->
-    value) adds a "Training results" table."""
+    value) adds a "Training results" table; `edits` (goal -> Edit, e.g. the CLI's evaluation) lists every chosen
+    edit."""
     data = ModelCardData(
         library_name="gradiend_hf",
         base_model=hub_model_id(config.base_model_name_or_path),
@@ -256,7 +282,8 @@ def adapter_card(
     fields = template_fields(
         config, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id
     )
-    fields.update(num_entries=f"{int(num_entries):,}", latent_dim=config.latent_dim)
+    fields.update(num_entries=f"{int(num_entries):,}", latent_dim=config.latent_dim,
+                  chosen_edits=chosen_edit_rows(edits or {}, config.feature_classes))
     card = ModelCard.from_template(data, template_path=template_path("adapter.md"), **fields)
     if training_results:
         card.text = _insert_section(card.text, training_results_section(training_results))
@@ -293,7 +320,8 @@ def merged_card(
         base_model_relation="finetune" if hub_model_id(config.base_model_name_or_path) else None,
         license=license,
         pipeline_tag=pipeline,
-        tags=_tags(config, "debiased" if fields["goal"] == "balance" else "edited"),
+        tags=_tags(config, "debiased" if fields["goal"] == "balance" and debiased(
+            (edit.metrics if edit is not None else config.evaluation) or {}, config.feature_classes) else "edited"),
     )
     fields.update(with_tokenizer=with_tokenizer)
     return ModelCard.from_template(data, template_path=template_path("merged.md"), **fields)

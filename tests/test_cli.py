@@ -15,6 +15,7 @@ from test_trainer import CONTEXTS, feature_rows
 from tiny import tiny_model, tokenizer_for
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+from gradiend_hf.cards import format_edit_value
 from gradiend_hf import GradiendConfig, GradiendModel, get_gradiend_model
 from gradiend_hf.app.cli import main
 from gradiend_hf.app.job import JobConfig, JobConfigError, demo_job
@@ -79,6 +80,15 @@ def test_run_writes_the_whole_run_folder_and_the_saved_model_reproduces_the_repo
     assert set(evaluation["edits"]) == {"balance", "female", "male"}
     report = (run / "report.md").read_text()
     assert f"| {number(evaluation['encoder']['correlation'])} |" in report and "| holds |" in report
+
+    # the adapter stores the balance edit (merge_and_unload() and PEFT apply it) and its card lists every chosen edit
+    stored = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    balance = evaluation["edits"]["balance"]
+    assert (stored["feature_factor"], stored["learning_rate"]) == (balance["feature_factor"], balance["learning_rate"])
+    card = (run / "adapter" / "README.md").read_text()
+    assert "No edit stored" not in card and "Edits chosen by the evaluation" in card
+    for goal, edit in evaluation["edits"].items():
+        assert f"| {format_edit_value(edit['learning_rate'])} |" in card, goal
 
     # the saved model is plain transformers and reproduces the neutral-context probabilities of its edit
     merged = AutoModelForMaskedLM.from_pretrained(run / "models" / "balance")

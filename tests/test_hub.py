@@ -135,7 +135,8 @@ def test_a_revision_is_pushed_to_its_branch_and_loaded_from_it(hub):
 def test_push_merged_uploads_a_plain_transformers_model_with_our_card(hub, tmp_path, kind, auto, with_tokenizer):
     _, gradiend = wrap(kind)
     config = gradiend.gradiend_config
-    edit = Edit(feature_factor=-0.25, learning_rate=0.0125, goal="balance")
+    judged = {"selected_in": "neutral contexts", "base_context_abs_log_ratio": 0.76, "context_abs_log_ratio": 0.5}
+    edit = Edit(feature_factor=-0.25, learning_rate=0.0125, goal="balance", metrics=judged)
     merged = gradiend.merge_and_unload(edit)
     tokenizer = tokenizer_for(kind) if with_tokenizer else None
     push_merged(merged, "user/merged", config, tokenizer, edit=edit, token="hf_secret")
@@ -153,6 +154,9 @@ def test_push_merged_uploads_a_plain_transformers_model_with_our_card(hub, tmp_p
     card = ModelCard(upload["files"]["README.md"].decode())
     assert card.data.library_name == "transformers" and card.data.base_model == f"tiny/{kind}"
     assert {"gradiend", "feature:female", "feature:male", "debiased"} <= set(card.data.tags)
+    for metrics, tag in [({}, "edited"), ({**judged, "context_abs_log_ratio": 0.9}, "edited")]:  # no evidence / worse
+        unjudged = Edit(feature_factor=-0.25, learning_rate=0.0125, goal="balance", metrics=metrics)
+        assert tag in merged_card(config, edit=unjudged).data.tags
     assert f"{auto.__name__}.from_pretrained(\"user/merged\")" in card.text
     assert "feature_factor = -0.25, learning_rate = 0.0125" in card.text
 

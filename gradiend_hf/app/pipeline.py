@@ -282,7 +282,6 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
     from ..evaluation import evaluate_decoder, evaluate_encoder
     from ..evaluation.contexts import balance_in_contexts, context_probabilities, summarise_contexts
     from ..evaluation.probabilities import class_words
-    from ..cards import adapter_card
     from ..plotting import plot_decoder, plot_encoder
     from .report import ENCODER_BAR
 
@@ -333,10 +332,12 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
         "candidates": int((~decoder.grid["skipped"]).sum()),
     }
     run.write_json("evaluation.json", results)
-    if run.adapter.is_dir():  # the adapter's card now shows the held-out encoder correlation
-        card = adapter_card(model.gradiend_config, model.num_entries, training_data=describe_data(job, data),
-                            encoder_correlation=encoder.correlation)
-        write_file_atomically(run.adapter / "README.md", lambda path: card.save(path))
+    if run.adapter.is_dir() and edits:
+        # the adapter stores the balance edit (else the first goal's): merge_and_unload() and PEFT loading apply it;
+        # its card lists every chosen edit and the held-out encoder correlation (the weights stay byte-identical)
+        model.record_edit(edits.get("balance") or next(iter(edits.values())))
+        model.save_pretrained(run.adapter, training_data=describe_data(job, data),
+                              encoder_correlation=encoder.correlation, edits=edits)
     return results, edits
 
 
