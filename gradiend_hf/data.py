@@ -5,6 +5,11 @@ class), `factual_class`, `alternative_class`. The collator turns rows into, for 
 `input_ids`, `attention_mask` and `labels` aligned with the logits (the causal shift is already applied), padded to
 the longest row of the batch. For the auxiliary objective (causal LM + aux_head.py) the input is left context + one
 added mask token (AUXILIARY_MASK_ID) + right context, and `labels` is one class index per row.
+
+Length: with `max_length` (the model's limit, lengths.max_positions), a row that would not fit is refused by name
+(RowTooLongError: its text, word, length and the limit) before any model pass, or, with truncation='left', its left
+context is cut from the start (then, for inputs that hold it, the right context from the end) so that the feature
+word's position, the word's mask or target tokens and the special tokens stay. Both sides of a row get the same cut.
 """
 
 from __future__ import annotations
@@ -18,6 +23,47 @@ from .objective import AUXILIARY_MASK_ID, AUXILIARY_MLM, CAUSAL_LM, IGNORE_INDEX
 
 MASK = "[MASK]"
 REQUIRED_COLUMNS = ("masked", "factual", "alternative", "factual_class", "alternative_class")
+TRUNCATIONS = ("error", "left")
+
+
+class RowTooLongError(ValueError):
+    """A row whose model input exceeds the model's position limit; names the row, its length, the limit and the fixes.
+
+    `row` counts within the collated rows; `at(offset)` re-states it for a data set whose chunk starts at `offset`."""
+
+    def __init__(self, row: int, text: str, word: str, length: int, limit: int, in_batch: bool = True,
+                 truncatable: bool = True) -> None:
+        self.row, self.text, self.word, self.length, self.limit = row, text, word, length, limit
+        self.in_batch, self.truncatable = in_batch, truncatable
+        where = f"row {row} of this batch" if in_batch else f"row {row}"
+        shown = text if len(text) <= 80 else text[:37] + " ... " + text[-38:]
+        fix = ("shorten the text around the [MASK] or drop the row, or pass truncation='left' (GradiendDataCollator, "
+               "evaluate_encoder, evaluate_decoder) to cut the left context to fit" if truncatable else
+               "even with its context cut, the word's tokens and the model's special tokens alone do not fit: drop "
+               "the row or use a shorter word")
+        super().__init__(
+            f"{where} ({shown!r}, word {word!r}) is {length} tokens long, but the model takes at most {limit} "
+            f"positions; {fix}."
+        )
+
+    def __reduce__(self):  # picklable (DataLoader workers, multiprocessing) despite the keyword-rich __init__
+        return type(self), (self.row, self.text, self.word, self.length, self.limit, self.in_batch, self.truncatable)
+
+    def at(self, offset: int) -> "RowTooLongError":
+        """The same error naming the row by its index in the data (row + offset)."""
+        return RowTooLongError(self.row + offset, self.text, self.word, self.length, self.limit, in_batch=False,
+                               truncatable=self.truncatable)
+
+
+def padding_id(tokenizer) -> int:
+    """The id that fills padded positions: the pad token, else EOS (as Llama/Mistral/GPT-NeoX set-ups do), else 0.
+
+    Padded positions carry attention_mask 0 and no label, so the id does not change any result (tests check this);
+    the user's tokenizer is never changed to get one."""
+    for token_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    return 0
 
 
 @dataclass
@@ -89,9 +135,18 @@ class GradiendDataCollator:
     tokenizer: Any
     objective: str
     feature_classes: Optional[Sequence[str]] = None
+    max_length: Optional[int] = None  # the model's position limit (lengths.max_positions(model)); None: no limit
+    truncation: str = "error"  # beyond max_length: 'error' refuses the row by name, 'left' cuts its left context
     specials: SpecialTokens = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 1):
+            raise ValueError(f"max_length must be a positive int (the model's position limit) or None, "
+                             f"got {self.max_length!r}.")
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {list(TRUNCATIONS)}, got {self.truncation!r}: 'error' refuses "
+                             "rows longer than max_length, 'left' cuts their left context.")
         if self.objective not in (MASKED_LM, CAUSAL_LM, AUXILIARY_MLM):
             raise ValueError(
                 f"objective must be {MASKED_LM!r}, {CAUSAL_LM!r} or {AUXILIARY_MLM!r}, got {self.objective!r}."
@@ -110,9 +165,7 @@ class GradiendDataCollator:
 
     @property
     def pad_id(self) -> int:
-        tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return 0 if pad_id is None else pad_id
+        return padding_id(self.tokenizer)
 
     def start_ids(self) -> list[int]:
         """A causal LM needs something to predict the first word from: BOS (or EOS, as GPT-2 uses it)."""
@@ -121,6 +174,35 @@ class GradiendDataCollator:
             if token_id is not None:
                 return [token_id]
         raise ValueError("A row has no left context and the tokenizer has neither BOS nor EOS; add left context.")
+
+    def fit(self, row: int, left: list[int], right: list[int], k: int, text: str, word: str
+            ) -> tuple[list[int], list[int]]:
+        """The row's (left, right) context cut to fit max_length with a word of k tokens, or RowTooLongError.
+
+        Both sides of a row get the same cut (that of the longer word), so that their two losses differ by the word
+        only. What always stays: the special tokens, the word's masks (masked LM) or target tokens (causal LM), the
+        auxiliary mask, and for a causal LM without BOS one left token to predict the word from. truncation='left' cuts
+        the left context from its start, then (masked inputs only) the right context from its end."""
+        limit = self.max_length
+        head, tail = self.specials.head, self.specials.tail
+        start = [] if head or left else [0]  # stands for start_ids(): one token when there is no left context at all
+        if self.objective == MASKED_LM:
+            fixed, needs_left, used_right = len(head) + k + len(tail), False, right
+        elif self.objective == CAUSAL_LM:  # the right context is not part of a causal input
+            fixed, needs_left, used_right = len(head) + len(start) + k - 1, not head and not start, []
+        else:
+            fixed, needs_left, used_right = len(head) + len(start) + 1 + len(tail), not head and not start, right
+        length = fixed + len(left) + len(used_right)
+        if limit is None or length <= limit:
+            return left, right
+        keep_left = 1 if needs_left else 0
+        possible = fixed + min(keep_left, len(left)) <= limit
+        if self.truncation != "left" or not possible:
+            raise RowTooLongError(row, text, word, length, limit, truncatable=possible and self.truncation != "left")
+        excess = length - limit
+        cut = min(excess, max(len(left) - keep_left, 0))
+        left, excess = left[cut:], excess - cut
+        return left, right[: len(right) - excess] if excess else right
 
     def side(self, lefts: list[list[int]], rights: list[list[int]], words: list[list[int]]) -> dict[str, torch.Tensor]:
         inputs, labels = [], []
@@ -176,15 +258,31 @@ class GradiendDataCollator:
         batch: dict[str, torch.Tensor] = {}
         if self.objective == AUXILIARY_MLM:
             left_ids = self.tokenizer([left.rstrip() for left in lefts], add_special_tokens=False)["input_ids"]
+            left_ids, right_ids = self.fitted(rows, left_ids, right_ids, [1] * len(rows), [MASK] * len(rows))
             for side in ("factual", "alternative"):
                 classes = [r[f"{side}_class"] for r in rows]
                 for key, value in self.auxiliary_side(left_ids, right_ids, classes).items():
                     batch[f"{side}_{key}"] = value
                 batch[f"{side}_class"] = torch.tensor([self.class_index(c) for c in classes])
             return batch
+        words = {}
         for side in ("factual", "alternative"):
-            left_ids, words = word_tokens(self.tokenizer, list(lefts), [r[side] for r in rows])
-            for key, value in self.side(left_ids, right_ids, words).items():
+            left_ids, words[side] = word_tokens(self.tokenizer, list(lefts), [r[side] for r in rows])
+        longer = ["factual" if len(f) >= len(a) else "alternative"
+                  for f, a in zip(words["factual"], words["alternative"])]
+        sizes = [len(words[side][i]) for i, side in enumerate(longer)]
+        left_ids, right_ids = self.fitted(rows, left_ids, right_ids, sizes, [r[side] for r, side in zip(rows, longer)])
+        for side in ("factual", "alternative"):
+            for key, value in self.side(left_ids, right_ids, words[side]).items():
                 batch[f"{side}_{key}"] = value
             batch[f"{side}_class"] = torch.tensor([self.class_index(r[f"{side}_class"]) for r in rows])
         return batch
+
+    def fitted(self, rows: Sequence[dict[str, Any]], lefts: list[list[int]], rights: list[list[int]], sizes: list[int],
+               names: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Every row's contexts fitted to max_length (see fit) for a word of sizes[i] tokens named names[i]."""
+        if self.max_length is None:
+            return lefts, rights
+        pairs = [self.fit(i, left, right, k, row["masked"], name)
+                 for i, (row, left, right, k, name) in enumerate(zip(rows, lefts, rights, sizes, names))]
+        return [p[0] for p in pairs], [p[1] for p in pairs]

@@ -38,7 +38,7 @@ def _columns_of(data: Data) -> tuple[dict[str, list], Optional[datasets.Features
     if isinstance(data, datasets.DatasetDict):
         raise TypeError(f"Got a DatasetDict with splits {list(data)}; pass one split, e.g. data['train'].")
     if isinstance(data, datasets.Dataset):
-        return dict(data[:]), data.features
+        return _label_names(dict(data[:]), data.features), data.features
     if isinstance(data, pd.DataFrame):
         return {str(name): data[name].tolist() for name in data.columns}, None
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
@@ -52,6 +52,26 @@ def _columns_of(data: Data) -> tuple[dict[str, list], Optional[datasets.Features
             raise TypeError(f"row {i}: expected a dict with GRADIEND columns, got {type(row).__name__}: {row!r}.")
         names.update(dict.fromkeys(row))
     return {name: [row.get(name) for row in rows] for name in names}, None
+
+
+def _label_names(cols: dict[str, list], features: datasets.Features) -> dict[str, list]:
+    """GRADIEND columns stored as datasets.ClassLabel (ints with names in the features, e.g. factual_class) as their
+    names; -1 / None (ClassLabel's missing value) stay missing, an int outside the names is named with its row."""
+    for name in REQUIRED_COLUMNS:
+        feature = features.get(name)
+        if not isinstance(feature, datasets.ClassLabel) or name not in cols:
+            continue
+        values = []
+        for i, value in enumerate(cols[name]):
+            if value is None or value == -1:
+                values.append(None)
+            elif isinstance(value, int) and 0 <= value < feature.num_classes:
+                values.append(feature.int2str(value))
+            else:
+                raise _fail(i, f"{name} {value!r} is not a label of its ClassLabel feature (names {feature.names})",
+                            "fix the label or the feature's names")
+        cols[name] = values
+    return cols
 
 
 def match_case(word: str, like: str) -> str:
@@ -75,8 +95,10 @@ def _check_row(i: int, masked: Any, factual: Any, f_cls: Any, classes: Sequence[
     if is_missing(factual) or not isinstance(factual, str):
         raise _fail(i, f"the factual word is empty or not text ({factual!r})", "give the word that the [MASK] replaced")
     if f_cls not in classes:
+        hint = (" (class columns hold class names: map integer labels to names, or store them as a "
+                "datasets.ClassLabel, whose names are used)") if isinstance(f_cls, int) else ""
         raise _fail(i, f"factual_class {f_cls!r} is not one of the feature classes {list(classes)}",
-                    "fix the class name or the feature_classes argument")
+                    f"fix the class name or the feature_classes argument{hint}")
 
 
 def _word_pools(factuals: list[str], f_classes: list[str], classes: Sequence[str]) -> dict[str, Counter]:

@@ -55,6 +55,17 @@ def test_context_probabilities_are_the_summed_word_probabilities(kind):
         np.mean([abs(math.log(a / b)) for a, b in zip(frame["female"], frame["male"])]))
 
 
+def test_an_auxiliary_objective_is_scored_with_the_models_own_lm_head():
+    """A causal LM trained with the auxiliary head (objective 'auxiliary_mlm') still predicts words with its LM head:
+    its contexts get the causal numbers, not inputs holding the head's added mask."""
+    model, tok = tiny_model("gpt2"), tokenizer_for("gpt2")
+    auxiliary = context_probabilities(model, tok, "auxiliary_mlm", CONTEXTS, WORDS)
+    for i, context in enumerate(CONTEXTS):
+        for cls, words in WORDS.items():
+            assert auxiliary.loc[i, cls] == pytest.approx(sum(by_hand(model, tok, "causal_lm", context, w)
+                                                              for w in words), rel=1e-5)
+
+
 def test_built_in_neutral_contexts_have_one_mask_and_no_gender_cue():
     texts = gender_neutral_contexts()
     assert len(texts) == len(NEUTRAL_SUBJECTS) * len(NEUTRAL_FRAMES)

@@ -1,5 +1,6 @@
 """evaluate_encoder / evaluate_decoder against hand computations (oracle.py and closed forms)."""
 
+import copy
 import logging
 import math
 
@@ -8,10 +9,18 @@ import pandas as pd
 import pytest
 import torch
 from oracle import row_nll
-from tiny import rows, tiny_model, tokenizer_for
+from tiny import CORPUS, rows, tiny_model, tokenizer_for, wordpiece_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (ConvBertConfig, ConvBertForMaskedLM, FunnelConfig, FunnelForMaskedLM, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model
 from gradiend_hf.evaluation import evaluate_decoder, evaluate_encoder, learning_rate_ladder, neutral_rows
+from gradiend_hf.evaluation.contexts import context_probabilities
+from gradiend_hf.evaluation.replay import GridForward
+from gradiend_hf.gradients import side_inputs
+from gradiend_hf.objective import row_losses
+from gradiend_hf.padding import inputs_padding_sensitive, losses_row_by_row, padding_sensitive
 from gradiend_hf.evaluation.encoder import encode_dataset, summarise
 from gradiend_hf.evaluation.lms import language_modelling_score, lms_batches
 from gradiend_hf.evaluation.probabilities import (
@@ -230,3 +239,192 @@ def test_merging_an_edit_records_it_with_its_figures(tmp_path):
     config = gradiend.gradiend_config
     assert (config.feature_factor, config.learning_rate) == (edit.feature_factor, edit.learning_rate)
     assert config.evaluation["goal"] == "balance" and config.evaluation["base_lms"] == result.base_lms
+
+
+# --- tokenizers without a pad token (Llama, Mistral, GPT-NeoX) ---------------------------------------------------
+def llama_style_tokenizers():
+    """The same BPE tokenizer with BOS <s> prepended and EOS </s>, once without a pad token (as Llama ships) and once
+    with <pad>, whose id differs from EOS (the fallback): padding must not matter either way."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    plain = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return (PreTrainedTokenizerFast(tokenizer_object=backend, **plain),
+            PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(backend), pad_token="<pad>", **plain))
+
+
+def llama_for(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=24, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=None, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_every_evaluation_path_works_without_a_pad_token_and_padding_changes_nothing():
+    no_pad, with_pad = llama_style_tokenizers()
+    assert no_pad.pad_token is None and with_pad.pad_token_id not in (None, no_pad.eos_token_id)
+    model = llama_for(no_pad)
+    gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES,
+                                                        target_parameters=[r"model\.layers\.1\."]))
+    assert GridForward(model, gradiend.selected_parameters().values(), causal=True).replays  # the fast grid path
+    data = both_classes()
+    results = {}
+    for name, tok in (("no pad", no_pad), ("pad", with_pad)):
+        results[name] = dict(
+            encoder=evaluate_encoder(gradiend, data, tok, neutral=4, progress=False).frame["h"].to_numpy(),
+            grid=evaluate_decoder(gradiend, data, tok, NEUTRAL, learning_rates=[1.0, -5.0], progress=False).grid,
+            lms=language_modelling_score(model, lms_batches(tok, NEUTRAL, "causal_lm", batch_size=2), "causal_lm"),
+            contexts=context_probabilities(model, tok, "causal_lm", [r["masked"] for r in data[:4]],
+                                           {"female": ["she", "her"], "male": ["he", "zyxwv"]}),
+        )
+    assert no_pad.pad_token is None and no_pad.pad_token_id is None  # the user's tokenizer is left as it was
+    with pytest.raises(ValueError, match="padding token"):
+        no_pad(["she went", "he"], padding=True)
+    a, b = results["no pad"], results["pad"]
+    np.testing.assert_allclose(a["encoder"], b["encoder"], rtol=1e-5, atol=1e-7)
+    pd.testing.assert_frame_equal(a["grid"], b["grid"], rtol=1e-5)
+    assert a["lms"].nll == pytest.approx(b["lms"].nll, rel=1e-6) and a["lms"].tokens == b["lms"].tokens
+    pd.testing.assert_frame_equal(a["contexts"], b["contexts"], rtol=1e-5)
+    # and against computations without any padding: each row / text alone
+    collate = GradiendDataCollator(no_pad, "causal_lm", CLASSES)
+    alone = torch.stack([gradiend.encode(collate([r])) for r in data])[:, 0].numpy()
+    np.testing.assert_allclose(a["encoder"][: len(data)], alone, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for text in NEUTRAL:
+            ids = torch.tensor([no_pad(text)["input_ids"]])
+            logp = model(input_ids=ids).logits[0].log_softmax(-1)
+            total -= sum(float(logp[i, ids[0, i + 1]]) for i in range(ids.shape[1] - 1))
+            count += ids.shape[1] - 1
+    assert a["lms"].nll == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_masked_lm_tokenizer_without_pad_token_gives_the_same_grid():
+    no_pad = copy.deepcopy(tokenizer_for("bert"))
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    _, gradiend = wrap("bert")
+    grids = [evaluate_decoder(gradiend, both_classes(), tok, NEUTRAL, learning_rates=[1.0], progress=False).grid
+             for tok in (no_pad, tokenizer_for("bert"))]
+    pd.testing.assert_frame_equal(grids[0], grids[1], rtol=1e-5)
+    assert no_pad.pad_token is None
+
+
+# --- models whose results change with padding (Funnel, ConvBERT) -------------------------------------------------
+def funnel():
+    torch.manual_seed(0)
+    config = FunnelConfig(vocab_size=len(wordpiece_tokenizer()), d_model=16, n_head=2, d_head=8, d_inner=24,
+                          block_sizes=[1, 1], num_decoder_layers=1)
+    return FunnelForMaskedLM(config).eval()
+
+
+def convbert_with_large_weights():
+    torch.manual_seed(0)
+    config = ConvBertConfig(vocab_size=len(wordpiece_tokenizer()), max_position_embeddings=64, embedding_size=16,
+                            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
+    model = ConvBertForMaskedLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    return model
+
+
+def batched_and_alone(model, tok, objective, data):
+    """P(word) per row and word: in one padded batch, and with each row in a batch of its own (no padding)."""
+    words = ["she", "he", "zyxwv"]
+    collate = GradiendDataCollator(tok, objective, CLASSES)
+    batched = word_probabilities(model, word_batches(data, words, collate))
+    alone = [word_probabilities(model, word_batches([r], words, collate)) for r in data]
+    return ({w: batched[w] for w in words}, {w: torch.cat([a[w] for a in alone]) for w in words})
+
+
+SENSITIVE = {"funnel": funnel, "convbert x4": convbert_with_large_weights}
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "albert", "gpt2", "llama", *SENSITIVE])
+def test_padding_sensitivity_is_detected_exactly_where_padding_changes_the_numbers(kind):
+    model = SENSITIVE[kind]() if kind in SENSITIVE else tiny_model(kind)
+    tok = wordpiece_tokenizer() if kind in SENSITIVE else tokenizer_for(kind)
+    objective = "causal_lm" if kind in ("gpt2", "llama") else "masked_lm"
+    collate = GradiendDataCollator(tok, objective, CLASSES)
+    data = both_classes()
+    model.train()  # the probe must not be fooled by dropout, and must leave the mode as it was
+    detected = padding_sensitive(model, collate, data[0], refresh=True)
+    assert model.training
+    model.eval()
+    batched, alone = batched_and_alone(model, tok, objective, data)  # the oracle: what padding really does
+    changes = any(not torch.allclose(batched[w].log(), alone[w].log(), rtol=1e-4, atol=1e-4) for w in batched)
+    assert detected == changes == (kind in SENSITIVE)
+    batch = collate(data)
+    assert inputs_padding_sensitive(model, side_inputs(batch, "factual"), refresh=True) == detected
+
+
+def test_a_padding_sensitive_model_is_evaluated_one_row_per_pass_and_gets_the_rows_alone_numbers(caplog):
+    model, tok = funnel(), wordpiece_tokenizer()
+    gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES))
+    data = both_classes()
+    collate = GradiendDataCollator(tok, "masked_lm", CLASSES)
+    with caplog.at_level(logging.WARNING, logger="gradiend_hf"):
+        grid = evaluate_decoder(gradiend, data, tok, NEUTRAL, learning_rates=[1.0], progress=False).grid
+    assert "one row per pass" in caplog.text
+    words = class_words(data, CLASSES, tok)["female"]
+    with torch.no_grad():
+        expected = np.mean([sum(math.exp(-float(row_nll(model, tok, "masked_lm", r["masked"], w))) for w in words)
+                            for r in data if r["factual_class"] == "male"])
+        batched = class_probabilities(word_probabilities(
+            model, word_batches(data, [w for ws in class_words(data, CLASSES, tok).values() for w in ws], collate)),
+            class_words(data, CLASSES, tok))["female"][4:].mean()
+    base = grid[grid.is_base].iloc[0]
+    assert base["p_female@male"] == pytest.approx(expected, rel=1e-4)
+    assert float(batched) != pytest.approx(expected, rel=1e-3)  # what a padded batch would have reported
+    lms_alone = language_modelling_score(model, lms_batches(tok, NEUTRAL, "masked_lm", batch_size=1), "masked_lm")
+    assert base["nll"] == pytest.approx(lms_alone.nll, rel=1e-5)
+    encoded = evaluate_encoder(gradiend, data, tok, neutral=0, progress=False).frame["h"].to_numpy()
+    alone = torch.stack([gradiend.encode(collate([r])) for r in data])[:, 0].numpy()
+    np.testing.assert_allclose(encoded, alone, rtol=1e-4, atol=1e-7)
+    contexts = [r["masked"] for r in data[:4]]
+    frame = context_probabilities(model, tok, "masked_lm", contexts, {"female": ["she"], "male": ["he"]})
+    one_by_one = [context_probabilities(model, tok, "masked_lm", [c], {"female": ["she"], "male": ["he"]})
+                  for c in contexts]
+    np.testing.assert_allclose(frame["female"], [f["female"].iloc[0] for f in one_by_one], rtol=1e-5)
+
+
+def test_the_check_runs_once_per_model():
+    model, tok = funnel(), wordpiece_tokenizer()
+    collate = GradiendDataCollator(tok, "masked_lm", CLASSES)
+    assert padding_sensitive(model, collate, rows()[0], refresh=True)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        assert padding_sensitive(model, collate, rows()[1]) and not calls  # cached
+        assert padding_sensitive(model, collate, rows()[1], refresh=True) and calls
+    finally:
+        handle.remove()
+
+
+def test_losses_row_by_row_give_each_rows_loss_alone_for_the_gradient_engine():
+    model, tok = funnel(), wordpiece_tokenizer()
+    data = rows()
+    batch = GradiendDataCollator(tok, "masked_lm", CLASSES)(data)
+    inputs, labels = side_inputs(batch, "factual"), {"factual": batch["factual_labels"]}
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1  # rows really are padded
+    with torch.no_grad():
+        losses = losses_row_by_row(lambda i, l: {s: row_losses(model(**i).logits, v) for s, v in l.items()},
+                                   inputs, labels)["factual"]
+        padded = row_losses(model(**inputs).logits, labels["factual"])
+        expected = torch.stack([row_nll(model, tok, "masked_lm", r["masked"], r["factual"]) for r in data])
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(padded, expected, rtol=1e-3)
+
+
+def test_the_probe_stays_within_the_models_position_limit():
+    """A row as long as the model allows, with a collator that knows no limit: the probe pads within the limit."""
+    model, tok = tiny_model("bert"), tokenizer_for("bert")
+    long = dict(rows()[0], masked=" ".join(["the nurse said that"] * 20) + " [MASK] was good")
+    assert len(tok(long["masked"])["input_ids"]) > 64
+    assert not padding_sensitive(model, GradiendDataCollator(tok, "masked_lm", CLASSES), long, refresh=True)

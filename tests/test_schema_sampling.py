@@ -13,7 +13,7 @@ from tiny import wordpiece_tokenizer
 from torch.utils.data import DataLoader
 
 from gradiend_hf.data import GradiendDataCollator
-from gradiend_hf.schema import count_transitions, prepare_rows, transition_of
+from gradiend_hf.schema import _label_names, count_transitions, prepare_rows, transition_of
 from gradiend_hf.sampling import TransitionBatchSampler
 
 CLASSES = ["female", "male"]
@@ -64,6 +64,47 @@ def test_three_input_types_give_identical_rows():
     # row 2 (She, missing) -> a male word, capitalised; row 3 (him, "") -> a female word, lower case
     assert records[2]["alternative"] in {"He", "Him"} and records[2]["alternative_class"] == "male"
     assert records[3]["alternative"] in {"she", "nurse"} and records[3]["alternative_class"] == "female"
+
+
+def class_label_dataset(rows, names):
+    """The rows as a Dataset whose class columns are ClassLabel ints (names in the features), as `datasets` stores
+    them after class_encode_column; a missing class is ClassLabel's -1. An extra ClassLabel column rides along."""
+    label = datasets.ClassLabel(names=names)
+    features = datasets.Features({"masked": datasets.Value("string"), "factual": datasets.Value("string"),
+                                  "alternative": datasets.Value("string"), "factual_class": label,
+                                  "alternative_class": label, "source": datasets.ClassLabel(names=list("abcde"))})
+    encoded = [dict(r, factual_class=names.index(r["factual_class"]),
+                    alternative_class=-1 if r["alternative_class"] is None else names.index(r["alternative_class"]))
+               for r in rows]
+    return datasets.Dataset.from_list(encoded, features=features)
+
+
+@pytest.mark.parametrize("names", [["female", "male"], ["male", "female"], ["male", "neutral", "female"]])
+def test_class_label_columns_are_read_by_their_names(names):
+    rows = small_rows()
+    rows[2]["alternative_class"] = None  # filled, as for string columns
+    dataset = class_label_dataset(rows, names)
+    assert isinstance(dataset.features["factual_class"], datasets.ClassLabel)
+    assert all(isinstance(v, int) for v in dataset["factual_class"])  # ints on disk: the case that was refused
+    out = prepare_rows(dataset, CLASSES, seed=3)
+    expected = as_records(prepare_rows([dict(r, source="abcde".index(r["source"])) for r in rows], CLASSES, seed=3))
+    assert as_records(out) == expected  # the names, as if the rows had been given as strings
+    assert out.features["source"] == dataset.features["source"]  # extra columns keep their type
+    assert count_transitions(out) == count_transitions(expected)
+
+
+def test_class_label_names_outside_the_pair_and_bare_integer_classes_are_explained():
+    rows = [dict(r, factual_class={"female": "woman", "male": "man"}[r["factual_class"]]) for r in small_rows()]
+    rows = [dict(r, alternative_class=None) for r in rows]
+    dataset = class_label_dataset(rows, ["woman", "man"])
+    with pytest.raises(ValueError, match=r"row 0: factual_class 'woman' is not one of the feature classes"):
+        prepare_rows(dataset, CLASSES)  # named by its label name, not by the int 0
+    plain = [dict(r, factual_class=0) for r in small_rows()]  # bare ints without names
+    with pytest.raises(ValueError, match=r"row 0: factual_class 0 is not one of .*map integer labels to names"):
+        prepare_rows(plain, CLASSES)
+    label = datasets.ClassLabel(names=CLASSES)  # an int outside the names (datasets refuses to store one)
+    with pytest.raises(ValueError, match=r"row 1: factual_class 5 is not a label of its ClassLabel feature"):
+        _label_names({"factual_class": [0, 5]}, datasets.Features({"factual_class": label}))
 
 
 def test_nan_and_missing_alternative_columns_are_filled():

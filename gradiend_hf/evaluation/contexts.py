@@ -16,8 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import MASK, GradiendDataCollator
-from .probabilities import class_probabilities, word_batches, word_probabilities
+from ..data import MASK
+from ..lengths import check_rows, collator_for
+from ..objective import lm_objective
+from ..padding import padding_sensitive
+from .probabilities import chunked_word_batches, class_probabilities, word_probabilities
 
 logger = logging.getLogger("gradiend_hf")
 
@@ -55,24 +58,30 @@ def context_probabilities(
     contexts: Sequence[str],
     words_by_class: Mapping[str, Sequence[str]],
     batch_size: int = 16,
+    truncation: str = "error",
 ) -> pd.DataFrame:
-    """One row per context: P(class) for every class (sum over its words) at the [MASK]."""
+    """One row per context: P(class) for every class (sum over its words) at the [MASK].
+
+    All contexts are tokenised first: one longer than the model's position limit is refused naming it (or its left
+    context cut, truncation='left'); a model whose results change with padding is run one context per pass."""
     classes = list(words_by_class)
     if len(classes) < 2:
         raise ValueError(f"words_by_class needs at least two classes, got {classes}.")
     for context in contexts:
         if context.count(MASK) != 1:
             raise ValueError(f"a neutral context needs exactly one {MASK}: {context!r}.")
-    collate = GradiendDataCollator(tokenizer, objective, classes)
+    collate = collator_for(base_model, tokenizer, lm_objective(objective), classes, truncation)
     words = [w for ws in words_by_class.values() for w in ws]
+    rows = [dict(masked=c, factual=words[0], alternative=words[0], factual_class=classes[0],
+                 alternative_class=classes[1]) for c in contexts]
+    check_rows(rows, collate)
+    if rows and padding_sensitive(base_model, collate, rows[0]):
+        batch_size = 1
     parts = []
-    for start in range(0, len(contexts), batch_size):
-        chunk = contexts[start : start + batch_size]
-        rows = [dict(masked=c, factual=words[0], alternative=words[0], factual_class=classes[0],
-                     alternative_class=classes[1]) for c in chunk]
-        probs = class_probabilities(word_probabilities(base_model, word_batches(rows, words, collate)), words_by_class)
+    for batches in chunked_word_batches(rows, words, collate, batch_size):
+        probs = class_probabilities(word_probabilities(base_model, batches), words_by_class)
         parts.append(pd.DataFrame({c: probs[c].double().numpy() for c in classes}))
-    frame = pd.concat(parts, ignore_index=True)
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: [] for c in classes})
     frame.insert(0, "context", list(contexts))
     return frame
 

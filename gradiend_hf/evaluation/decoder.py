@@ -17,15 +17,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..data import GradiendDataCollator
 from ..edit import Edit
+from ..lengths import check_rows, collator_for
 from ..objective import CAUSAL_LM
+from ..padding import padding_sensitive
 from .lms import language_modelling_score, lms_batches
-from .probabilities import class_probabilities, class_words, word_batches, word_probabilities
+from .probabilities import chunked_word_batches, class_probabilities, class_words, word_probabilities
 from .replay import GridForward
 
 logger = logging.getLogger("gradiend_hf")
 DEFAULT_FEATURE_FACTORS = (1.0, -1.0, 0.0)
+NEUTRAL_MAX_LENGTH = 128  # tokens of a neutral text scored by the LMS (its beginning); bounds the grid's cost
 LMS_GIVE_UP = 0.5  # once a candidate falls below half the base LMS, larger steps on the same ladder are skipped
 
 
@@ -125,8 +127,15 @@ def evaluate_decoder(
     max_rows: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
+    truncation: str = "error",
+    neutral_max_length: Optional[int] = NEUTRAL_MAX_LENGTH,
 ) -> DecoderEvaluation:
-    """Score every candidate edit (and the base) on held-out rows and neutral text; see DecoderEvaluation.best."""
+    """Score every candidate edit (and the base) on held-out rows and neutral text; see DecoderEvaluation.best.
+
+    Every row is tokenised with every class word before the first model pass: a row longer than the model's position
+    limit is refused naming it (truncation='left' cuts its left context instead). Neutral texts are scored on their
+    first min(neutral_max_length, limit) tokens (None: the model's limit, or every token if it has none). A model
+    whose results change with padding (padding.py) is run one row per pass."""
     from ..schema import prepare_rows
 
     classes = model.gradiend_config.feature_classes
@@ -134,12 +143,16 @@ def evaluate_decoder(
     rows = rows[:max_rows] if max_rows else rows
     factual = torch.tensor([classes.index(r["factual_class"]) for r in rows])
     objective = getattr(model, "lm_objective", model.objective)  # the real LM head, also for the auxiliary objective
-    collate = GradiendDataCollator(tokenizer, objective, classes)
-    words = class_words(rows, classes, tokenizer)
-    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    prepared = [word_batches(chunk, [w for ws in words.values() for w in ws], collate) for chunk in chunks]
-    neutral = lms_batches(tokenizer, list(neutral_texts), objective, batch_size=batch_size, seed=seed)
     base_model = model.get_base_model()
+    collate = collator_for(base_model, tokenizer, objective, classes, truncation)
+    words = class_words(rows, classes, tokenizer)
+    check_rows(rows, collate)
+    if padding_sensitive(base_model, collate, rows[0]):
+        batch_size = 1
+    prepared = chunked_word_batches(rows, [w for ws in words.values() for w in ws], collate, batch_size)
+    lengths = [n for n in (neutral_max_length, collate.max_length) if n is not None]
+    neutral = lms_batches(tokenizer, list(neutral_texts), objective, batch_size=batch_size,
+                          max_length=min(lengths) if lengths else None, seed=seed)
     # the base runs first: it records what the first edited layer receives, the candidates start from there
     forward = GridForward(base_model, model.selected_parameters().values(), causal=objective == CAUSAL_LM)
 

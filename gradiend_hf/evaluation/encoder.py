@@ -10,6 +10,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..data import RowTooLongError
+from ..padding import padding_sensitive
+
 
 def row_labels(frame: pd.DataFrame, feature_classes: Sequence[str], source: str) -> np.ndarray:
     """+1 / -1 / 0 per row: the class the source gradient points to (the alternative's class for source='alternative').
@@ -30,10 +33,14 @@ def batches(rows: Sequence[Mapping[str, Any]], size: int) -> Iterable[list]:
 
 
 def token_lengths(rows: Sequence[Mapping[str, Any]], collate: Callable, chunk: int = 256) -> list[int]:
-    """Tokens of each row as the collator builds it (the longer of its two sides)."""
+    """Tokens of each row as the collator builds it (the longer of its two sides); a row too long for the model
+    fails here (RowTooLongError naming its index), before any model pass."""
     lengths: list[int] = []
-    for part in batches(rows, chunk):
-        batch = collate(part)
+    for start in range(0, len(rows), chunk):
+        try:
+            batch = collate([rows[i] for i in range(start, min(start + chunk, len(rows)))])
+        except RowTooLongError as error:
+            raise error.at(start) from None
         widths = [batch[f"{side}_attention_mask"].sum(dim=1) for side in ("factual", "alternative")]
         lengths += torch.maximum(*widths).tolist()
     return lengths
@@ -46,9 +53,12 @@ def encode_dataset(
     """One frame row per data row: its columns plus `h` (first latent unit; h_k for every unit if latent_dim > 1).
 
     Rows are encoded in batches of similar token length (the per-row values do not depend on the batch), so that
-    little of the forward-mode work goes into padding; the frame keeps the rows' order."""
+    little of the forward-mode work goes into padding; the frame keeps the rows' order. A base model whose results
+    change with padding (padding.py, checked on the first row) is encoded one row per batch, i.e. without padding."""
     values = []
     order = sorted(range(len(rows)), key=token_lengths(rows, collate).__getitem__) if rows else []
+    if rows and padding_sensitive(model.get_base_model(), collate, rows[0]):
+        batch_size = 1
     total = (len(rows) + batch_size - 1) // batch_size
     for chunk in tqdm(batches(order, batch_size), total=total, desc="encoding", disable=not progress, leave=False):
         values.append(model.encode_rows(collate([rows[i] for i in chunk])).cpu())
@@ -172,15 +182,19 @@ def summarise(frame: pd.DataFrame, feature_classes: Sequence[str], source: str) 
 
 
 def evaluate_encoder(
-    model, dataset: Any, tokenizer: Any, batch_size: int = 16, neutral: int = 64, seed: int = 0, progress: bool = True
+    model, dataset: Any, tokenizer: Any, batch_size: int = 16, neutral: int = 64, seed: int = 0, progress: bool = True,
+    truncation: str = "error",
 ) -> EncoderEvaluation:
-    """Encode every held-out row (forward-mode, batched) plus `neutral` re-masked non-feature rows; see summarise."""
-    from ..data import GradiendDataCollator
+    """Encode every held-out row (forward-mode, batched) plus `neutral` re-masked non-feature rows; see summarise.
+
+    A row longer than the model's position limit is refused naming it before any model pass (truncation='left' cuts
+    its left context instead)."""
+    from ..lengths import collator_for
     from ..schema import prepare_rows
 
     config = model.gradiend_config
     rows = list(prepare_rows(dataset, config.feature_classes, seed=seed, tokenizer=tokenizer))
     rows += neutral_rows(rows, neutral, seed=seed)
-    collate = GradiendDataCollator(tokenizer, model.objective, config.feature_classes)
+    collate = collator_for(model.get_base_model(), tokenizer, model.objective, config.feature_classes, truncation)
     frame = encode_dataset(model, rows, collate, batch_size=batch_size, progress=progress)
     return summarise(frame, config.feature_classes, config.source)

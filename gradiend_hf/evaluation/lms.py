@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from ..data import pad, padding_id
 from ..objective import CAUSAL_LM, IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -35,24 +36,32 @@ class LMSResult:
 
 
 def lms_batches(
-    tokenizer, texts: Sequence[str], objective: str, batch_size: int = 16, max_length: int = 128,
+    tokenizer, texts: Sequence[str], objective: str, batch_size: int = 16, max_length: Optional[int] = 128,
     mask_fraction: float = 0.15, seed: int = 0,
 ) -> list[LMSBatch]:
     """Tokenised neutral texts with their scored positions (fixed once, reused for every candidate).
 
     Texts are batched in order of length (the score sums over tokens, so the order does not matter), which keeps
-    padding, i.e. wasted compute, small."""
+    padding, i.e. wasted compute, small. Padding is done here (data.padding_id, attention_mask 0, never scored), so a
+    tokenizer without a pad token (Llama, Mistral, GPT-NeoX) works and is not changed. `max_length` keeps the first
+    max_length tokens of a longer text (the score is then that of the text's beginning; evaluate_decoder keeps it
+    within the model's position limit); None keeps every token."""
     if not texts:
         raise ValueError("The language-modelling score needs neutral_texts: sentences without feature words.")
-    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
-    texts = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    cut = {"truncation": True, "max_length": max_length} if max_length is not None else {}
+    encoded = tokenizer(list(texts), return_special_tokens_mask=True, **cut)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
     generator = torch.Generator().manual_seed(seed)
+    pad_id = padding_id(tokenizer)
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start : start + batch_size]), padding=True, padding_side="right", truncation=True,
-                        max_length=max_length, return_tensors="pt", return_special_tokens_mask=True)
-        ids, attention = enc["input_ids"], enc["attention_mask"]
-        special = enc.pop("special_tokens_mask").bool() | (attention == 0)
+        chunk = order[start : start + batch_size]
+        token_ids = [encoded["input_ids"][i] for i in chunk]
+        ids = pad(token_ids, pad_id)
+        attention = pad([[1] * len(t) for t in token_ids], 0)
+        special = pad([encoded["special_tokens_mask"][i] for i in chunk], 1).bool() | (attention == 0)
         if objective == CAUSAL_LM:
             labels = torch.full_like(ids, IGNORE_INDEX)
             labels[:, :-1] = ids[:, 1:]

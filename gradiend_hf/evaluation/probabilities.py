@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
+from ..data import RowTooLongError, split_masked, word_tokens
 from ..gradients import side_inputs
 from ..objective import IGNORE_INDEX, row_losses, scored_row_losses
 
@@ -60,15 +61,42 @@ class WordBatch:
     labels: dict[str, torch.Tensor]
 
 
+def longest_words(rows: Sequence[Mapping[str, Any]], words: Sequence[str], tokenizer: Any) -> list[str]:
+    """Per row, the word with the most tokens after that row's left context."""
+    lefts = [split_masked(row["masked"])[0] for row in rows]
+    sizes = {word: [len(t) for t in word_tokens(tokenizer, lefts, [word] * len(rows))[1]] for word in words}
+    return [max(words, key=lambda w: sizes[w][i]) for i in range(len(rows))]
+
+
 def word_batches(rows: Sequence[Mapping[str, Any]], words: Sequence[str], collate) -> list[WordBatch]:
-    """Tokenise every row once per word and group words whose model inputs are identical."""
+    """Tokenise every row once per word and group words whose model inputs are identical.
+
+    With left truncation every word of a row is scored in the same (cut) context: the collator cuts both sides of a
+    row alike, so the unused alternative side carries the row's longest word."""
     groups: dict[bytes, WordBatch] = {}
+    truncates = getattr(collate, "truncation", "error") == "left" and getattr(collate, "max_length", None)
+    partner = longest_words(rows, words, collate.tokenizer) if truncates and words else None
     for word in words:
-        batch = collate([dict(row, factual=word, alternative=word) for row in rows])
+        batch = collate([dict(row, factual=word, alternative=partner[i] if partner else word)
+                         for i, row in enumerate(rows)])
         inputs = side_inputs(batch, "factual")
         key = inputs["input_ids"].numpy().tobytes() + bytes(inputs["input_ids"].shape)
         groups.setdefault(key, WordBatch(inputs, {})).labels[word] = batch["factual_labels"]
     return list(groups.values())
+
+
+def chunked_word_batches(
+    rows: Sequence[Mapping[str, Any]], words: Sequence[str], collate, batch_size: int
+) -> list[list[WordBatch]]:
+    """word_batches of every `batch_size` rows, all tokenised before any model pass: a row that does not fit the
+    model with one of the class words fails here, named by its index in `rows`."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        try:
+            out.append(word_batches(rows[start : start + batch_size], words, collate))
+        except RowTooLongError as error:
+            raise error.at(start) from None
+    return out
 
 
 @torch.no_grad()
