@@ -45,6 +45,7 @@ from .config import CONFIG_NAME
 from .data import GradiendDataCollator
 from .evaluation.encoder import encode_dataset, encoder_metrics, row_labels
 from .gradients import shares_input
+from .lengths import check_rows, collator_for
 from .model import GradiendModel
 from .pruning import maybe_post_prune, maybe_pre_prune
 from .trainer_hub import CONVERGENCE_FILE, SavingAndHub
@@ -387,7 +388,13 @@ class GradiendTrainer(SavingAndHub, Trainer):
             args = best_metric_for(args, primary)
         elif eval_dataset is not None:
             eval_dataset = prepare_rows(eval_dataset, classes, seed=args.seed, tokenizer=processing_class)
-        data_collator = data_collator or GradiendDataCollator(processing_class, model.objective, classes)
+        # the default collator knows the base's position limit; every row is collated once now, so an over-long row
+        # is refused by its index before any work (pre-pruning, training) instead of hours into training
+        data_collator = data_collator or collator_for(model.get_base_model(), processing_class, model.objective,
+                                                      classes)
+        for rows in [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, Mapping) else [eval_dataset])]:
+            if rows is not None:
+                check_rows(rows, data_collator)
         model = maybe_pre_prune(model, train_dataset, data_collator, args.per_device_train_batch_size, args.seed)
         self.convergence = ConvergenceCallback(classes, metric_prefix=f"eval_{primary}_" if primary else "eval_")
         super().__init__(

@@ -323,3 +323,19 @@ def test_neutral_texts_longer_than_the_limit_are_scored_on_their_first_tokens():
             total -= sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
             count += len(ids) - 1
     assert grid.loc[grid.is_base, "nll"].iloc[0] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_the_trainer_refuses_an_over_long_row_by_its_index_before_any_work(tmp_path, monkeypatch):
+    """tiny BERT takes 64 positions: a 65-token row among short ones fails at construction, named by its index,
+    before pre-pruning or any forward pass."""
+    base = tiny_model("bert")
+    limit = max_positions(base)
+    data = both_classes(rows())
+    data.insert(3, long_row("bert", limit + 1))
+    calls = []
+    base.register_forward_hook(lambda *args: calls.append(1))
+    model = get_gradiend_model(base, GradiendConfig(feature_classes=CLASSES, pre_prune=0.5))
+    args = GradiendTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", disable_tqdm=True)
+    with pytest.raises(RowTooLongError, match=rf"^row 3\b.*{limit}"):
+        GradiendTrainer(model=model, args=args, train_dataset=data, processing_class=wordpiece_tokenizer())
+    assert not calls
