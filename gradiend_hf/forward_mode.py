@@ -6,9 +6,10 @@ the number of tokens it runs. Two things cut that number without changing any re
 - Packing: the rows' real tokens are packed back to back into a few lanes (no padding), each row in its own block of
   a block-diagonal attention mask (block-causal for causal LMs), its position ids starting at 0, as if it ran alone.
   Needs a model that takes `position_ids` and a ready 4D attention mask (transformers' masking utilities pass such a
-  mask through unchanged); the engine checks once per model that packed rows give the padded rows' losses, else it
-  runs the padded batch.
-- Causal LMs: tokens after a row's last scored position cannot change its loss and are left out.
+  mask through unchanged, without the model's windows): where and for which batches that is exact is decided in
+  layout.py; elsewhere the batch runs padded or row by row.
+- Causal LMs: tokens after a row's last scored position cannot change its loss and are left out (layout.py says where
+  that holds).
 
 The LM head (the vocabulary projection) runs only at the scored positions (logits_at, shared with the decoder grid).
 
@@ -28,6 +29,9 @@ from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map_only
 
 from .objective import IGNORE_INDEX
 
@@ -62,12 +66,13 @@ class Packed:
 def lane_assignment(counts: list[int], capacity: int = LANE_TOKENS) -> list[list[int]]:
     """Rows (whole) into lanes: for a lane count, each row (longest first) goes into the emptiest lane; the lane count
     taken is the one with the fewest padded tokens (lanes x fullest lane), lanes no wider than `capacity` unless a row
-    is, narrower lanes on a tie."""
+    is, narrower lanes on a tie. Rows longer on average than `capacity` get a lane each."""
     if not counts:
         return []
     order = sorted(range(len(counts)), key=lambda r: -counts[r])
     best_key, best = None, []
-    for n_lanes in range(max(1, -(-sum(counts) // capacity)), len(counts) + 1):
+    fewest = min(len(counts), max(1, -(-sum(counts) // capacity)))
+    for n_lanes in range(fewest, len(counts) + 1):
         lanes: list[list[int]] = [[] for _ in range(n_lanes)]
         heap = [(0, k) for k in range(n_lanes)]
         for row in order:
@@ -130,6 +135,26 @@ def pack_rows(
     if mask_kind == "additive":
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     return Packed({"input_ids": ids, "position_ids": positions, "attention_mask": mask}, packed_labels, rows)
+
+
+def _primal(tensor: torch.Tensor) -> torch.Tensor:
+    primal, tangent = forward_ad.unpack_dual(tensor)
+    return tensor if tangent is None else primal
+
+
+class NoGradStopsTangents(TorchFunctionMode):
+    """Inside the model's own torch.no_grad blocks, operations take the primals of dual tensors.
+
+    A backward pass gives no gradient through code run under no_grad; forward-mode AD would still carry tangents
+    through it. RoFormer, for one, computes its sinusoidal position table (a parameter, selected by default) under
+    no_grad: its gradient is zero, its tangent would not be. With this mode active (and grad mode on for the pass
+    itself), a forward-mode derivative equals the backward gradient's directional derivative."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            args, kwargs = tree_map_only(torch.Tensor, _primal, (args, kwargs))
+        return func(*args, **kwargs)
 
 
 def mask_kind(model: nn.Module) -> Optional[str]:
@@ -272,9 +297,15 @@ def logits_at(
 ) -> tuple[torch.Tensor, bool]:
     """(N, vocab) logits at the True entries of `positions` (row-major, as full_logits[positions]): a forward pre-hook
     hands the LM head only those hidden states. Also returns whether that worked: a model that does something
-    shape-bound after its head gets the full head (then a selection), and callers should not try again."""
+    shape-bound after its head, or calls its head more than once, gets the full head (then a selection), and callers
+    should not try again."""
+    gathered = []
+
     def gather(module, args):
-        if args and torch.is_tensor(args[0]) and args[0].shape[:2] == positions.shape:
+        if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and args[0].shape[:2] == positions.shape:
+            if gathered:
+                raise RuntimeError("The LM head ran twice in one forward pass: not only on the last states.")
+            gathered.append(True)
             return (args[0][positions].unsqueeze(0),) + tuple(args[1:])
         return None
 

@@ -272,6 +272,22 @@ def test_lm_head_projects_only_the_scored_positions():
     assert sum(shape[1] for shape in seen) == int((batch["alternative_labels"] != -100).sum())  # source: alternative
 
 
+def test_a_head_called_twice_in_one_pass_gets_every_position():
+    """Gathering the scored positions is only exact when the head runs once, on the last states."""
+    from gradiend_hf.forward_mode import logits_at
+
+    head = torch.nn.Linear(4, 3)
+    states = torch.randn(2, 5, 4)
+    positions = torch.zeros(2, 5, dtype=torch.bool)
+    positions[0, 1] = positions[1, 3] = True
+    once = lambda inputs: head(states)
+    twice = lambda inputs: head(states) + head(2 * states)  # e.g. a second prediction head sharing the weights
+    logits, gathers = logits_at(once, head, {}, positions)
+    assert gathers and torch.allclose(logits, head(states)[positions])
+    logits, gathers = logits_at(twice, head, {}, positions)
+    assert not gathers and torch.allclose(logits, twice({})[positions])
+
+
 def test_a_head_that_needs_every_position_falls_back_to_the_full_head():
     model, gradiend, collator = wrap("gpt2", encoder_activation="identity")
     data = rows()
@@ -342,6 +358,9 @@ def test_lanes_take_whole_rows_with_the_fewest_padded_tokens():
     assert lane_assignment([2, 2, 2], capacity=64) == [[0], [1], [2]]  # as few tokens as one lane, narrower
     assert lane_assignment([6, 5, 5, 4], capacity=10) == [[0, 3], [1, 2]]  # 2 x 10, not 3 lanes of 6 (18 + filler)
     assert lane_assignment([], capacity=8) == []
+    # rows longer on average than a lane: one lane each (this returned [] and crashed real-length text)
+    assert lane_assignment([250, 260]) == [[1], [0]]
+    assert lane_assignment([300, 20, 200], capacity=128) == [[0], [2], [1]]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -376,3 +395,314 @@ def test_nan_in_the_base_model_raises_a_clear_error():
         next(p for n, p in model.named_parameters() if "ln_f" in n).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="not finite"):
         gradiend(**collator(rows()))
+
+
+# --- which layout a batch runs in (layout.py): decided from the model's configuration, per batch ----------------------
+def layout_of(config, causal=True, kind="bool"):
+    from types import SimpleNamespace
+
+    from gradiend_hf.layout import layout_rules
+
+    return layout_rules(SimpleNamespace(config=config), causal, kind)
+
+
+def test_layout_rules_come_from_the_attention_configuration():
+    import transformers
+
+    small = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
+    rules = layout_of(transformers.LlamaConfig(**small))
+    assert (rules.batch_limit, rules.pack_limit, rules.cut) == (None, None, True)
+    assert layout_of(transformers.MistralConfig(sliding_window=32, **small)).pack_limit == 32
+    assert layout_of(transformers.Qwen2Config(**small)).pack_limit is None  # use_sliding_window=False: no window
+    assert layout_of(transformers.Qwen2Config(use_sliding_window=True, sliding_window=64, **small)).pack_limit == 64
+    assert layout_of(transformers.Gemma2Config(**small)).pack_limit == 4096  # local layers' window
+    bidirectional = layout_of(transformers.Gemma3TextConfig(use_bidirectional_attention=True, **small))
+    assert (bidirectional.batch_limit, bidirectional.pack_limit, bidirectional.cut) == (0, 0, False)
+    not_decoder = layout_of(transformers.BertConfig(**small))  # BertLMHeadModel without is_decoder: unmasked
+    assert (not_decoder.batch_limit, not_decoder.pack_limit, not_decoder.cut) == (None, 0, False)
+    assert layout_of(transformers.BertConfig(is_decoder=True, **small)).cut
+    assert layout_of(transformers.ModernBertConfig(local_attention=128, **small), causal=False).pack_limit == 64
+    assert layout_of(transformers.FalconConfig(alibi=True, **small)).pack_limit == 0
+    assert layout_of(transformers.BloomConfig(), kind=None).pack_limit == 0  # no position_ids argument
+    chunked = transformers.LlamaConfig(**small)
+    chunked.layer_types, chunked.attention_chunk_size = ["chunked_attention", "full_attention"], 8
+    assert layout_of(chunked).pack_limit == 8
+    chunked.attention_chunk_size = None
+    assert layout_of(chunked).pack_limit == 0  # chunked layers of unknown size
+    chunked.layer_types = ["linear_attention", "full_attention"]
+    assert layout_of(chunked).pack_limit == 0  # a layer type these rules do not know
+    local = transformers.GPTNeoConfig(hidden_size=16, num_layers=2, num_heads=2, attention_types=[[["local"], 2]])
+    assert layout_of(local).pack_limit == 0  # its local attention is not one these rules know
+    roberta = layout_of(transformers.RobertaConfig(**small), causal=False)
+    assert (roberta.batch_limit, roberta.pack_limit) == (None, 0)  # positions come from the padding
+    funnel = layout_of(transformers.FunnelConfig(), causal=False, kind=None)
+    assert (funnel.batch_limit, funnel.pack_limit) == (0, 0)  # pooling reaches the padding: row by row
+    longrope = transformers.Phi3Config(**small, max_position_embeddings=64, original_max_position_embeddings=16,
+                                       rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                                        "long_factor": [2.0] * 4, "rope_theta": 1e4,
+                                                        "original_max_position_embeddings": 16})
+    rules = layout_of(longrope)
+    assert (rules.batch_limit, rules.pack_limit, rules.cut) == (15, 15, False)
+
+
+def test_layout_per_batch_from_the_rows_kept_lengths():
+    from gradiend_hf.layout import LayoutRules
+
+    windowed = LayoutRules(batch_limit=None, pack_limit=4, cut=True, why="")
+    lengths = torch.tensor
+    assert windowed.layout(lengths([3, 4, 2]), right_padded=True, may_pack=True) == "packed"
+    assert windowed.layout(lengths([3, 5, 2]), right_padded=True, may_pack=True) == "padded"  # a row beyond the window
+    assert windowed.layout(lengths([3, 4, 2]), right_padded=True, may_pack=False) == "padded"  # vetoed / undecided
+    assert windowed.layout(lengths([5, 5]), right_padded=True, may_pack=True) == "padded"  # no padding at all
+    assert windowed.layout(lengths([3, 5, 2]), right_padded=False, may_pack=True) == "rows"  # left padding
+    row_by_row = LayoutRules(batch_limit=0, pack_limit=0, cut=False, why="")
+    assert row_by_row.layout(lengths([3, 5]), right_padded=True, may_pack=True) == "rows"
+    assert row_by_row.layout(lengths([5, 5]), right_padded=True, may_pack=True) == "padded"
+
+
+def zoo_wrap(name, **config):
+    from zoo_models import build, tokenizer_of
+
+    model, tokenizer = build(name), tokenizer_of(name)
+    gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, encoder_activation="identity",
+                                                        source="diff", **config))
+    return model, tokenizer, gradiend, GradiendDataCollator(tokenizer, gradiend.objective, CLASSES)
+
+
+def read_outs(model, tokenizer, gradiend, data, nll=row_nll):
+    """<W_e, g_f - g_a> + b_e per row, the gradients by plain autograd on one row at a time (`nll`: the row's loss)."""
+    b, params = gradiend.bottleneck, dict(model.named_parameters())
+    out = []
+    for r in data:
+        total = b.encoder_bias[0].detach().clone()
+        for side, sign in (("factual", 1.0), ("alternative", -1.0)):
+            for n in b.names:
+                params[n].requires_grad_(True)
+                params[n].grad = None
+            nll(model, tokenizer, gradiend.objective, r["masked"], r[side]).backward()
+            for n in b.names:
+                if params[n].grad is not None:
+                    total += sign * (b.encoder(n)[0].detach() * params[n].grad).sum()
+                params[n].requires_grad_(False)
+                params[n].grad = None
+        out.append(total)
+    return torch.stack(out)
+
+
+def rows_of_lengths(collator, length: int) -> list[dict]:
+    """Distinct rows whose longer side's causal input keeps exactly `length` tokens."""
+    words = "the nurse said that the doctor and the nurse went home and it was good".split()
+    chosen = []
+    for k in range(len(words)):
+        for factual, alternative in (("she", "he"), ("it", "they"), ("good", "bad"), ("qrstu", "zyxwv")):
+            r = dict(rows()[0], masked=" ".join(words[:k] + ["[MASK]", "was"]), factual=factual,
+                     alternative=alternative)
+            batch = collator([r])
+            if max(int(batch[f"{side}_attention_mask"].sum()) for side in SIDES) == length:
+                chosen.append(r)
+    return chosen
+
+
+def test_windowed_rows_pack_up_to_the_window_and_no_further(monkeypatch):
+    """Mistral, window 4: rows of up to 4 kept tokens (one of exactly 4) pack and equal the oracle; with longer rows
+    the batch runs padded (equal again). Negative control: packing the longer rows anyway (the window dropped) gives
+    other values."""
+    import dataclasses
+
+    from zoo_models import WINDOW
+
+    model, tokenizer, gradiend, collator = zoo_wrap("mistral")
+    at_window = rows_of_lengths(collator, WINDOW)[:1] + rows_of_lengths(collator, WINDOW - 2)[:3]
+    beyond = rows_of_lengths(collator, WINDOW + 1)[:1] + rows_of_lengths(collator, WINDOW + 5)[:1]
+    assert len(at_window) == 4 and len(beyond) == 2
+    seen, choose = [], gradiend.engine._layout
+    monkeypatch.setattr(gradiend.engine, "_layout", lambda *a: seen.append(choose(*a)) or seen[-1])
+    for data, packs in ((at_window, True), (at_window[:1] + beyond, False)):
+        seen.clear()
+        got = gradiend.encode_rows(collator(data))[:, 0]
+        assert ("packed" in seen) == packs  # (a side whose rows are all one length runs unpadded: 'padded')
+        expected = read_outs(model, tokenizer, gradiend, data)
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+    gradiend.engine.rules = dataclasses.replace(gradiend.engine.rules, pack_limit=None)
+    wrong = gradiend.encode_rows(collator(at_window[:1] + beyond))[:, 0]
+    assert (wrong - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_padding_sensitive_encoders_run_row_by_row():
+    """Funnel pools padded positions into real ones: its rows run alone (grouped by length). Negative control: the
+    padded batch gives other values."""
+    import dataclasses
+
+    model, tokenizer, gradiend, collator = zoo_wrap("funnel")
+    data = varied_rows()
+    expected = read_outs(model, tokenizer, gradiend, data)
+    got = gradiend.encode_rows(collator(data))[:, 0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+    gradiend.engine.rules = dataclasses.replace(gradiend.engine.rules, batch_limit=None)
+    wrong = gradiend.encode_rows(collator(data))[:, 0]
+    assert (wrong - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def collated_nll(model, tokenizer, objective, masked, word):
+    """-log P(word) of a causal row whose input ends before the word's last token (only a label): the input a causal
+    objective reads. Same as row_nll for position-independent models, not for rotary embeddings that rescale with the
+    input length."""
+    from oracle import causal_text_ids
+
+    ids, positions = causal_text_ids(tokenizer, masked, word)
+    logp = model(input_ids=torch.tensor([ids[:-1]])).logits[0].log_softmax(-1)
+    return -sum(logp[pos - 1, ids[pos]] for pos in positions)
+
+
+def test_length_dependent_rotary_embeddings_run_rows_alone_beyond_the_original_context():
+    """Phi-3 'longrope' switches frequencies for the whole pass once it is longer than the original context (8 here):
+    rows beyond it run alone, the causal cut is off. Negative control: the padded batch gives other values."""
+    import dataclasses
+
+    import transformers
+    from zoo_models import _llama_like, bpe_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(**{**_llama_like(), "max_position_embeddings": 64,
+                                        "original_max_position_embeddings": 8, "rope_parameters": {
+                                            "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                                            "long_factor": [4.0, 8.0, 16.0, 32.0],
+                                            "original_max_position_embeddings": 8}})
+    model, tokenizer = transformers.Phi3ForCausalLM(config).eval(), bpe_tokenizer()
+    gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, encoder_activation="identity",
+                                                        source="diff"))
+    collator = GradiendDataCollator(tokenizer, gradiend.objective, CLASSES)
+    assert (gradiend.engine.rules.batch_limit, gradiend.engine.cuts) == (7, False)
+    data = varied_rows()  # inputs of 1 to 17 tokens
+    expected = read_outs(model, tokenizer, gradiend, data, nll=collated_nll)
+    got = gradiend.encode_rows(collator(data))[:, 0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+    gradiend.engine.rules = dataclasses.replace(gradiend.engine.rules, batch_limit=None, pack_limit=None)
+    wrong = gradiend.encode_rows(collator(data))[:, 0]
+    assert (wrong - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_left_padded_batches_run_row_by_row(kind):
+    """A batch padded on the left cannot be cut after its longest row: unpacked, its rows run alone, same values (a
+    padded pass would shift the positions of the shorter rows)."""
+    _, gradiend, collator = wrap(kind, encoder_activation="identity")
+    gradiend.engine.packing = False  # packing takes the kept tokens from either side
+    batch = collator(varied_rows())
+    left = {k: v.clone() for k, v in batch.items()}
+    for side in SIDES:
+        for i, n in enumerate(batch[f"{side}_attention_mask"].sum(1).tolist()):
+            for key in ("input_ids", "attention_mask", "labels"):
+                left[f"{side}_{key}"][i] = batch[f"{side}_{key}"][i].roll(batch[f"{side}_{key}"].shape[1] - n)
+    assert not torch.equal(left["alternative_attention_mask"], batch["alternative_attention_mask"])
+    torch.testing.assert_close(gradiend.encode_rows(left), gradiend.encode_rows(batch), rtol=1e-4, atol=1e-6)
+
+
+# --- real-length text: rows of 250+ tokens ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_rows_of_real_length_equal_the_naive_oracle(kind):
+    """Two rows of 250+ kept tokens (more than a lane of 128 each) and a short one: gradients (the training step) and
+    per-row encodings (evaluation) against plain per-row autograd. Models of max_position_embeddings 512."""
+    model, tokenizer, gradiend, collator = zoo_wrap(kind)
+    filler = " ".join(["the nurse said that the doctor went home and it was good"] * 24)
+    data = [dict(rows()[0], masked=f"{filler} and [MASK] was in her room"),
+            dict(rows()[0], masked=f"the doctor said that {filler} and then [MASK] went home", alternative="zyxwv"),
+            rows()[1]]
+    batch = collator(data)
+    assert sorted(batch["alternative_attention_mask"].sum(1).tolist())[-2] >= 250
+    got = gradiend.encode_rows(batch)[:, 0]
+    expected = read_outs(model, tokenizer, gradiend, data)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+    names = gradiend.bottleneck.names
+    grads = gradiend.engine.compute(batch, ("factual", "alternative"))
+    for side in SIDES:
+        assert_gradients_close(grads[side], naive_gradients(model, tokenizer, gradiend.objective, data, side, names))
+    gradiend(**batch)  # a training step's body
+
+
+# --- where forward-mode AD is not available: one backward pass per row ----------------------------------------------
+class _NoForwardGelu(torch.autograd.Function):
+    """GELU as a custom autograd.Function without a jvp (like Bloom's BloomGelu)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            return torch.autograd.grad(torch.nn.functional.gelu(x), x, grad)[0]
+
+
+@pytest.mark.parametrize("kind", ["bloom", "gpt2-custom-gelu"])
+def test_forward_mode_failure_falls_back_to_per_row_backward_passes_logged_once(kind, caplog):
+    import logging
+
+    if kind == "bloom":
+        model, tokenizer, gradiend, collator = zoo_wrap("bloom")
+    else:
+        model, gradiend, collator = wrap("gpt2", encoder_activation="identity", source="diff")
+        tokenizer = tokenizer_for("gpt2")
+        for block in model.transformer.h:
+            block.mlp.act.forward = _NoForwardGelu.apply
+    data = varied_rows()
+    expected = read_outs(model, tokenizer, gradiend, data)
+    with caplog.at_level(logging.WARNING, logger="gradiend_hf.gradients"):
+        first = gradiend.encode_rows(collator(data))[:, 0]
+        second = gradiend.encode_rows(collator(data[:3]))[:, 0]
+    assert gradiend.engine.forward_mode is False
+    assert len([r for r in caplog.records if "fall back to one backward pass per row" in r.message]) == 1
+    for got, want in ((first, expected), (second, expected[:3])):
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * float(want.abs().max()))
+
+
+def test_forward_mode_is_kept_where_it_works():
+    _, gradiend, collator = wrap("gpt2", encoder_activation="identity")
+    gradiend.encode_rows(collator(rows()))
+    assert gradiend.engine.forward_mode is True
+
+
+def test_an_error_of_the_rows_themselves_is_raised_not_hidden_by_the_fallback():
+    _, gradiend, collator = wrap("gpt2", encoder_activation="identity")
+    gradiend.get_base_model().transformer.register_forward_pre_hook(
+        lambda module, args: (_ for _ in ()).throw(RuntimeError("broken base")))
+    with pytest.raises(RuntimeError, match="broken base"):
+        gradiend.encode_rows(collator(rows()))
+    assert gradiend.engine.forward_mode is None  # not marked: the fallback failed the same way
+
+
+# --- parameters the model uses under torch.no_grad (RoFormer's sinusoidal position table) --------------------------
+def test_a_parameter_used_under_no_grad_has_zero_gradient_and_no_tangent():
+    """RoFormer computes its position table (selected by default) under no_grad: its gradient is zero (the engine's
+    buffer is zero-filled, not left stale) and forward mode carries no tangent through it."""
+    model, tokenizer, gradiend, collator = zoo_wrap("roformer")
+    name = "roformer.encoder.embed_positions.weight"
+    assert name in gradiend.bottleneck.names
+    gradiend.engine.buffer("alternative")[name].fill_(float("nan"))  # as if left over from elsewhere
+    grads = gradiend.engine.compute(collator(varied_rows()), ("alternative",))["alternative"]
+    assert torch.equal(grads[name], torch.zeros_like(grads[name]))
+    with torch.no_grad():  # the table's encoder weights large, so a tangent through it would show
+        gradiend.bottleneck.encoder(name).normal_(0, 1.0)
+    expected = read_outs(model, tokenizer, gradiend, varied_rows())
+    got = gradiend.encode_rows(collator(varied_rows()))[:, 0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
+
+
+def test_tangents_stop_in_no_grad_blocks_as_gradients_do():
+    from torch.autograd import forward_ad
+
+    from gradiend_hf.forward_mode import NoGradStopsTangents
+
+    w, v = torch.tensor([2.0, 3.0]), torch.tensor([1.0, 1.0])
+
+    def f(x):
+        with torch.no_grad():
+            frozen = x * 10
+        return (x * x).sum() + frozen.sum()
+
+    with torch.enable_grad(), forward_ad.dual_level(), NoGradStopsTangents():
+        _, tangent = forward_ad.unpack_dual(f(forward_ad.make_dual(w, v)))
+    assert float(tangent) == float((2 * w * v).sum())  # d/dx of x*x only; the no_grad term adds nothing
