@@ -30,23 +30,25 @@ def causal_text_ids(tokenizer, masked: str, word: str) -> tuple[list[int], list[
     return full, list(range(n_prefix, len(full)))
 
 
-def row_nll(model, tokenizer, objective: str, masked: str, word: str) -> torch.Tensor:
-    """-log P(word | context) of one row, computed by hand from the logits."""
+def row_nll(model, tokenizer, objective: str, masked: str, word: str, dtype=None) -> torch.Tensor:
+    """-log P(word | context) of one row, computed by hand from the logits; with `dtype` the forward runs under
+    torch.autocast(dtype) and the loss is taken from float32 logits."""
     if objective == "masked_lm":
         ids, positions, target = masked_text_ids(tokenizer, masked, word)
+    else:
+        ids, scored = causal_text_ids(tokenizer, masked, word)
+        positions, target = [pos - 1 for pos in scored], [ids[pos] for pos in scored]
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         logits = model(input_ids=torch.tensor([ids])).logits[0]
-        logp = logits.log_softmax(-1)
-        return -sum(logp[pos, tok] for pos, tok in zip(positions, target))
-    ids, positions = causal_text_ids(tokenizer, masked, word)
-    logits = model(input_ids=torch.tensor([ids])).logits[0]
-    logp = logits.log_softmax(-1)
-    return -sum(logp[pos - 1, ids[pos]] for pos in positions)
+    logp = logits.float().log_softmax(-1)
+    return -sum(logp[pos, tok] for pos, tok in zip(positions, target))
 
 
 def naive_gradients(
-    model, tokenizer, objective: str, rows: list[dict], side: str, names: list[str]
+    model, tokenizer, objective: str, rows: list[dict], side: str, names: list[str], dtype=None
 ) -> dict[str, torch.Tensor]:
-    """Gradient of the mean over rows of -log P(word), with a separate forward/backward per row and target."""
+    """Gradient of the mean over rows of -log P(word), with a separate forward/backward per row and target (under
+    autocast to `dtype` when given)."""
     params = dict(model.named_parameters())
     for p in model.parameters():
         p.requires_grad_(False)
@@ -54,7 +56,7 @@ def naive_gradients(
         params[n].requires_grad_(True)
         params[n].grad = None
     for row in rows:
-        (row_nll(model, tokenizer, objective, row["masked"], row[side]) / len(rows)).backward()
+        (row_nll(model, tokenizer, objective, row["masked"], row[side], dtype) / len(rows)).backward()
     grads = {n: params[n].grad.detach().clone() for n in names}
     for n in names:
         params[n].requires_grad_(False)

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from oracle import causal_text_ids, masked_text_ids
+from oracle import causal_text_ids, masked_text_ids, naive_gradients
 from test_trainer import CLASSES, CONTEXTS, feature_rows, flat_bottleneck
 from tiny import tiny_model, tokenizer_for
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
@@ -40,30 +40,7 @@ def trainer_for(tmp_path, kind="gpt2", rows=None, eval_rows=None, config=None, *
                            eval_dataset=eval_rows, processing_class=tokenizer_for(kind), callbacks=callbacks)
 
 
-def row_gradients(model, tokenizer, objective, rows, side, names, dtype=None):
-    """Mean over rows of the gradient of -log P(word), one row at a time; with `dtype` the model's forward runs under
-    torch.autocast(dtype) (the backward outside it) and the loss is taken from float32 logits."""
-    params = dict(model.named_parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in names:
-        params[n].requires_grad_(True)
-        params[n].grad = None
-    for row in rows:
-        if objective == "masked_lm":
-            ids, positions, targets = masked_text_ids(tokenizer, row["masked"], row[side])
-        else:
-            ids, scored = causal_text_ids(tokenizer, row["masked"], row[side])
-            positions, targets = [p - 1 for p in scored], [ids[p] for p in scored]
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            logits = model(input_ids=torch.tensor([ids])).logits[0]
-        logp = logits.float().log_softmax(-1)
-        (-sum(logp[p, t] for p, t in zip(positions, targets)) / len(rows)).backward()
-    grads = {n: params[n].grad.detach().clone() for n in names}
-    for n in names:
-        params[n].requires_grad_(False)
-        params[n].grad = None
-    return grads
+row_gradients = naive_gradients  # per row, optionally under autocast (oracle.py)
 
 
 def flat(grads, names):
