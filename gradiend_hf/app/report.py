@@ -133,7 +133,8 @@ def describe_selection(config, training: dict[str, Any]) -> str:
     target = selection.get("target_parameters", config.target_parameters)
     exclude = selection.get("exclude_parameters", config.exclude_parameters)
     text = (f"target_parameters {target}" if target else
-            "the default (every backbone parameter, embeddings included, except the LM head and weights tied to it)")
+            "the default (every backbone parameter, input embeddings included unless tied to the LM head, except the "
+            "LM head and weights tied to it)")
     if exclude:
         text += f", except exclude_parameters {exclude}"
     if "tensors" in selection:
@@ -143,7 +144,7 @@ def describe_selection(config, training: dict[str, Any]) -> str:
             listed = ", ".join(f"`{n}`" for n in embeddings[:3]) + (", ..." if len(embeddings) > 3 else "")
             text += f", of which {len(embeddings)} embedding tensor(s) ({listed})"
         else:
-            text += ", no embedding weights"
+            text += ", no embedding weights" + ("" if target else " (the input embeddings are tied to the LM head)")
     for step in selection.get("pruning", []):
         by = "|mean gradient|" if step["method"] == "pre" else config.post_prune_by
         text += (f"; {step['method']}-pruned (keep {step['keep']}) by {by} to {step['kept']:,} of "
