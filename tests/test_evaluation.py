@@ -419,7 +419,8 @@ def test_losses_row_by_row_give_each_rows_loss_alone_for_the_gradient_engine():
         padded = row_losses(model(**inputs).logits, labels["factual"])
         expected = torch.stack([row_nll(model, tok, "masked_lm", r["masked"], r["factual"]) for r in data])
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(padded, expected, rtol=1e-3)
+    # a padded batch misses that exactness (by 1e-4 to 1e-2 relative, varying from run to run for Funnel)
+    assert not torch.allclose(padded, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_probe_stays_within_the_models_position_limit():
