@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 NOT_EVALUATED = "not evaluated"
 REPO_PLACEHOLDER = "PATH_OR_REPO_ID"  # what a card saved without a repo id shows where the repo id goes
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?\Z")  # a Hub repo id (match)
 
 
 def hub_model_id(name_or_path: Optional[str]) -> Optional[str]:

@@ -227,6 +227,12 @@ class GradiendModel(nn.Module):
             evaluation=dict(edit.metrics) or self.gradiend_config.evaluation,
         )
 
+    def edit_values(self, edit: Optional[Edit], feature_factor: Optional[FeatureValue],
+                    learning_rate: Optional[float]) -> tuple[Any, float]:
+        """(feature_factor, learning_rate) from an Edit, the keywords, or the edit stored in the config."""
+        stored = (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate)
+        return resolve_edit(edit, feature_factor, learning_rate, stored)
+
     @contextlib.contextmanager
     def apply_edit(
         self,
@@ -237,12 +243,7 @@ class GradiendModel(nn.Module):
     ):
         """Context manager: the base model carries the edit inside the block and is restored bit-exactly after."""
         self.require_bottleneck()
-        ff, lr = resolve_edit(
-            edit,
-            feature_factor,
-            learning_rate,
-            (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate),
-        )
+        ff, lr = self.edit_values(edit, feature_factor, learning_rate)
         editor = InPlaceEditor(self.bottleneck, self.selected_parameters())
         try:
             editor.apply(ff, lr)
@@ -281,12 +282,7 @@ class GradiendModel(nn.Module):
         go of the base model; the result loads anywhere with `from_pretrained` once saved.
         """
         self.require_bottleneck()
-        ff, lr = resolve_edit(
-            edit,
-            feature_factor,
-            learning_rate,
-            (self.gradiend_config.feature_factor, self.gradiend_config.learning_rate),
-        )
+        ff, lr = self.edit_values(edit, feature_factor, learning_rate)
         scratch = Scratch()
         check_finite_edit(self.bottleneck, self.selected_parameters(), ff, lr, scratch)
         self.record_edit(edit if edit is not None else Edit(feature_factor=ff, learning_rate=lr))

@@ -101,7 +101,8 @@ def _open(folder: str):
 
 def _load(run, job):
     from ..model import GradiendModel
-    from .pipeline import load_base, load_data
+    from .pipeline import load_base
+    from .runfolder import load_data
 
     data = load_data(run)
     base, tokenizer = load_base(job)

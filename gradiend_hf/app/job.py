@@ -177,7 +177,7 @@ def resolve_paths(raw: Any, folder: Union[str, Path]) -> Any:
     def model(value: Any) -> Any:
         if not isinstance(value, str) or value == "smollm2" or not value.strip():
             return value
-        from .preflight import HUB_ID
+        from ..cards import HUB_ID
 
         local = path(value)
         if Path(local).exists() or not HUB_ID.match(value) or value.startswith((".", "~")):

@@ -26,7 +26,7 @@ from ..edit import Edit
 from .job import JobConfig, JobConfigError, RunFailed
 from .names import custom_folder
 from .preflight import ROW_SUFFIXES, check_job, check_model_output
-from .runfolder import RunFolder, claim, file_sha256, plan_claim
+from .runfolder import RunFolder, claim, data_record, file_sha256, load_data, plan_claim, save_data
 
 logger = logging.getLogger("gradiend_hf")
 NO_NEUTRAL = ("the data has no neutral texts (split 'neutral'), which the language-modelling score needs: give "
@@ -137,33 +137,6 @@ def build_data(job: JobConfig) -> datasets.DatasetDict:
         return getattr(creation, spec.recipe)(source, **spec.options)
     except TypeError as error:
         raise JobConfigError(f"data.options do not fit recipe {spec.recipe!r}: {error}") from error
-
-
-def load_data(run: RunFolder) -> datasets.DatasetDict:
-    """The run's saved splits, in memory: datasets would otherwise write cache files (e.g. of a shuffle) into them."""
-    if not run.data.is_dir():
-        raise FileNotFoundError(f"{run.data} is missing: run `gradiend-hf train` for this run folder first.")
-    return datasets.load_from_disk(str(run.data), keep_in_memory=True)
-
-
-def save_data(data: datasets.DatasetDict, folder: Path) -> None:
-    """DatasetDict.save_to_disk's layout (one folder per split + dataset_dict.json), written atomically."""
-    writers: dict[str, Callable[[Path], None]] = {
-        name: (lambda path, split=split: split.save_to_disk(str(path))) for name, split in data.items()
-    }
-    writers["dataset_dict.json"] = lambda path: path.write_text(json.dumps({"splits": list(data)}), encoding="utf-8")
-    write_folder_atomically(folder, writers)
-
-
-def data_record(job: JobConfig, data: datasets.DatasetDict) -> dict[str, Any]:
-    """results/data.json: where the rows came from (recipe and text, or the row files) and how many each split has."""
-    spec = job.data
-    if spec.recipe is not None:
-        origin: dict[str, Any] = {"recipe": spec.recipe, "text": spec.text, "options": spec.options}
-    else:
-        origin = {"files": {name: getattr(spec, name) for name in ("train", "validation", "test", "neutral")
-                            if getattr(spec, name) is not None}}
-    return {**origin, "rows": {name: len(split) for name, split in data.items()}}
 
 
 def selection_record(base, job: JobConfig, pruning: Optional[list[dict[str, Any]]]) -> dict[str, Any]:

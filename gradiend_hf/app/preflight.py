@@ -6,14 +6,13 @@ and the fix; all of them are reported at once (JobConfigError, exit code 2).
 from __future__ import annotations
 
 import inspect
-import re
 from pathlib import Path
 from typing import Optional
 
+from ..cards import HUB_ID
 from .job import JobConfig, JobConfigError, job_error
 
 ROW_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?\Z")
 
 
 def model_problems(model: str) -> list[str]:

@@ -156,7 +156,7 @@ def data_facts(run) -> dict[str, Any]:
     """results/data.json, or (a run made before it was written) the origin from the job and the rows counted."""
     if (run.results / "data.json").is_file():
         return run.read_json("data.json")
-    from .pipeline import data_record, load_data
+    from .runfolder import data_record, load_data
 
     return data_record(run.load_job(), load_data(run))
 

@@ -21,7 +21,9 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import datasets
 
 from ..atomic import write_folder_atomically, write_text_atomically
 from .job import JobConfig, JobConfigError
@@ -252,3 +254,31 @@ def claim(root: Path, job: JobConfig, action: str) -> RunFolder:
         write_folder_atomically(root, {name: (lambda path, t=text: path.write_text(t, encoding="utf-8"))
                                        for name, text in files.items()})
     return RunFolder(root, record["run_id"])
+
+
+# --- the run's data ---------------------------------------------------------------------------------------------
+def load_data(run: RunFolder) -> datasets.DatasetDict:
+    """The run's saved splits, in memory: datasets would otherwise write cache files (e.g. of a shuffle) into them."""
+    if not run.data.is_dir():
+        raise FileNotFoundError(f"{run.data} is missing: run `gradiend-hf train` for this run folder first.")
+    return datasets.load_from_disk(str(run.data), keep_in_memory=True)
+
+
+def save_data(data: datasets.DatasetDict, folder: Path) -> None:
+    """DatasetDict.save_to_disk's layout (one folder per split + dataset_dict.json), written atomically."""
+    writers: dict[str, Callable[[Path], None]] = {
+        name: (lambda path, split=split: split.save_to_disk(str(path))) for name, split in data.items()
+    }
+    writers["dataset_dict.json"] = lambda path: path.write_text(json.dumps({"splits": list(data)}), encoding="utf-8")
+    write_folder_atomically(folder, writers)
+
+
+def data_record(job: JobConfig, data: datasets.DatasetDict) -> dict[str, Any]:
+    """results/data.json: where the rows came from (recipe and text, or the row files) and how many each split has."""
+    spec = job.data
+    if spec.recipe is not None:
+        origin: dict[str, Any] = {"recipe": spec.recipe, "text": spec.text, "options": spec.options}
+    else:
+        origin = {"files": {name: getattr(spec, name) for name in ("train", "validation", "test", "neutral")
+                            if getattr(spec, name) is not None}}
+    return {**origin, "rows": {name: len(split) for name, split in data.items()}}
