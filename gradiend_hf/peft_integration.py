@@ -174,6 +174,10 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
+        # The adapter tensors of a layer nested inside this one are named by their clean path (no `base_layer`), as
+        # in the file: transformers' loaders match file keys against state_dict() and resolve them by attribute.
+        self.register_state_dict_post_hook(_name_nested_adapter_keys_cleanly)
+        self.register_load_state_dict_pre_hook(_route_nested_adapter_keys_to_base_layer)
         self.update_layer(adapter_name, config, **spec)
 
     # --- construction ------------------------------------------------------------------------------------------
@@ -392,13 +396,16 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
         return self.edited_parameter("bias") if base._parameters.get("bias") is not None else None
 
     def __getattr__(self, name: str) -> Any:
-        """Other direct parameters of the wrapped module (e.g. a custom `scale`) read through the edit too."""
+        """Other direct parameters of the wrapped module (e.g. a custom `scale`) read through the edit too, and its
+        submodules are reached by their clean path (`get_submodule("P.C")` with P wrapped), as the file names them."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             base = self._modules.get("base_layer")
             if base is not None and base._parameters.get(name) is not None:
                 return self.edited_parameter(name)
+            if base is not None and name in base._modules:
+                return base._modules[name]
             raise
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -446,6 +453,35 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "gradiend." + super().__repr__()
+
+
+def _is_adapter_key(key: str) -> bool:
+    """True for `<path>.gradiend_<kind>.<adapter>.<param>`: a tensor of a GRADIEND layer, not of the base model."""
+    parts = key.split(".")
+    return len(parts) >= 3 and parts[-3] in _CONTAINERS
+
+
+_CONTAINERS = frozenset(PREFIX + kind for kind in KINDS)
+
+
+def _name_nested_adapter_keys_cleanly(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """state_dict post-hook: `<prefix>base_layer.<child>...gradiend_<kind>...` -> `<prefix><child>...` (order kept)."""
+    inner = prefix + "base_layer."
+    renamed = {k: prefix + k[len(inner):] for k in state_dict if k.startswith(inner) and _is_adapter_key(k)}
+    if renamed:
+        items = list(state_dict.items())
+        state_dict.clear()
+        state_dict.update((renamed.get(k, k), v) for k, v in items)
+
+
+def _route_nested_adapter_keys_to_base_layer(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """load_state_dict pre-hook, the inverse of the post-hook: a clean key of a nested layer's adapter tensor goes to
+    `<prefix>base_layer.<child>...`, where the nested layer lives."""
+    children = module._modules["base_layer"]._modules
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        relative = key[len(prefix):]
+        if relative.split(".", 1)[0] in children and _is_adapter_key(relative):
+            state_dict[f"{prefix}base_layer.{relative}"] = state_dict.pop(key)
 
 
 # --- the tuner ------------------------------------------------------------------------------------------------------
@@ -536,6 +572,12 @@ class GradiendTuner(BaseTuner):
     def _prepare_adapter_config(self, peft_config: GradiendConfig, model_config: dict) -> GradiendConfig:
         return peft_config
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Our tensors found by their structure (`...gradiend_<kind>.<adapter>.<param>`): PEFT's version matches the
+        layers' module paths, which hold `base_layer` for a nested layer, while state_dict() names it cleanly."""
+        return {key: value for key, value in state_dict.items() if _is_adapter_key(key)}
+
     def _check_merge_allowed(self) -> None:
         """PEFT warns when a tied embedding is targeted; here merging is safe: the owning layer writes the shared
         storage once and the tied layer only follows, so the weights stay tied and the edit is applied once."""
@@ -553,7 +595,7 @@ class GradiendTuner(BaseTuner):
             head, marker, tail = key.rpartition("." + PREFIX)
             kind, _, local = tail.partition(".")
             if marker and kind in KINDS and local and "." not in local:
-                key = f"{_loaded_path(model, head)}.{PREFIX}{kind}.{adapter_name}.{local}"
+                key = f"{head}.{PREFIX}{kind}.{adapter_name}.{local}"
             remapped[key] = value
         return remapped
 
@@ -644,7 +686,7 @@ class GradiendTuner(BaseTuner):
         created: dict[str, GradiendLayer] = {}
         for path in list(own) + [p for p in tied if p not in own]:
             parent_path, target_name = _split(path)
-            parent = model.get_submodule(_actual_path(model, parent_path))
+            parent = model.get_submodule(parent_path)  # a clean path reaches through our wrappers
             while isinstance(parent, GradiendLayer):  # the parent's own parameters are edited too: nest inside it
                 parent = parent.base_layer
             target = getattr(parent, target_name)
@@ -663,29 +705,6 @@ class GradiendTuner(BaseTuner):
         if config.inference_mode:
             for layer in created.values():
                 layer.requires_grad_(False)
-
-
-def _loaded_path(model: nn.Module, clean_path: str) -> str:
-    """`_actual_path` for a key of an adapter file: the layer of a parameter nested inside another edited module sits
-    below that module's `base_layer`; a path the model does not have stays as it is (reported as unexpected)."""
-    try:
-        return _actual_path(model, clean_path)
-    except AttributeError:
-        return clean_path
-
-
-def _actual_path(model: nn.Module, clean_path: str) -> str:
-    """The module path inside `model` for a clean path (inserting `.base_layer` below our wrappers)."""
-    if not clean_path:
-        return ""
-    parts, current, actual = clean_path.split("."), model, []
-    for part in parts:
-        if isinstance(current, GradiendLayer):
-            actual.append("base_layer")
-            current = current.base_layer
-        actual.append(part)
-        current = getattr(current, part)
-    return ".".join(actual)
 
 
 # --- helpers for users ------------------------------------------------------------------------------------------------

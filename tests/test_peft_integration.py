@@ -484,17 +484,32 @@ def test_nested_and_directly_read_parameters_carry_the_edit_through_peft(tmp_pat
         assert torch.equal(model.merge_and_unload()(**ids).logits, expected)
 
 
-def test_a_nested_adapter_through_transformers_loader_fails_loudly_not_silently(tmp_path):
-    """transformers' loader names tensors without the inner layer's `base_layer`: they stay unloaded, and the first
-    forward says so (route (a) or GradiendModel load them)."""
+def test_a_nested_adapter_loads_through_transformers_loaders_and_state_dict_round_trips(tmp_path):
+    """transformers' loaders (b)/(c) match file keys against state_dict() and resolve them by attribute: the tensors of
+    a layer nested inside another edited module are named by their clean path (as in the file), so they load, the
+    unmerged model equals GradiendModel's merge, and state_dict() loads back into a fresh PeftModel unchanged."""
     from tiny import wordpiece_tokenizer
 
     path = tmp_path / "adapter"
     GradiendModel(_tiny_masked("convbert"), GradiendConfig(feature_classes=CLASSES, **EDIT)).save_pretrained(path)
-    model = _tiny_masked("convbert")
-    model.load_adapter(path)
-    with pytest.raises(RuntimeError, match="never loaded"):
-        model(**wordpiece_tokenizer()(TEXTS, return_tensors="pt", padding=True))
+    ids = wordpiece_tokenizer()(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = GradiendModel.from_pretrained(_tiny_masked("convbert"), path).merge_and_unload()(**ids).logits
+        model = _tiny_masked("convbert")
+        model.load_adapter(path)
+        keys = [k for k in model.state_dict() if ".gradiend_" in k]
+        nested = [k for k in keys if k.endswith("key_conv_attn_layer.depthwise.gradiend_decoder.default.weight")]
+        assert nested and not any("base_layer" in k for k in keys)
+        assert torch.equal(model(**ids).logits, expected)
+        peft_model = PeftModel.from_pretrained(_tiny_masked("convbert"), path)
+        peft_model.save_pretrained(tmp_path / "again")  # PEFT's own writer keeps the nested tensors, as the file has
+        assert load_file(tmp_path / "again" / "adapter_model.safetensors").keys() == load_file(
+            path / "adapter_model.safetensors").keys()
+        state = {k: v.clone() for k, v in peft_model.state_dict().items()}
+        for v in peft_model.state_dict().values():
+            v.zero_() if v.is_floating_point() else None
+        peft_model.load_state_dict(state)
+        assert torch.equal(peft_model(**ids).logits, expected)
 
 
 # --- transformers asking for a newer peft than installed --------------------------------------------------------------
