@@ -79,6 +79,14 @@ class LayoutRules:
         return "rows"
 
 
+def padded_passes_exact(model: torch.nn.Module, causal: bool, longest: Optional[int]) -> bool:
+    """Whether right-padded rows of different lengths, up to `longest` tokens (None: no bound known), give every row
+    the numbers it gets alone: the engine's 'padded' rule, used by the evaluation to choose padded batches or one row
+    per pass (Funnel, ConvBERT and unknown masked-LM families)."""
+    limit = layout_rules(model, causal, mask_kind=None).batch_limit
+    return limit is None or (longest is not None and longest <= limit)
+
+
 def fits(limit: Optional[int], longest: int) -> bool:
     return limit is None or longest <= limit
 

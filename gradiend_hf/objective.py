@@ -19,10 +19,31 @@ def lm_objective(objective: str) -> str:
     return CAUSAL_LM if objective == AUXILIARY_MLM else objective
 
 
+# Model classes GRADIEND's objectives cannot score, each with the reason (checked before any work).
+UNSUPPORTED = {
+    "XLNetLMHeadModel": "XLNet is listed as a causal LM by transformers, but its permutation LM attends both ways "
+                        "unless given a perm_mask per row, so neither objective scores it",
+    "NystromformerForMaskedLM": "Nystromformer's attention only takes inputs of one fixed length (its segment "
+                                "means), so rows of their own lengths cannot be scored",
+}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, naming the reason, a model whose word probabilities GRADIEND cannot compute as the method defines."""
+    name = type(model).__name__
+    if name in UNSUPPORTED:
+        raise ValueError(f"{name} is not supported: {UNSUPPORTED[name]}. Use a masked LM (BERT, RoBERTa, ...) or a "
+                         "causal LM (GPT-2, Llama, ...); see README 'Tested architectures'.")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model, which GRADIEND does not support (it scores a masked "
+                         "or a causal LM's own word probabilities). Use a masked LM or a causal LM.")
+
+
 def resolve_objective(model: nn.Module, objective: str = "auto") -> str:
     """'masked_lm' or 'causal_lm' for a transformers model, from its class (the AutoModel mappings).
 
     An explicit objective ('masked_lm', 'causal_lm', 'auxiliary_mlm') is returned as given."""
+    check_supported(model)
     if objective != "auto":
         return objective
     from transformers.models.auto.modeling_auto import (

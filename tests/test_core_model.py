@@ -270,3 +270,20 @@ def test_an_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     name = first.bottleneck.names[0]
     assert torch.equal(loaded.bottleneck.encoder(name), first.bottleneck.encoder(name))
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_models_no_objective_can_score_are_refused_before_any_work_naming_why():
+    """XLNet (a 'causal LM' that attends both ways), Nystromformer (fixed input length) and encoder-decoder models."""
+    from transformers import (NystromformerConfig, NystromformerForMaskedLM, T5Config, T5ForConditionalGeneration,
+                              XLNetConfig, XLNetLMHeadModel)
+
+    models = {
+        "attends both ways": XLNetLMHeadModel(XLNetConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, d_inner=16)),
+        "one fixed length": NystromformerForMaskedLM(NystromformerConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)),
+        "encoder-decoder": T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, num_layers=1, num_heads=2,
+                                                               d_ff=16, d_kv=8)),
+    }
+    for reason, model in models.items():
+        with pytest.raises(ValueError, match=reason):
+            get_gradiend_model(model, GradiendConfig(feature_classes=["female", "male"]))

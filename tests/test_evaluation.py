@@ -18,9 +18,7 @@ from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model
 from gradiend_hf.evaluation import evaluate_decoder, evaluate_encoder, learning_rate_ladder, neutral_rows
 from gradiend_hf.evaluation.contexts import context_probabilities
 from gradiend_hf.evaluation.replay import GridForward
-from gradiend_hf.gradients import side_inputs
-from gradiend_hf.objective import row_losses
-from gradiend_hf.padding import inputs_padding_sensitive, losses_row_by_row, padding_sensitive
+from gradiend_hf.layout import padded_passes_exact
 from gradiend_hf.evaluation.encoder import encode_dataset, summarise
 from gradiend_hf.evaluation.lms import language_modelling_score, lms_batches
 from gradiend_hf.evaluation.probabilities import (
@@ -271,7 +269,7 @@ def test_every_evaluation_path_works_without_a_pad_token_and_padding_changes_not
     model = llama_for(no_pad)
     gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES,
                                                         target_parameters=[r"model\.layers\.1\."]))
-    assert GridForward(model, gradiend.selected_parameters().values(), causal=True).replays  # the fast grid path
+    assert GridForward(model, gradiend.selected_parameters().values(), cut=True).replays  # the fast grid path
     data = both_classes()
     results = {}
     for name, tok in (("no pad", no_pad), ("pad", with_pad)):
@@ -347,21 +345,16 @@ SENSITIVE = {"funnel": funnel, "convbert x4": convbert_with_large_weights}
 
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "albert", "gpt2", "llama", *SENSITIVE])
-def test_padding_sensitivity_is_detected_exactly_where_padding_changes_the_numbers(kind):
+def test_padded_passes_are_allowed_exactly_where_padding_leaves_the_numbers_unchanged(kind):
+    """The layout rule (from the model's family) against the oracle: what padding really does to the probabilities."""
     model = SENSITIVE[kind]() if kind in SENSITIVE else tiny_model(kind)
     tok = wordpiece_tokenizer() if kind in SENSITIVE else tokenizer_for(kind)
     objective = "causal_lm" if kind in ("gpt2", "llama") else "masked_lm"
-    collate = GradiendDataCollator(tok, objective, CLASSES)
-    data = both_classes()
-    model.train()  # the probe must not be fooled by dropout, and must leave the mode as it was
-    detected = padding_sensitive(model, collate, data[0], refresh=True)
-    assert model.training
     model.eval()
-    batched, alone = batched_and_alone(model, tok, objective, data)  # the oracle: what padding really does
+    batched, alone = batched_and_alone(model, tok, objective, both_classes())
     changes = any(not torch.allclose(batched[w].log(), alone[w].log(), rtol=1e-4, atol=1e-4) for w in batched)
-    assert detected == changes == (kind in SENSITIVE)
-    batch = collate(data)
-    assert inputs_padding_sensitive(model, side_inputs(batch, "factual"), refresh=True) == detected
+    assert changes == (kind in SENSITIVE)
+    assert padded_passes_exact(model, objective == "causal_lm", 64) == (not changes)
 
 
 def test_a_padding_sensitive_model_is_evaluated_one_row_per_pass_and_gets_the_rows_alone_numbers(caplog):
@@ -369,7 +362,7 @@ def test_a_padding_sensitive_model_is_evaluated_one_row_per_pass_and_gets_the_ro
     gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES))
     data = both_classes()
     collate = GradiendDataCollator(tok, "masked_lm", CLASSES)
-    with caplog.at_level(logging.WARNING, logger="gradiend_hf"):
+    with caplog.at_level(logging.INFO, logger="gradiend_hf"):
         grid = evaluate_decoder(gradiend, data, tok, NEUTRAL, learning_rates=[1.0], progress=False).grid
     assert "one row per pass" in caplog.text
     words = class_words(data, CLASSES, tok)["female"]
@@ -394,38 +387,3 @@ def test_a_padding_sensitive_model_is_evaluated_one_row_per_pass_and_gets_the_ro
     np.testing.assert_allclose(frame["female"], [f["female"].iloc[0] for f in one_by_one], rtol=1e-5)
 
 
-def test_the_check_runs_once_per_model():
-    model, tok = funnel(), wordpiece_tokenizer()
-    collate = GradiendDataCollator(tok, "masked_lm", CLASSES)
-    assert padding_sensitive(model, collate, rows()[0], refresh=True)
-    calls = []
-    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        assert padding_sensitive(model, collate, rows()[1]) and not calls  # cached
-        assert padding_sensitive(model, collate, rows()[1], refresh=True) and calls
-    finally:
-        handle.remove()
-
-
-def test_losses_row_by_row_give_each_rows_loss_alone_for_the_gradient_engine():
-    model, tok = funnel(), wordpiece_tokenizer()
-    data = rows()
-    batch = GradiendDataCollator(tok, "masked_lm", CLASSES)(data)
-    inputs, labels = side_inputs(batch, "factual"), {"factual": batch["factual_labels"]}
-    assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1  # rows really are padded
-    with torch.no_grad():
-        losses = losses_row_by_row(lambda i, l: {s: row_losses(model(**i).logits, v) for s, v in l.items()},
-                                   inputs, labels)["factual"]
-        padded = row_losses(model(**inputs).logits, labels["factual"])
-        expected = torch.stack([row_nll(model, tok, "masked_lm", r["masked"], r["factual"]) for r in data])
-    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
-    # a padded batch misses that exactness (by 1e-4 to 1e-2 relative, varying from run to run for Funnel)
-    assert not torch.allclose(padded, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_the_probe_stays_within_the_models_position_limit():
-    """A row as long as the model allows, with a collator that knows no limit: the probe pads within the limit."""
-    model, tok = tiny_model("bert"), tokenizer_for("bert")
-    long = dict(rows()[0], masked=" ".join(["the nurse said that"] * 20) + " [MASK] was good")
-    assert len(tok(long["masked"])["input_ids"]) > 64
-    assert not padding_sensitive(model, GradiendDataCollator(tok, "masked_lm", CLASSES), long, refresh=True)

@@ -64,7 +64,7 @@ def test_fast_forward_gives_the_numbers_of_full_forward_passes(kind, selection):
     editor = gradiend.editor()
     head_rows = []  # the LM head runs on the scored positions only: (1, N, hidden) in, (1, N, vocab) out
     watch = model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(out.shape[0]))
-    forward = GridForward(model, gradiend.selected_parameters().values(), causal=gradiend.objective == "causal_lm")
+    forward = GridForward(model, gradiend.selected_parameters().values(), cut=gradiend.objective == "causal_lm")
     assert forward.start == SELECTIONS[selection][1]
     for ff, lr in [(0.0, 0.0), (1.0, 5.0), (-1.0, 0.5), (0.0, 20.0)]:  # the base first: it records
         if lr:
@@ -115,7 +115,7 @@ def test_a_layer_shared_with_the_outside_is_not_replayed():
     model.transformer.h[1].ln_1.weight = model.transformer.ln_f.weight  # the edited layer's norm is also the final norm
     gradiend = get_gradiend_model(
         model, GradiendConfig(feature_classes=CLASSES, target_parameters=[r"transformer\.h\.1\.ln_1"]))
-    forward = GridForward(model, gradiend.selected_parameters().values(), causal=True)
+    forward = GridForward(model, gradiend.selected_parameters().values(), cut=True)
     assert forward.start == 0
 
 
@@ -124,12 +124,12 @@ def test_causal_inputs_are_cut_after_the_last_scored_position():
     inputs = {"input_ids": torch.arange(12).reshape(2, 6), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     positions = torch.zeros(2, 6, dtype=torch.bool)
     positions[0, 1] = positions[1, 3] = True
-    forward = GridForward(model, [], causal=True)
+    forward = GridForward(model, [], cut=True)
     cut, kept = forward.trim(inputs, positions)
     assert cut["input_ids"].shape == (2, 4) and kept.shape == (2, 4) and kept.sum() == 2
     full = model(**inputs).logits[positions]
     torch.testing.assert_close(forward.logits("k", inputs, positions), full, rtol=1e-5, atol=1e-6)
-    forward = GridForward(model, [], causal=False)
+    forward = GridForward(model, [], cut=False)
     assert forward.trim(inputs, positions)[0]["input_ids"].shape == (2, 6)
 
 
@@ -142,7 +142,7 @@ def test_a_model_that_needs_all_logits_gets_them():
     inputs = {"input_ids": torch.arange(12).reshape(2, 6), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     positions = torch.rand(2, 6, generator=torch.Generator().manual_seed(0)) < 0.5
     positions[1, 5] = True
-    forward = GridForward(model, gradiend.selected_parameters().values(), causal=True)
+    forward = GridForward(model, gradiend.selected_parameters().values(), cut=True)
     with torch.no_grad():
         full = model(**inputs).logits[positions]
     for _ in range(2):  # records, then replays

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 
 from ..data import MASK
+from ..layout import padded_passes_exact
 from ..lengths import check_rows, collator_for
-from ..objective import lm_objective
-from ..padding import padding_sensitive
+from ..objective import CAUSAL_LM, lm_objective
 from .probabilities import chunked_word_batches, class_probabilities, word_probabilities
 
 logger = logging.getLogger("gradiend_hf")
@@ -75,8 +75,8 @@ def context_probabilities(
     rows = [dict(masked=c, factual=words[0], alternative=words[0], factual_class=classes[0],
                  alternative_class=classes[1]) for c in contexts]
     check_rows(rows, collate)
-    if rows and padding_sensitive(base_model, collate, rows[0]):
-        batch_size = 1
+    if not padded_passes_exact(base_model, lm_objective(objective) == CAUSAL_LM, collate.max_length):
+        batch_size = 1  # padding would change its numbers
     parts = []
     for batches in chunked_word_batches(rows, words, collate, batch_size):
         probs = class_probabilities(word_probabilities(base_model, batches), words_by_class)

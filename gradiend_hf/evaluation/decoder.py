@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..edit import Edit
+from ..layout import layout_rules, padded_passes_exact
 from ..lengths import check_rows, collator_for
 from ..objective import CAUSAL_LM
-from ..padding import padding_sensitive
 from .lms import language_modelling_score, lms_batches
 from .probabilities import chunked_word_batches, class_probabilities, class_words, word_probabilities
 from .replay import GridForward
@@ -135,7 +135,7 @@ def evaluate_decoder(
     Every row is tokenised with every class word before the first model pass: a row longer than the model's position
     limit is refused naming it (truncation='left' cuts its left context instead). Neutral texts are scored on their
     first min(neutral_max_length, limit) tokens (None: the model's limit, or every token if it has none). A model
-    whose results change with padding (padding.py) is run one row per pass."""
+    whose results padding would change (layout.padded_passes_exact) is run one row per pass."""
     from ..schema import prepare_rows
 
     classes = model.gradiend_config.feature_classes
@@ -147,14 +147,18 @@ def evaluate_decoder(
     collate = collator_for(base_model, tokenizer, objective, classes, truncation)
     words = class_words(rows, classes, tokenizer)
     check_rows(rows, collate)
-    if padding_sensitive(base_model, collate, rows[0]):
+    causal = objective == CAUSAL_LM
+    if not padded_passes_exact(base_model, causal, collate.max_length):
+        logger.info("%s: padding would change its numbers, so it is evaluated one row per pass.",
+                    type(base_model).__name__)
         batch_size = 1
     prepared = chunked_word_batches(rows, [w for ws in words.values() for w in ws], collate, batch_size)
     lengths = [n for n in (neutral_max_length, collate.max_length) if n is not None]
     neutral = lms_batches(tokenizer, list(neutral_texts), objective, batch_size=batch_size,
                           max_length=min(lengths) if lengths else None, seed=seed)
     # the base runs first: it records what the first edited layer receives, the candidates start from there
-    forward = GridForward(base_model, model.selected_parameters().values(), causal=objective == CAUSAL_LM)
+    forward = GridForward(base_model, model.selected_parameters().values(),
+                          cut=layout_rules(base_model, causal, mask_kind=None).cut)
 
     def measure(ff: float, lr: float, is_base: bool) -> dict[str, Any]:
         per_row = [class_probabilities(word_probabilities(base_model, batches, forward), words) for batches in prepared]

@@ -11,7 +11,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import RowTooLongError
-from ..padding import padding_sensitive
 
 
 def row_labels(frame: pd.DataFrame, feature_classes: Sequence[str], source: str) -> np.ndarray:
@@ -54,11 +53,9 @@ def encode_dataset(
 
     Rows are encoded in batches of similar token length (the per-row values do not depend on the batch), so that
     little of the forward-mode work goes into padding; the frame keeps the rows' order. A base model whose results
-    change with padding (padding.py, checked on the first row) is encoded one row per batch, i.e. without padding."""
+    padding would change runs such batches row by row inside the engine (layout.py), so every h is the row's own."""
     values = []
     order = sorted(range(len(rows)), key=token_lengths(rows, collate).__getitem__) if rows else []
-    if rows and padding_sensitive(model.get_base_model(), collate, rows[0]):
-        batch_size = 1
     total = (len(rows) + batch_size - 1) // batch_size
     for chunk in tqdm(batches(order, batch_size), total=total, desc="encoding", disable=not progress, leave=False):
         values.append(model.encode_rows(collate([rows[i] for i in chunk])).cpu())

@@ -69,10 +69,10 @@ class GridForward:
     """
 
     def __init__(
-        self, model: nn.Module, selected: Iterable[torch.Tensor], causal: bool, cache_bytes: int = DEFAULT_CACHE_BYTES
+        self, model: nn.Module, selected: Iterable[torch.Tensor], cut: bool, cache_bytes: int = DEFAULT_CACHE_BYTES
     ):
         self.model = model
-        self.causal = causal
+        self.cut = cut  # a row's columns after its last scored position cannot change it (layout_rules(...).cut)
         self.layers = layer_stack(model)
         self.start = first_edited_layer(model, self.layers, list(selected))
         self.cache_bytes = cache_bytes
@@ -96,8 +96,8 @@ class GridForward:
     def trim(
         self, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Causal models: drop the columns after the last scored position (they cannot change it)."""
-        if not self.causal or not positions.any():
+        """Where the model allows it (cut): drop the columns after the last scored position (they cannot change it)."""
+        if not self.cut or not positions.any():
             return dict(inputs), positions
         width = int(positions.any(0).nonzero().max()) + 1
         shape = positions.shape
