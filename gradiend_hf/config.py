@@ -125,6 +125,9 @@ class GradiendConfig(PeftConfig):
             The base parameters the saved adapter covers, in model order. Every loader (GradiendModel and the PEFT
             routes) requires exactly these on the base and in the weights file, so an adapter for a deeper model never
             applies part of its edit silently.
+        kept_entries (`dict[str, int]`, *optional*):
+            Per parameter of a pruned adapter, the number of entries it keeps; written on save. transformers' loaders
+            size the adapter's tensors from the config before they read the file, so they need it.
 
     Inherited from `PeftConfig`: `base_model_name_or_path` (filled in from the base model when wrapping), `revision`,
     `task_type`, `inference_mode`.
@@ -225,6 +228,14 @@ class GradiendConfig(PeftConfig):
         },
     )
 
+    kept_entries: Optional[dict[str, int]] = field(
+        default=None,
+        metadata={
+            "help": "Per parameter of a pruned adapter, the number of entries it keeps; written on save (transformers' "
+            "loaders size the adapter's tensors from the config before they read the file)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.peft_type = GradiendType.GRADIEND
         super().__post_init__()
@@ -304,6 +315,11 @@ class GradiendConfig(PeftConfig):
         _typed("parameters", self.parameters, list, optional=True)
         if self.parameters is not None and not all(isinstance(n, str) for n in self.parameters):
             raise ValueError("parameters must be a list of base parameter names (strings).")
+        _typed("kept_entries", self.kept_entries, dict, optional=True)
+        for name, kept in (self.kept_entries or {}).items():
+            _typed(f"kept_entries[{name!r}]", kept, int)
+            if kept < 1:
+                raise ValueError(f"GradiendConfig.kept_entries[{name!r}]={kept} must be at least 1.")
 
     # --- JSON round trip -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -323,6 +323,7 @@ class GradiendModel(nn.Module):
         return self.gradiend_config.with_updates(
             encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()],
             parameters=list(self.bottleneck.names),
+            kept_entries={n: int(i.numel()) for n, i in self.bottleneck.indices.items() if i is not None} or None,
             # PEFT's convention for a config without task_type: AutoPeftModel* rebuild the base from this class
             auto_mapping=self.auto_mapping(),
         )

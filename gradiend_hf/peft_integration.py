@@ -645,7 +645,8 @@ class GradiendTuner(BaseTuner):
         else:
             shapes = dict(view.named_parameters())
             names = _recorded_parameters(view, config, shapes)
-            specs = {n: (shapes[n].shape, None) for n in names}
+            kept = config.kept_entries or {}  # a pruned adapter's sizes, so that transformers' loaders fit the file
+            specs = {n: (shapes[n].shape, kept.get(n)) for n in names}
         check_objective(model, config)
         if not specs:
             raise ValueError("This GRADIEND adapter selects no base parameter; nothing to inject.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -155,11 +155,20 @@ def check_objective(base_model: nn.Module, config: GradiendConfig) -> None:
         )
 
 
-def check_complete(config: GradiendConfig, names: Iterable[str]) -> None:
-    """The weights file covers exactly the parameters its config lists (`parameters`, written on save)."""
+def check_complete(config: GradiendConfig, grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """The weights file covers exactly the parameters its config lists (`parameters`), pruned to the sizes it lists
+    (`kept_entries`); both are written on save."""
+    kept = {n: int(kinds["index"].numel()) for n, kinds in grouped.items() if "index" in kinds}
+    if config.kept_entries is not None and kept != config.kept_entries:
+        wrong = sorted(set(kept.items()) ^ set(config.kept_entries.items()))
+        raise ValueError(
+            f"The adapter's weights file does not match its config: the pruned sizes differ ({wrong[:3]}"
+            f"{' ...' if len(wrong) > 3 else ''} as (parameter, kept entries), file vs `kept_entries`). The folder "
+            "mixes two adapters or was damaged; save it again."
+        )
     if config.parameters is None:  # written before `parameters` existed: the per-tensor checks still apply
         return
-    names = list(names)
+    names = list(grouped)
     absent = [n for n in config.parameters if n not in set(names)]
     extra = [n for n in names if n not in set(config.parameters)]
     if absent or extra:

@@ -320,12 +320,28 @@ def test_a_pruned_adapter_loads_through_peft_model(bases, tmp_path):
 
 
 @pytest.mark.parametrize("path_name", ["b", "c"])
-def test_a_pruned_adapter_is_refused_by_transformers_loaders(bases, tmp_path, path_name):
-    """Known limitation: transformers sizes the adapter tensors from the config before reading the file, and the
-    config does not record the pruned sizes, so it refuses the (smaller) pruned tensors. Loud, never silent."""
+def test_a_pruned_adapter_loads_through_transformers_loaders(bases, tmp_path, path_name):
+    """transformers sizes the adapter tensors from the config before reading the file: the config records the pruned
+    sizes (kept_entries), so the layers fit the file and the unmerged model equals GradiendModel's merge."""
     path = save_pruned(bases, tmp_path / "adapter")
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        LOADERS[path_name](bases, "llama", path)
+    kept = json.loads((path / "adapter_config.json").read_text())["kept_entries"]
+    assert kept == {n: int(i.numel()) for n, i in pruned_indices(bases).items()}
+    model = LOADERS[path_name](bases, "llama", path)
+    assert torch.equal(logits(model, "llama"), reference(bases, "llama", path))
+
+
+def test_pruned_sizes_that_differ_from_the_file_are_refused_by_every_loader(bases, tmp_path):
+    path = save_pruned(bases, tmp_path / "adapter")
+    config = json.loads((path / "adapter_config.json").read_text())
+    name = next(iter(config["kept_entries"]))
+    config["kept_entries"][name] += 1
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    for loader in (lambda: GradiendModel.from_pretrained(fresh(bases, "llama"), path),
+                   lambda: LOADERS["a"](bases, "llama", path)):
+        with pytest.raises(ValueError, match="the pruned sizes differ"):
+            loader()
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own report, as loud
+        LOADERS["c"](bases, "llama", path)
 
 
 def test_the_low_level_peft_api_injects_from_the_file_and_so_also_loads_pruned_adapters(bases, tmp_path):
