@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import tempfile
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -130,13 +131,15 @@ def cda_finetune(model: nn.Module, tokenizer: Any, texts: Sequence[str], steps: 
     if not blocks:
         raise ValueError("No text with a gendered word to augment; pass more text.")
     data = Dataset.from_dict({"input_ids": blocks})
+    scratch = tempfile.TemporaryDirectory(prefix="gradiend-cda-")  # Trainer wants a folder; nothing is saved
     args = TrainingArguments(
-        output_dir="/tmp/gradiend-cda", max_steps=steps, per_device_train_batch_size=batch_size,
+        output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, save_strategy="no", report_to=[], seed=seed, logging_steps=max(steps // 5, 1),
         disable_tqdm=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=not causal)
-    Trainer(model=tuned, args=args, train_dataset=data, data_collator=collator).train()
+    with scratch:
+        Trainer(model=tuned, args=args, train_dataset=data, data_collator=collator).train()
     tuned.eval()
     tuned.requires_grad_(False)
     return tuned
