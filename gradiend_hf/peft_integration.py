@@ -427,6 +427,21 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
                     p.data.copy_(new)
             self.merged_adapters.append(adapter_name)
 
+    def unload_and_optionally_merge_module(
+        self, merge: bool = True, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        """The wrapped module, with the layers nested inside it unwrapped first (deepest first) and every edit merged
+        if `merge`. PEFT's unloading calls this; it never visits modules inside a tuner layer, so a nested layer would
+        otherwise stay behind, still adding its delta to a 'plain' model."""
+        nested = [(n, m) for n, m in self.base_layer.named_modules() if isinstance(m, GradiendLayer)]
+        for path, inner in reversed(nested):
+            parent_path, name = _split(path)
+            plain = inner.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
+            setattr(self.base_layer.get_submodule(parent_path), name, plain)
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.get_base_layer()
+
     def unmerge(self) -> None:
         """p -= delta in place (exact up to floating-point rounding, as for LoRA)."""
         if not self.merged:
@@ -751,11 +766,11 @@ def merge_and_unload_gradiend(model: nn.Module, safe_merge: bool = False) -> nn.
     if isinstance(model, PeftModel):
         return model.merge_and_unload(safe_merge=safe_merge)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GradiendLayer)]
-    for _, layer in layers:
-        layer.merge(safe_merge=safe_merge)
-    for name, layer in layers:
+    outermost = [(n, m) for n, m in layers if not any(n.startswith(f"{other}.") for other, _ in layers)]
+    for name, layer in outermost:  # each unwraps and merges the layers nested inside it first
         parent_name, child = _split(name)
-        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+        plain = layer.unload_and_optionally_merge_module(safe_merge=safe_merge)
+        setattr(model.get_submodule(parent_name), child, plain)
     if hasattr(model, "peft_config"):
         del model.peft_config
     if hasattr(model, "_hf_peft_config_loaded"):

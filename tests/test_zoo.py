@@ -8,6 +8,8 @@ Per architecture, on rows of different lengths (padding; rows longer than the 4-
 - merge_and_unload writes theta + lr * (W_d * ff + b_d), computed here by hand.
 Windowed causal models also run a batch of rows inside the window first (packed), so that nothing decided on short rows
 carries over to long ones.
+The same architectures are saved and loaded (GradiendModel and PEFT's three routes) in test_zoo_adapters.py, and
+trained one step and evaluated on a decoder grid in test_zoo_training.py.
 """
 
 from __future__ import annotations
