@@ -57,6 +57,16 @@ def bert():
 
 # --- oracles: one row per forward, texts tokenised whole -------------------------------------------------------
 @torch.no_grad()
+def bias_bench_oracle(model, tok, text):
+    """Bias Bench's GPT-2 score, by hand: P(first token | <|endoftext|>) from a pass over the start token alone, every
+    later token from a pass over the text alone; the mean of the log-probabilities."""
+    ids = tok(text)["input_ids"]
+    first = model(input_ids=torch.tensor([[tok.eos_token_id]])).logits[0, -1].float().log_softmax(-1)[ids[0]]
+    rest = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return float((first + sum(rest[i - 1, ids[i]] for i in range(1, len(ids)))) / len(ids))
+
+
+@torch.no_grad()
 def causal_sentence_oracle(model, tok, text):
     """log P(text) after GPT-2's <|endoftext|>, summed by hand over the whole text's tokens."""
     ids = [tok.eos_token_id] + tok(text)["input_ids"]
@@ -171,8 +181,8 @@ def test_crows_pairs_causal_matches_hand_sentence_likelihoods_and_direction(gpt2
     assert set(examples["stereo_antistereo"]) == {"stereo", "antistereo"}  # both directions in this subset
     preferred = []
     for row in examples.itertuples():
-        more = causal_sentence_oracle(model, tok, row.sent_more)
-        less = causal_sentence_oracle(model, tok, row.sent_less)
+        more = bias_bench_oracle(model, tok, row.sent_more)
+        less = bias_bench_oracle(model, tok, row.sent_less)
         assert row.sent_more_score == pytest.approx(more, abs=TOL)
         assert row.sent_less_score == pytest.approx(less, abs=TOL)
         stereo, anti = (more, less) if row.stereo_antistereo == "stereo" else (less, more)
@@ -239,7 +249,7 @@ def test_stereoset_causal_end_to_end_matches_hand_sentences(gpt2):
     result = stereoset(model, tok, domain="gender", limit=5, n_resamples=30, averaging="example", progress=False)
     pro, related = [], []
     for row in result.examples.itertuples():
-        s, a, u = (causal_sentence_oracle(model, tok, getattr(row, f"{label}_sentence"))
+        s, a, u = (bias_bench_oracle(model, tok, getattr(row, f"{label}_sentence"))
                    for label in ("stereotype", "anti_stereotype", "unrelated"))
         assert (row.stereotype_score, row.anti_stereotype_score, row.unrelated_score) == pytest.approx(
             (s, a, u), abs=TOL)

@@ -2,8 +2,9 @@
 
 Masked LMs: the pseudo-log-likelihood of the tokens both sentences share (difflib matching of the two token id
 sequences, special tokens left out): each shared token is masked alone and log P(it) summed, so the words that differ
-are conditioned on, never scored. Causal LMs: the sentence log-likelihood log P(sentence), every token scored after
-a start token (likelihoods.start_ids), as Bias Bench scores GPT-2.
+are conditioned on, never scored. Causal LMs: the mean log-probability per token of the sentence, exactly as Bias
+Bench scores GPT-2 (likelihoods.bias_bench_scores: the first token after the start token alone, the rest after the
+sentence's own earlier tokens).
 Score: % of pairs whose stereotypical sentence scores higher (sent_more for 'stereo' pairs, sent_less for
 'antistereo' pairs); 50 = no preference. Ties count half.
 """
@@ -19,7 +20,7 @@ from ..objective import MASKED_LM
 from .bias_data import read_crows_pairs
 from .bias_scores import crows_pairs_score, preference, stereotype_orientation
 from .bootstrap import CONFIDENCE, N_RESAMPLES
-from .likelihoods import MaskedQuery, Scorer, masked_logprobs, scorer_for, sentence_logprobs
+from .likelihoods import MaskedQuery, Scorer, bias_bench_scores, masked_logprobs, scorer_for
 from .results import BenchmarkResult, subsample, summary_table
 
 
@@ -57,10 +58,10 @@ def shared_token_queries(tokenizer: Any, first: str, second: str) -> tuple[list[
 def pair_loglikelihoods(scorer: Scorer, first: Sequence[str], second: Sequence[str],
                         names: Optional[Sequence[str]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Per pair, the two sentences' scores: pseudo-log-likelihood of the shared tokens (masked LM) or sentence
-    log-likelihood (causal LM)."""
+    mean token log-probability (causal LM, Bias Bench's score)."""
     names = list(names) if names is not None else [f"Pair {i}" for i in range(len(first))]
     if scorer.objective != MASKED_LM:
-        scores, _ = sentence_logprobs(scorer, list(first) + list(second), "CrowS-Pairs sentences", names + names)
+        scores = bias_bench_scores(scorer, list(first) + list(second), "CrowS-Pairs sentences", names + names)
         return scores[: len(first)], scores[len(first) :]
     queries, owners, query_names = [], [], []
     for i, (a, b) in enumerate(zip(first, second)):
@@ -108,6 +109,6 @@ def crows_pairs(
                           lambda part: {"score": crows_pairs_score(part["stereo_score"], part["anti_score"])},
                           groups, n_resamples, confidence, seed)
     settings = {"objective": scorer.objective, "scoring": "pseudo-log-likelihood of shared tokens"
-                if scorer.objective == MASKED_LM else "sentence log-likelihood", "bias_types": groups,
+                if scorer.objective == MASKED_LM else "mean token log-probability (Bias Bench)", "bias_types": groups,
                 "n_resamples": n_resamples, "confidence": confidence, **sample}
     return CrowsPairsResult("crows_pairs", examples, table, settings)

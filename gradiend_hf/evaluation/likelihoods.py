@@ -174,6 +174,37 @@ def sentence_logprobs(scorer: Scorer, texts: Sequence[str], desc: str = "sentenc
     return causal_logprobs(scorer, sequences, [max(len(start), 1)] * len(sequences), desc, names)
 
 
+@torch.no_grad()
+def bias_bench_scores(scorer: Scorer, texts: Sequence[str], desc: str = "sentences",
+                      names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Mean log-probability per token of each text, as Bias Bench scores causal LMs on CrowS-Pairs and StereoSet (the
+    log of its geometric-mean token probability): the first token from the start tokens alone (start_ids), every
+    later one from the text's own earlier tokens, without the start tokens. Length-normalised, so a group word of more
+    tokens is not penalised for its length."""
+    encoded = scorer.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    for text, ids in zip(texts, encoded):
+        if not ids:
+            raise ValueError(f"The text {text!r} tokenizes to nothing.")
+    check_lengths(scorer, encoded, list(names) if names is not None else [f"Text {i}" for i in range(len(texts))])
+    start = start_ids(scorer.tokenizer)
+    first = np.zeros(len(encoded))
+    if start:
+        inputs = torch.tensor([start], device=scorer.device)
+        logp = scorer.model(input_ids=inputs, **forward_kwargs(scorer.model)).logits[0, -1].float().log_softmax(-1)
+        first = logp[[ids[0] for ids in encoded]].double().cpu().numpy()
+    longer = [i for i, ids in enumerate(encoded) if len(ids) > 1]
+    sums, counts = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=int)
+    if longer:
+        rest, n = causal_logprobs(scorer, [encoded[i] for i in longer], [1] * len(longer), desc,
+                                  [names[i] for i in longer] if names is not None else None)
+        sums[longer], counts[longer] = rest, n
+    scored = counts + (1 if start else 0)
+    if (scored == 0).any():
+        raise ValueError(f"The text {texts[int(np.argmax(scored == 0))]!r} is one token and the tokenizer has no start "
+                         "token to score it after.")
+    return (sums + first) / scored
+
+
 def continuation_logprobs(scorer: Scorer, prompts: Sequence[str], continuations: Sequence[str],
                           desc: str = "continuations", names: Optional[Sequence[str]] = None
                           ) -> tuple[np.ndarray, np.ndarray]:

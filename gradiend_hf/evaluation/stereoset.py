@@ -4,7 +4,7 @@ Each triple's three candidates are scored in their sentence (the context with BL
 masked LMs score the word in the blank, the mean log-probability of its tokens with progressive unmasking (token j
 masked, the word's earlier tokens in place, its later ones left out; as the paper's masked-LM evaluation; the word
 count is taken at the first BLANK of the two contexts that have two, the second holding the word); causal LMs score
-the whole sentence log-likelihood (every token after a start token).
+the sentence's mean log-probability per token, exactly as Bias Bench scores GPT-2 (likelihoods.bias_bench_scores).
 SS: % stereotype preferred over anti-stereotype; LMS: % of the meaningful-vs-unrelated comparisons (stereotype vs
 unrelated, anti-stereotype vs unrelated) won by the meaningful sentence; ICAT = LMS * min(SS, 100 - SS) / 50.
 averaging='target' (default) averages SS and LMS over target terms within a domain as the official evaluation
@@ -22,7 +22,7 @@ from ..objective import MASKED_LM
 from .bias_data import BLANK, read_stereoset
 from .bias_scores import preference, stereoset_scores
 from .bootstrap import CONFIDENCE, N_RESAMPLES
-from .likelihoods import Scorer, masked_logprobs, progressive_queries, scorer_for, sentence_logprobs
+from .likelihoods import Scorer, bias_bench_scores, masked_logprobs, progressive_queries, scorer_for
 from .results import BenchmarkResult, subsample, summary_table
 
 LABELS = ("stereotype", "anti_stereotype", "unrelated")
@@ -50,12 +50,12 @@ class StereoSetResult(BenchmarkResult):
 
 
 def candidate_scores(scorer: Scorer, frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Per label, each triple's candidate score (mean token log-prob of the word for masked LMs, sentence
-    log-likelihood for causal LMs)."""
+    """Per label, each triple's candidate score (mean token log-prob of the word for masked LMs, of the sentence for
+    causal LMs)."""
     names = [f"StereoSet example {i}" for i in frame["id"]]
     if scorer.objective != MASKED_LM:
         texts = [t for label in LABELS for t in frame[f"{label}_sentence"]]
-        scores, _ = sentence_logprobs(scorer, texts, "StereoSet sentences", names * len(LABELS))
+        scores = bias_bench_scores(scorer, texts, "StereoSet sentences", names * len(LABELS))
         return {label: scores[k * len(frame) : (k + 1) * len(frame)] for k, label in enumerate(LABELS)}
     queries, owners, query_names = [], [], []
     for k, label in enumerate(LABELS):
@@ -117,5 +117,6 @@ def stereoset(
                           seed).rename(columns={"bias_type": "domain"})
     settings = {"objective": scorer.objective, "averaging": averaging, "domains": groups,
                 "scoring": "mean token log-prob of the word, progressive unmasking" if scorer.objective == MASKED_LM
-                else "sentence log-likelihood", "n_resamples": n_resamples, "confidence": confidence, **sample}
+                else "mean token log-probability (Bias Bench)", "n_resamples": n_resamples, "confidence": confidence,
+                **sample}
     return StereoSetResult("stereoset", examples, table, settings)
