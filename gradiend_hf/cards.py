@@ -299,14 +299,14 @@ def merged_card(
     with_tokenizer: bool = True,
     training_data: Optional[str] = None,
     encoder_correlation: Optional[float] = None,
-    benchmarks: Optional[Sequence[Mapping[str, Any]]] = None,
+    benchmarks: Optional[str] = None,
 ) -> ModelCard:
     """The README.md of a model edited by GRADIEND: an ordinary transformers model, loadable without gradiend_hf.
 
     `config` is the adapter's GradiendConfig (`model.gradiend_config`); `edit` is the merged edit when it is not the
     one stored in the config. `with_tokenizer=False` tells readers to take the tokenizer from the base model.
-    `benchmarks`: headline rows of the public bias benchmarks (evaluation.benchmarks.headline_rows plus `model`: base
-    or a goal); the card shows the base and this edit's goal.
+    `benchmarks`: a markdown table of the public bias benchmarks, the base model vs this model (the job's report
+    renders it from its results).
     """
     fields = template_fields(
         config, edit=edit, training_data=training_data, encoder_correlation=encoder_correlation, repo_id=repo_id
@@ -326,18 +326,6 @@ def merged_card(
         tags=_tags(config, "debiased" if fields["goal"] == "balance" and debiased(
             (edit.metrics if edit is not None else config.evaluation) or {}, config.feature_classes) else "edited"),
     )
-    fields.update(with_tokenizer=with_tokenizer, benchmark_table=benchmark_table(benchmarks, fields["goal"]))
+    fields.update(with_tokenizer=with_tokenizer, benchmark_table=benchmarks)
     return ModelCard.from_template(data, template_path=template_path("merged.md"), **fields)
 
-
-def benchmark_table(rows: Optional[Sequence[Mapping[str, Any]]], goal: Optional[str]) -> Optional[str]:
-    """Markdown table of the bias benchmarks: the base model and this model (the rows of `goal`)."""
-    from .evaluation.benchmarks import comparison_table
-
-    names = {"base": "base model", goal: "this model"}
-    chosen = [dict(row, model=names[row["model"]]) for row in rows or [] if row["model"] in names]
-    if not chosen or not any(row["model"] == "this model" for row in chosen):
-        return None
-    header, cells = comparison_table(chosen)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])

@@ -344,6 +344,7 @@ def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: O
     """Merge `edit` into the base (in place; the adapter lets go of it) and save a plain transformers model + card,
     replacing the folder atomically (a reader sees the earlier model or this one)."""
     from ..cards import merged_card
+    from .report import card_benchmark_table
 
     out = Path(out) if out is not None else model_folder(run, edit)
     check_model_output(out, run.root)
@@ -355,7 +356,8 @@ def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: O
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             card = merged_card(config, edit=edit, with_tokenizer=True, training_data=data_text,
-                               encoder_correlation=encoder_correlation, benchmarks=recorded_benchmarks(run))
+                               encoder_correlation=encoder_correlation,
+                               benchmarks=card_benchmark_table(recorded_benchmarks(run), edit.goal))
             names = sorted(set(os.listdir(tmp)) - {"README.md", "config.json"}) + ["config.json"]  # config last
             writers: dict[str, Callable[[Path], None]] = {"README.md": lambda path: card.save(path)}
             writers.update({name: (lambda path, src=os.path.join(tmp, name): os.replace(src, path)) for name in names})

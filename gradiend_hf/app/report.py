@@ -15,7 +15,7 @@ import inspect
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from ..atomic import write_text_atomically
 
@@ -230,6 +230,17 @@ def edit_rows(evaluation: dict[str, Any], a: str, b: str) -> list[list[str]]:
             row += distinct(m["base_perplexity"], m["perplexity"])
         rows.append(row)
     return rows
+
+
+def card_benchmark_table(rows: Optional[Sequence[Mapping[str, Any]]], goal: Optional[str]) -> Optional[str]:
+    """The bias benchmarks for a saved model's card: the base model and this model (the rows of `goal`)."""
+    from ..evaluation.benchmarks import comparison_table
+
+    names = {"base": "base model", goal: "this model"}
+    chosen = [dict(row, model=names[row["model"]]) for row in rows or [] if row["model"] in names]
+    if not any(row["model"] == "this model" for row in chosen):
+        return None
+    return _table(*comparison_table(chosen))
 
 
 def write_report(run) -> Path:
