@@ -324,8 +324,8 @@ def score_benchmarks(job: JobConfig, run: RunFolder, model, tokenizer, edits: di
             with model.apply_edit(edit) if edit is not None else nullcontext():
                 for benchmark, subset in spec.benchmark_plan().items():
                     result = run_benchmark(benchmark, model, tokenizer, subset, limit=spec.benchmark_limit)
-                    subset = subset if subset is not None else BENCHMARKS[benchmark].default_subset
-                    rows += [{"model": name, "subset": subset, **row} for row in headline_rows(result)]
+                    used = BENCHMARKS[benchmark].subset_for(subset)
+                    rows += [{"model": name, "subset": used, **row} for row in headline_rows(result)]
                     details[f"{name}/{benchmark}"] = result.to_dict()
         write_csv(pd.DataFrame(rows), run.results / "benchmarks.csv")
         run.write_json("benchmarks.json", details)
@@ -366,9 +366,10 @@ def rewrite(job: JobConfig, run: RunFolder, model, tokenizer, edit: Edit, out: O
 
 
 def recorded_benchmarks(run: RunFolder) -> Optional[list[dict[str, Any]]]:
-    """The bias benchmark rows of the run's evaluation (None when none were scored)."""
-    path = run.results / "evaluation.json"
-    return json.loads(path.read_text()).get("benchmarks") if path.is_file() else None
+    """The bias benchmark rows of this run's evaluation (None when none were scored or it was not evaluated)."""
+    if not (run.results / "evaluation.json").is_file():
+        return None
+    return run.read_json("evaluation.json").get("benchmarks")  # refuses another run's results
 
 
 def check_reload(job: JobConfig, run: RunFolder, folder: Path, tokenizer, classes: list[str]) -> Optional[dict]:

@@ -26,6 +26,14 @@ class Benchmark:
     headline: dict[str, Optional[float]]
     title: str
 
+    def subset_for(self, subset: Optional[str]) -> Optional[str]:
+        """The subset scored for `subset` (None: the default one; always None for a benchmark without subsets)."""
+        return subset if subset is not None else self.default_subset
+
+    def subset_args(self, subset: Optional[str]) -> tuple[str, ...]:
+        """The positional subset argument of `run` and `read` (none for a benchmark without subsets)."""
+        return (self.subset_for(subset),) if self.default_subset is not None else ()
+
 
 BENCHMARKS = {
     "crows_pairs": Benchmark("crows_pairs", crows_pairs, read_crows_pairs, "gender", {"score": 50.0}, "CrowS-Pairs"),
@@ -46,7 +54,7 @@ def check_benchmark(name: str, subset: Optional[str], read: bool = False) -> Non
     if subset is not None and spec.default_subset is None:
         raise ValueError(f"{name} has no subsets (got {subset!r}); write `{name}: null`.")
     if read:
-        spec.read(*([subset or spec.default_subset] if spec.default_subset is not None else []))
+        spec.read(*spec.subset_args(subset))
 
 
 def run_benchmark(name: str, model: Any, tokenizer: Any, subset: Optional[str] = None, limit: Optional[int] = None,
@@ -55,9 +63,7 @@ def run_benchmark(name: str, model: Any, tokenizer: Any, subset: Optional[str] =
     bias type / domain / category (default: the benchmark's gender subset)."""
     check_benchmark(name, subset)
     spec = BENCHMARKS[name]
-    subset = subset if subset is not None else spec.default_subset
-    args = (subset,) if spec.default_subset is not None else ()
-    return spec.run(model, tokenizer, *args, limit=limit, seed=seed, progress=progress)
+    return spec.run(model, tokenizer, *spec.subset_args(subset), limit=limit, seed=seed, progress=progress)
 
 
 def headline_rows(result: BenchmarkResult) -> list[dict[str, Any]]:
