@@ -470,17 +470,24 @@ class GradiendLayer(nn.Module, BaseTunerLayer):
         return "gradiend." + super().__repr__()
 
 
+_CONTAINERS = frozenset(PREFIX + kind for kind in KINDS)
+
+
 def _is_adapter_key(key: str) -> bool:
     """True for `<path>.gradiend_<kind>.<adapter>.<param>`: a tensor of a GRADIEND layer, not of the base model."""
     parts = key.split(".")
     return len(parts) >= 3 and parts[-3] in _CONTAINERS
 
 
-_CONTAINERS = frozenset(PREFIX + kind for kind in KINDS)
+def _holds_nested_layers(module: nn.Module) -> bool:
+    """Whether a GRADIEND layer sits inside this layer's wrapped module (only then do the key hooks have work)."""
+    return any(isinstance(m, GradiendLayer) for m in module._modules["base_layer"].modules())
 
 
 def _name_nested_adapter_keys_cleanly(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     """state_dict post-hook: `<prefix>base_layer.<child>...gradiend_<kind>...` -> `<prefix><child>...` (order kept)."""
+    if not _holds_nested_layers(module):
+        return
     inner = prefix + "base_layer."
     renamed = {k: prefix + k[len(inner):] for k in state_dict if k.startswith(inner) and _is_adapter_key(k)}
     if renamed:
@@ -492,6 +499,8 @@ def _name_nested_adapter_keys_cleanly(module: nn.Module, state_dict: dict, prefi
 def _route_nested_adapter_keys_to_base_layer(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
     """load_state_dict pre-hook, the inverse of the post-hook: a clean key of a nested layer's adapter tensor goes to
     `<prefix>base_layer.<child>...`, where the nested layer lives."""
+    if not _holds_nested_layers(module):
+        return
     children = module._modules["base_layer"]._modules
     for key in [k for k in state_dict if k.startswith(prefix)]:
         relative = key[len(prefix):]
