@@ -159,6 +159,9 @@ def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, 
      "offline text) or a list of existing text files. Did you mean 'wikipedia'?"),  # a path next to the job file
     ({"evaluation": {"goals": ["female", "blance"]}}, "evaluation.goals has 'blance'"),
     ({"model_class": "seq2seq"}, "model_class is 'seq2seq'; allowed values: auto, causal_lm, masked_lm"),
+    ({"evaluation": {"benchmarks": ["seat"]}}, "Unknown benchmark 'seat'; choose from ['bbq', 'crows_pairs',"),
+    ({"evaluation": {"benchmarks": {"crows_pairs": "gendr"}}}, "Unknown CrowS-Pairs bias type ['gendr']; choose from"),
+    ({"evaluation": {"benchmarks": {"winogender": "gender"}}}, "winogender has no subsets"),
 ])
 def test_a_bad_job_file_fails_at_once_naming_the_key_and_the_fix(tmp_path, capsys, change, message):
     job = write_job(tmp_path, **change)
