@@ -2,9 +2,9 @@
 does through gradiend_hf.app.pipeline, written out step by step).
 
 Rows come from the data-creation recipe (Wikipedia name templates, names held out between splits); pre-pruning keeps
-the top 1% of the backbone's weights by |mean gradient|; the encoder is evaluated on held-out names; the decoder grid
-picks the strengthening edits on held-out rows and the balance edit in gender-neutral contexts; the debiased model is
-saved as a plain transformers folder.
+the top 1% of the backbone's weights by |mean gradient|; training stops once the encoder has converged and stopped
+improving; the encoder is evaluated on held-out names; the decoder search picks the strengthening edits on held-out
+rows and the balance edit in gender-neutral contexts; the debiased model is saved as a plain transformers folder.
 
     .venv/bin/python examples/gender_smollm2.py --out runs/gender
 """
@@ -18,8 +18,7 @@ from pathlib import Path
 from gradiend_hf import (GradiendConfig, GradiendTrainer, GradiendTrainingArguments, evaluate_decoder,
                          evaluate_encoder, get_gradiend_model)
 from gradiend_hf.creation import english_gender_names, wikipedia_texts
-from gradiend_hf.evaluation.contexts import (balance_in_contexts, context_probabilities, gender_neutral_contexts,
-                                             summarise_contexts)
+from gradiend_hf.evaluation.contexts import context_probabilities, gender_neutral_contexts, summarise_contexts
 from gradiend_hf.evaluation.probabilities import class_words
 from gradiend_hf.offline import load_smollm2
 from gradiend_hf.plotting import plot_decoder, plot_encoder, plot_training
@@ -43,7 +42,7 @@ def main() -> None:
         model=model,
         args=GradiendTrainingArguments(output_dir=str(out / "training"), learning_rate=args.learning_rate,
                                        max_steps=args.steps, eval_steps=50, save_steps=50, logging_steps=10,
-                                       per_device_train_batch_size=4, max_eval_rows=32,
+                                       per_device_train_batch_size=4, max_eval_rows=32, early_stopping_patience=1,
                                        fail_if_not_converged=True),  # never edit with an encoder that learnt nothing
         train_dataset=data["train"], eval_dataset=data["validation"], processing_class=tokenizer,
     )  # pre-pruning happens here, from training rows
@@ -58,11 +57,12 @@ def main() -> None:
     if abs(encoder.correlation) < 0.8:
         raise SystemExit(f"held-out encoder |correlation| {abs(encoder.correlation):.3f} < 0.8: no edit is made.")
 
-    decoder = evaluate_decoder(model, test.select(range(args.rows)), tokenizer,
-                               neutral_texts=data["neutral"]["text"][: args.rows])
     contexts, words = gender_neutral_contexts(), class_words(list(test), classes, tokenizer)
-    edits = {goal: decoder.best(goal) for goal in classes}
-    edits["balance"], _ = balance_in_contexts(model, decoder, tokenizer, contexts, words)
+    goals = ["balance", *classes]  # balance: judged in the neutral contexts, where the text leaves the class open
+    decoder = evaluate_decoder(model, test.select(range(args.rows)), tokenizer,
+                               neutral_texts=data["neutral"]["text"][: args.rows], goals=goals,
+                               neutral_contexts=contexts, context_words=words)
+    edits = {goal: decoder.best(goal) for goal in goals}
     plot_decoder(decoder, edits.values(), out / "decoder.png")
     before = summarise_contexts(context_probabilities(base, tokenizer, model.objective, contexts, words), classes)
     print(f"base: P(female)/P(male) in neutral contexts {before['ratio']:.3f}")

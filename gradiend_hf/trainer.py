@@ -103,6 +103,13 @@ class GradiendTrainingArguments(TrainingArguments):
             |mean h| both classes need at the best step, with opposite signs.
         fail_if_not_converged (`bool`, defaults to `False`, added):
             Raise at the end of training when the run did not converge (else warn and record why).
+        early_stopping_patience (`int`, *optional*, added):
+            Stop once the run has converged (the `convergence_*` tests hold at its best evaluation) and that many
+            evaluations in a row have not raised the best |correlation| by more than `early_stopping_threshold`
+            (the names of transformers' EarlyStoppingCallback; None: train all `max_steps`). The encoder is then
+            final; the best checkpoint is loaded at the end as always.
+        early_stopping_threshold (`float`, defaults to `0.001`, added):
+            The rise of the best |correlation| that counts as an improvement.
         sign_normalisation (`bool`, defaults to `True`, added):
             After each evaluation negate the bottleneck (and the optimizer's first moments) when the correlation is
             negative, so the first feature class reads +1. The flip is an exact symmetry of the model and of AdamW.
@@ -175,6 +182,10 @@ class GradiendTrainingArguments(TrainingArguments):
     convergence_correlation: float = field(default=0.5, metadata={"help": "Converged: |correlation| at least this."})
     convergence_mean: float = field(default=0.5, metadata={"help": "Converged: both class means |h| at least this."})
     fail_if_not_converged: bool = field(default=False, metadata={"help": "Raise when training did not converge."})
+    early_stopping_patience: Optional[int] = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement once converged."}
+    )
+    early_stopping_threshold: float = field(default=0.001, metadata={"help": "Rise of |correlation| that counts."})
     sign_normalisation: bool = field(default=True, metadata={"help": "Keep the first class reading +1."})
     max_eval_rows: Optional[int] = field(default=None, metadata={"help": "Cap on evaluation rows."})
     optimizer_state_dtype: str = field(
@@ -291,9 +302,22 @@ class ConvergenceCallback(TrainerCallback, ExportableState):
             self.best is None or abs(record["correlation"]) > abs(self.best["correlation"])
         ):
             self.best = record
-        if self.collapsed_steps():
+        if self.collapsed_steps() or self.settled(args):
             control.should_training_stop = True
         state.stateful_callbacks[type(self).__name__] = self.state()
+
+    def settled(self, args: GradiendTrainingArguments) -> bool:
+        """Converged, and the last `early_stopping_patience` evaluations did not raise the best |correlation| by more
+        than `early_stopping_threshold` (read from the history, so a resumed run decides alike)."""
+        patience = getattr(args, "early_stopping_patience", None)
+        if patience is None or not self.verdict(args)["converged"]:
+            return False
+        best, stale = -math.inf, 0
+        for record in self.history:
+            value = abs(record["correlation"]) if finite(record["correlation"]) else -math.inf
+            stale = 0 if value > best + args.early_stopping_threshold else stale + 1
+            best = max(best, value)
+        return stale >= patience
 
     def collapsed_steps(self) -> list[int]:
         """Steps of the last evaluations if they all show a collapsed encoder (see COLLAPSED_MEAN), else []."""

@@ -11,8 +11,8 @@ from tiny import tiny_model, tokenizer_for
 
 from gradiend_hf import GradiendConfig, evaluate_decoder, get_gradiend_model
 from gradiend_hf.creation.wordlists import GENDERED_WORDS
-from gradiend_hf.evaluation.contexts import (NEUTRAL_FRAMES, NEUTRAL_SUBJECTS, balance_in_contexts,
-                                             context_probabilities, gender_neutral_contexts, summarise_contexts)
+from gradiend_hf.evaluation.contexts import (NEUTRAL_FRAMES, NEUTRAL_SUBJECTS, context_probabilities,
+                                             gender_neutral_contexts, summarise_contexts)
 
 CLASSES = ["female", "male"]
 WORDS = {"female": ["she", "her"], "male": ["he", "his"]}
@@ -77,7 +77,8 @@ def test_built_in_neutral_contexts_have_one_mask_and_no_gender_cue():
         context_probabilities(tiny_model("bert"), tokenizer_for("bert"), "masked_lm", ["no mask here"], WORDS)
 
 
-def test_balance_in_contexts_picks_the_most_balanced_feasible_candidate_and_restores_the_model():
+@pytest.mark.parametrize("search", ["grid", "ladder"])
+def test_the_balance_goal_in_contexts_is_the_most_balanced_feasible_candidate_and_the_model_is_restored(search):
     base = tiny_model("gpt2")
     tok = tokenizer_for("gpt2")
     model = get_gradiend_model(base, GradiendConfig(feature_classes=CLASSES, init_seed=3))
@@ -86,14 +87,16 @@ def test_balance_in_contexts_picks_the_most_balanced_feasible_candidate_and_rest
         for p in model.bottleneck.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
     before = {n: p.clone() for n, p in base.state_dict().items()}
-    decoder = evaluate_decoder(model, ROWS, tok, NEUTRAL, learning_rates=[0.05, 0.2, 0.5, 1.0], lms_ratio=0.5,
-                               progress=False)
-    edit, table = balance_in_contexts(model, decoder, tok, CONTEXTS, WORDS, keep_mass=0.5)
+    rates = [0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    decoder = evaluate_decoder(model, ROWS, tok, NEUTRAL, learning_rates=rates, lms_ratio=0.5, progress=False,
+                               neutral_contexts=CONTEXTS, context_words=WORDS, keep_mass=0.5, search=search)
+    edit = decoder.best("balance")
     assert all(torch.equal(p, before[n]) for n, p in base.state_dict().items())
-    assert len(table) == len(decoder.feasible())
+    reference = evaluate_decoder(model, ROWS, tok, NEUTRAL, learning_rates=rates, lms_ratio=0.5, progress=False,
+                                 search="grid")  # feasibility of every candidate, without contexts
     # oracle: every feasible candidate applied by hand, |log ratio| from hand-computed probabilities
     oracle = []
-    for _, row in decoder.feasible().iterrows():
+    for _, row in reference.feasible().iterrows():
         with model.apply_edit(feature_factor=float(row["feature_factor"]), learning_rate=float(row["learning_rate"])):
             p = {c: [sum(by_hand(base, tok, "causal_lm", ctx, w) for w in ws) for ctx in CONTEXTS]
                  for c, ws in WORDS.items()}
@@ -102,6 +105,15 @@ def test_balance_in_contexts_picks_the_most_balanced_feasible_candidate_and_rest
                        row["learning_rate"]))
     base_mass = oracle[0][1]  # the base comes first in the grid
     best = min((o for o in oracle if o[1] >= 0.5 * base_mass), key=lambda o: o[0])
+    assert best[3] != 0, "the oracle must choose an edit for this test to tell searches apart"
     assert (edit.feature_factor, edit.learning_rate) == (best[2], best[3])
+    assert edit.metrics["selected_in"] == "neutral contexts"
     assert edit.metrics["context_abs_log_ratio"] == pytest.approx(best[0], rel=1e-4)
     assert edit.metrics["base_context_abs_log_ratio"] == pytest.approx(oracle[0][0], rel=1e-4)
+    frame = decoder.context_frame(edit)  # P(class) per context under the chosen edit, as scored
+    with model.apply_edit(edit):
+        expected = [sum(by_hand(base, tok, "causal_lm", CONTEXTS[0], w) for w in WORDS["female"])]
+    assert frame["female"].iloc[0] == pytest.approx(expected[0], rel=1e-4)
+    if search == "ladder":
+        scored = (~decoder.grid["skipped"]).sum()
+        assert scored < (~reference.grid["skipped"]).sum()

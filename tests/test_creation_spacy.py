@@ -173,7 +173,8 @@ RACE_TEXT = [
 
 
 def test_religion_and_race_from_aligned_word_lists(cache):
-    data = religion(RELIGION_TEXT, creator=creator(cache), balance=None, fractions=(1, 0, 0))
+    data = religion(RELIGION_TEXT, pair=("christian", "muslim"), creator=creator(cache), balance=None,
+                    fractions=(1, 0, 0))
     rows = {r["masked"]: (r["factual"], r["alternative"], r["factual_class"]) for r in data["train"]}
     assert rows == {
         "Over the centuries the old [MASK] in the village was rebuilt twice.": ("church", "mosque", "christian"),
@@ -187,7 +188,8 @@ def test_religion_and_race_from_aligned_word_lists(cache):
                         extra_words={"hindu": ["hindus", "temple"]}, words={"christian": ["christians", "church"]},
                         creator=creator(cache), balance=None, fractions=(1, 0, 0), neutral=0)
     assert {(r["factual"], r["alternative"]) for r in extended["train"]} >= {("temple", "church"), ("church", "temple")}
-    races = race(RACE_TEXT, creator=creator(cache), balance=None, fractions=(1, 0, 0), neutral=0)
+    races = race(RACE_TEXT, pair=("white", "black"), creator=creator(cache), balance=None, fractions=(1, 0, 0),
+                 neutral=0)
     assert {(r["masked"], r["alternative"]) for r in races["train"]} == {
         ("Historians say that [MASK] people moved to the suburbs.", "black"),
         ("In the census many [MASK] residents reported higher rents.", "white"),

@@ -154,10 +154,11 @@ def test_same_seed_same_data_other_seed_other_split(creator, corpus, number):
 
 def test_word_list_recipes_and_news_text(creator, corpus):
     """Race and religion words are rare in these articles (tens of rows), and the news corpus works as a source too."""
-    faith = religion(corpus, creator=creator, balance=None, neutral=10)
+    faith = religion(corpus, pair=("christian", "muslim"), creator=creator, balance=None, neutral=10)
     assert per_class(faith)["christian"] >= 10 and per_class(faith)["muslim"] >= 5
     check_rows(faith, aligned_classes(RELIGION_WORDS, ("christian", "muslim")))
-    races = race(corpus, creator=creator, balance=None, neutral=10, fractions=(0.5, 0.25, 0.25))
+    races = race(corpus, pair=("white", "black"), creator=creator, balance=None, neutral=10,
+                 fractions=(0.5, 0.25, 0.25))
     check_rows(races, aligned_classes(RACE_WORDS, ("white", "black")))
     for row in (r for split in SPLITS for r in races[split]):  # adjectives count only before a person noun
         if row["factual"].lower() in ("white", "black", "african", "caucasian"):

@@ -221,7 +221,7 @@ def test_zoo_decoder_grid_probabilities_equal_naive_forwards(name, selection, mo
 
     factors = FEATURE_FACTORS if selection == "default" else FEATURE_FACTORS[:1]  # replay: 2 candidates suffice
     result = evaluate_decoder(gradiend, GRID_ROWS, tokenizer, neutral_texts=NEUTRAL, feature_factors=factors,
-                              learning_rates=LEARNING_RATES, progress=False)
+                              learning_rates=LEARNING_RATES, progress=False, search="grid")  # every candidate
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # every candidate was reverted
     grid = result.grid
     (forward,) = RecordingGridForward.made

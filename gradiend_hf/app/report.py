@@ -11,7 +11,6 @@ Everything comes from the run's JSON results (and the job), so the report can be
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -210,8 +209,8 @@ def setup_lines(run, job, config, evaluation, training, timings) -> list[str]:
         f"- training: {training.get('steps')} steps, batch {args.per_device_train_batch_size} rows per device, "
         f"learning rate {args.learning_rate}, seeds tried {training['seeds_tried']} (converged "
         f"{training['seeds_converged']}; chosen seed {training['chosen_seed']})",
-        f"- decoder grid: {evaluation['candidates']} candidates evaluated; an edit must keep LMS >= "
-        f"{job.evaluation.lms_ratio} x base",
+        f"- decoder {evaluation.get('search', 'grid')}: {evaluation['candidates']} candidates scored (the LMS of "
+        f"{evaluation.get('lms_only', 0)} of them only); an edit must keep LMS >= {job.evaluation.lms_ratio} x base",
         "- time (seconds): " + ", ".join(f"{k} {v:g}" for k, v in timings.items()), "",
     ]
 
@@ -245,7 +244,7 @@ def card_benchmark_table(rows: Optional[Sequence[Mapping[str, Any]]], goal: Opti
 
 def write_report(run) -> Path:
     """Render run/report.md from the run's results; returns its path."""
-    from ..evaluation.contexts import balance_in_contexts
+    from ..evaluation.contexts import KEEP_MASS
 
     job = run.load_job()
     config = job.adapter_config()
@@ -277,7 +276,7 @@ def write_report(run) -> Path:
               "", "![encoder](plots/encoder.png)", ""]
 
     balance = evaluation["edits"].get("balance", {}).get("metrics", {})
-    mass = inspect.signature(balance_in_contexts).parameters["keep_mass"].default
+    mass = KEEP_MASS
     where = (f"The balance edit is chosen in the neutral contexts below (closest P({a})/P({b}) to 1 among candidates "
              f"that keep the LMS and {mass:.0%} of the classes' probability mass); the others on held-out rows."
              if balance.get("selected_in") == "neutral contexts" else "All edits are chosen on held-out rows.")

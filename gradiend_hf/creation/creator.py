@@ -1,5 +1,9 @@
 """DataCreator: raw text -> GRADIEND rows (masked sentence, factual word, alternative of the other class) in splits.
 
+With three or more classes (`AlignedClass`, e.g. race: asian/black/white) each row still holds one transition: its
+alternative class is assigned per split (`assign_transitions`), and a `counterparts` column keeps the row's aligned
+word in every class, so that `schema.prepare_rows(split, pair)` can form any pair's rows.
+
 Steps: split texts into sentences and apply length limits (`corpus`), tag the sentences that contain a feature word
 (`annotate`), keep tokens that a class's rules claim and that have enough left context (`candidate_rows`), balance
 classes, split by sentence or by held-out word, fill and validate alternatives per split (`schema.prepare_rows`),
@@ -8,10 +12,11 @@ and add neutral sentences. Every random choice is seeded.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import datasets
@@ -40,6 +45,24 @@ ROW_FEATURES = datasets.Features({
     "source": datasets.Value("string"),  # "text" (real sentence) or "template" (name template)
 })
 MARKUP = ("[[", "]]", "{{", "}}", "|", "http://", "https://", "www.")
+
+
+@dataclass
+class AlignedClass(FeatureClass):
+    """A feature class of an aligned table with three or more classes: `counterparts[i]` maps every other class to
+    the word that rule i's word turns into there (entry i of one class <-> entry i of each other class)."""
+
+    counterparts: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.counterparts) != len(self.rules):
+            raise ValueError(f"class {self.name!r}: {len(self.counterparts)} counterpart entries for {len(self.rules)} "
+                             "rules; give one {class: word} mapping per rule.")
+
+    def counterparts_of(self, rule: TokenRule) -> dict[str, str]:
+        """The matched rule's words in the other classes (the first equal rule decides, as in matching)."""
+        return dict(self.counterparts[self.rules.index(rule)])
 
 
 @dataclass
@@ -129,7 +152,8 @@ class DataCreator:
     def candidate_rows(self, corpus: Corpus, classes: Sequence[FeatureClass], seed: int = 0) -> list[dict[str, Any]]:
         """All rows the rules yield, before balancing and splitting (alternative None = drawn later per split)."""
         classes = _check_classes(classes)
-        other = {classes[0].name: classes[1].name, classes[1].name: classes[0].name}
+        other = {classes[0].name: classes[1].name, classes[1].name: classes[0].name} if len(classes) == 2 else None
+        by_name = {c.name: c for c in classes}
         rules = [r for c in classes for r in c.rules]
         indices = self.candidates(corpus, classes)
         annotated = self.annotate([corpus.sentences[i] for i in indices],
@@ -159,14 +183,18 @@ class DataCreator:
                 usable = sorted(rng.sample(usable, self.rows_per_sentence), key=lambda m: m.token.i)
             for match in usable:
                 token = match.token
+                row = dict(masked=text[:token.start] + MASK + text[token.end:], factual=token.text,
+                           factual_class=match.feature_class, sentence_id=index, word=token.text.lower(),
+                           form=match.rule.form, source="text")
+                if other is None:  # several classes: the transition is assigned per split (assign_transitions)
+                    row.update(alternative=None, alternative_class=None,
+                               counterparts=_counterparts(by_name[match.feature_class], match.rule, token.text))
+                    rows.append(row)
+                    continue
                 alternative = match_case(rng.choice(match.rule.to), token.text) if match.rule.to else None
                 if alternative is not None and alternative.lower() == token.text.lower():
                     continue  # same word in both classes (e.g. German "die"): no signal to learn from
-                rows.append(dict(
-                    masked=text[:token.start] + MASK + text[token.end:], factual=token.text, alternative=alternative,
-                    factual_class=match.feature_class, alternative_class=other[match.feature_class],
-                    sentence_id=index, word=token.text.lower(), form=match.rule.form, source="text",
-                ))
+                rows.append(dict(row, alternative=alternative, alternative_class=other[match.feature_class]))
         per_class = Counter(row["factual_class"] for row in rows)
         for c in classes:
             if not per_class[c.name]:
@@ -202,7 +230,11 @@ class DataCreator:
         seed: int = 0,
         text_column: str = "text",
     ) -> datasets.DatasetDict:
-        """Rows of the two `classes` (first = +1) from raw text, as a DatasetDict train/validation/test (+ neutral).
+        """Rows of the `classes` (two: first = +1) from raw text, as a DatasetDict train/validation/test (+ neutral).
+
+        With three or more classes (AlignedClass objects, e.g. from recipes.aligned_multiclass) every row gets one
+        alternative class per split (see assign_transitions) and a `counterparts` column; schema.prepare_rows(split,
+        pair) then forms the rows of any pair.
 
         split: "row" (sentences never shared between splits) or "word" (target words held out per split).
         balance: "downsample" every class to the smallest, or None; max_per_class caps each class.
@@ -231,7 +263,11 @@ class DataCreator:
         parts = split_rows(rows, by=split, fractions=fractions, seed=seed)
         out = {}
         for name in SPLITS:
-            out[name] = rows_to_dataset(parts[name], class_names, seed=seed, split_name=name)
+            if len(class_names) > 2:
+                part = assign_transitions(parts[name], class_names, seed=seed, split_name=name)
+                out[name] = multiclass_dataset(part, class_names, seed=seed, split_name=name)
+            else:
+                out[name] = rows_to_dataset(parts[name], class_names, seed=seed, split_name=name)
         if neutral_texts is not None:
             out["neutral"] = datasets.Dataset.from_dict({"text": list(neutral_texts)},
                                                         features=datasets.Features({"text": datasets.Value("string")}))
@@ -243,11 +279,91 @@ class DataCreator:
 
 def _check_classes(classes: Sequence[FeatureClass]) -> list[FeatureClass]:
     classes = list(classes)
-    if len(classes) != 2 or not all(isinstance(c, FeatureClass) for c in classes):
-        raise ValueError(f"give exactly two FeatureClass objects (first = +1, second = -1), got {classes!r}.")
-    if classes[0].name == classes[1].name:
-        raise ValueError(f"the two feature classes need different names, both are {classes[0].name!r}.")
+    if len(classes) < 2 or not all(isinstance(c, FeatureClass) for c in classes):
+        raise ValueError(f"give two FeatureClass objects (first = +1, second = -1), or AlignedClass objects for three "
+                         f"or more classes; got {classes!r}.")
+    names = [c.name for c in classes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the feature classes need different names, got {names}.")
     return classes
+
+
+def _counterparts(feature_class: FeatureClass, rule: TokenRule, factual: str) -> dict[str, str]:
+    """{other class: word} for a token of `feature_class` matched by `rule`, cased like the token."""
+    if not isinstance(feature_class, AlignedClass):
+        return {}  # no aligned words: alternatives are drawn from the data (schema.prepare_rows)
+    return {name: match_case(word, factual) for name, word in feature_class.counterparts_of(rule).items()}
+
+
+def _target_order(own: str, present: Sequence[str], class_names: Sequence[str]) -> list[str]:
+    """The classes a row of `own` may turn into, in tie-break order: the classes with rows in the split cyclically
+    after `own` (so the first rows of the classes form a cycle and every class with rows is some row's target)."""
+    if own in present and len(present) > 1:
+        j = present.index(own)
+        return [*present[j + 1:], *present[:j]]
+    return [c for c in class_names if c != own]
+
+
+def assign_transitions(rows: list[dict[str, Any]], class_names: Sequence[str], seed: int = 0,
+                       split_name: str = "train") -> list[dict[str, Any]]:
+    """One alternative class per row of a several-class split, deterministic for the seed.
+
+    Rows of each class are visited in a seeded order; each takes the target class it has sent fewest rows to so far
+    (ties: cyclic class order, see _target_order), skipping classes whose counterpart is the same word. So each
+    class's rows spread evenly over the other classes with rows in the split, and every such class is some row's
+    alternative (which prepare_rows expects of a class outside the pair). A row with no usable target is left out.
+    """
+    present = [c for c in class_names if any(r["factual_class"] == c for r in rows)]
+    out, skipped = [], 0
+    for own in present:
+        members = [i for i, r in enumerate(rows) if r["factual_class"] == own]
+        random.Random(f"{seed}:transitions:{split_name}:{own}").shuffle(members)
+        order = _target_order(own, present, class_names)
+        sent = Counter()
+        for i in members:
+            row = rows[i]
+            words = row.get("counterparts") or {}
+            usable = [c for c in order if not words.get(c) or words[c].lower() != row["factual"].lower()]
+            if not usable:
+                skipped += 1
+                continue
+            target = min(usable, key=lambda c: (sent[c], order.index(c)))
+            sent[target] += 1
+            out.append((i, dict(row, alternative_class=target, alternative=words.get(target))))
+    if skipped:
+        logger.info("split %r: %d rows left out (their word is the same in every other class)", split_name, skipped)
+    return [row for _, row in sorted(out, key=lambda pair: pair[0])]
+
+
+def multiclass_dataset(rows: list[dict[str, Any]], class_names: Sequence[str], seed: int = 0,
+                       split_name: str = "train") -> datasets.Dataset:
+    """A several-class split as a Dataset with a `counterparts` column, every row validated (and a missing
+    alternative filled) by schema.prepare_rows of its own pair, so that any pair's rows can be prepared later."""
+    features = datasets.Features({**ROW_FEATURES,
+                                  "counterparts": {name: datasets.Value("string") for name in class_names}})
+    records = [{name: row.get(name) for name in ROW_FEATURES} for row in rows]
+    for record, row in zip(records, rows):
+        record["counterparts"] = {name: (row.get("counterparts") or {}).get(name) for name in class_names}
+    if not records:
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    table = datasets.Dataset.from_list(records, features=features)
+    alternatives = list(table["alternative"])
+    present = [c for c in class_names if c in set(table["factual_class"])]
+    indexed = table.add_column("_row", list(range(len(table))))
+    try:
+        for pair in itertools.combinations(present, 2):
+            for row in prepare_rows(indexed, list(pair), seed=seed, other_classes="drop"):
+                if records[row["_row"]]["alternative_class"] in pair:  # the row's own transition, not a redirected one
+                    alternatives[row["_row"]] = row["alternative"]
+    except ValueError as error:
+        raise ValueError(f"split {split_name!r}: {error} (give more text, other fractions, or aligned word lists).") \
+            from error
+    missing = [i for i, a in enumerate(alternatives) if a is None]
+    if missing:
+        raise ValueError(f"split {split_name!r}: row {missing[0]} ({records[missing[0]]['masked']!r}) has no "
+                         f"alternative: its class is the only one with rows in this split; give more text or other "
+                         "fractions.")
+    return table.remove_columns("alternative").add_column("alternative", alternatives).select_columns(list(features))
 
 
 def rows_to_dataset(rows: list[dict[str, Any]], class_names: Sequence[str], seed: int = 0,

@@ -5,6 +5,12 @@ source) and a "neutral" split with a single `text` column (sentences without any
 `source` is anything `DataCreator.corpus` accepts (list of strings, DataFrame/Dataset with a text column, file
 paths, or a Corpus built once and reused). Keyword `options` go to `DataCreator.create`: split ("row" / "word"),
 fractions, balance, max_per_class, neutral, neutral_exclude_words, neutral_exclude_rules, seed, text_column.
+
+The word-list recipes `race` and `religion` build three classes by default (asian/black/white,
+christian/jewish/muslim): each row holds one transition (its alternative class, assigned per split by
+creator.assign_transitions) plus a `counterparts` column with the row's aligned word in every class; train one pair
+with `schema.prepare_rows(split, pair)` (other classes become identity rows). `pair=` (or two `classes`) gives the
+two-class data set as before.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import datasets
 
-from .creator import Corpus, DataCreator
-from .filters import TokenRule, aligned_classes
+from .creator import AlignedClass, Corpus, DataCreator
+from .filters import FeatureClass, TokenRule, aligned_classes
 from .inputs import TextSource
 from .sources import first_names
 from .spacy_pipeline import load_pipeline
@@ -22,7 +28,9 @@ from .templates import NameTemplate, disjoint_names, fill_name_templates, mine_n
 from .wordlists import (
     GENDER_FORMS,
     GENDERED_WORDS,
+    RACE_CLASSES,
     RACE_WORDS,
+    RELIGION_CLASSES,
     RELIGION_WORDS,
     german_article_table,
     gender_pronoun_classes,
@@ -129,31 +137,77 @@ def _word_table(words: Mapping[str, Sequence[Any]], extra_words: Optional[Mappin
     return table
 
 
-def _word_list_recipe(source: Source, table: Mapping[str, Sequence[Any]], pair: Sequence[str],
+def aligned_multiclass(table: Mapping[str, Sequence[Union[str, TokenRule]]],
+                       classes: Sequence[str]) -> list[FeatureClass]:
+    """Feature classes from aligned lists (entry i of one class <-> entry i of every other): two classes as
+    filters.aligned_classes, three or more as AlignedClass objects that know each entry's word in every class."""
+    names = list(classes)
+    if len(names) == 2:
+        return aligned_classes(table, names)
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"classes must name two or more different classes, got {names}.")
+    missing = [name for name in names if name not in table]
+    if missing:
+        raise ValueError(f"class(es) {missing} not in the word table; available: {list(table)}.")
+    entries = {name: [e if isinstance(e, TokenRule) else TokenRule.of(e) for e in table[name]] for name in names}
+    lengths = {name: len(rules) for name, rules in entries.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"aligned lists differ in length: {lengths}; entry i of one class must match entry i of "
+                         "every other class.")
+    for name, rules in entries.items():
+        for rule in rules:
+            if rule.to:
+                raise ValueError(f"entry {rule.describe()} of {name!r} sets to={list(rule.to)}, which cannot say which "
+                                 "class it belongs to when there are more than two classes; drop `to` (the aligned "
+                                 "entry of each class is used) or build two-class data with pair=.")
+            if not rule.words:
+                raise ValueError(f"entry {rule.describe()} of {name!r} has no word to use as alternative.")
+    return [AlignedClass(name, list(entries[name]),
+                         [{other: entries[other][i].words[0] for other in names if other != name}
+                          for i in range(lengths[name])]) for name in names]
+
+
+def _chosen_classes(classes: Sequence[str], pair: Optional[Sequence[str]], default: Sequence[str]) -> list[str]:
+    """`pair` is the older name for two classes; it may not contradict `classes`."""
+    if pair is None:
+        return list(classes)
+    if classes is not default and list(classes) != list(pair):
+        raise ValueError(f"give classes= or pair=, not both (classes={list(classes)}, pair={list(pair)}).")
+    if len(pair) != 2:
+        raise ValueError(f"pair must name two classes, got {list(pair)}; use classes= for more.")
+    return list(pair)
+
+
+def _word_list_recipe(source: Source, table: Mapping[str, Sequence[Any]], classes: Sequence[str],
                       creator: Optional[DataCreator], options: dict) -> datasets.DatasetDict:
-    classes = aligned_classes(table, pair)
+    classes = aligned_multiclass(table, classes)
     all_words = {w for entries in table.values() for e in entries
                  for w in (e.words if isinstance(e, TokenRule) else [e.lower()])}
     options.setdefault("neutral_exclude_words", sorted(all_words))  # every class, also those outside the pair
     return (creator or DataCreator()).create(source, classes, **options)
 
 
-def religion(source: Source, pair: Sequence[str] = ("christian", "muslim"), *,
+def religion(source: Source, classes: Sequence[str] = RELIGION_CLASSES, *, pair: Optional[Sequence[str]] = None,
              words: Mapping[str, Sequence[Any]] = RELIGION_WORDS,
              extra_words: Optional[Mapping[str, Sequence[Any]]] = None,
              creator: Optional[DataCreator] = None, **options: Any) -> datasets.DatasetDict:
-    """Two religions from aligned word lists (christian/muslim/jewish built in; entry i of one class <-> entry i of
-    another). `extra_words` appends aligned entries per class (words or TokenRules); `words` replaces the table."""
-    return _word_list_recipe(source, _word_table(words, extra_words), pair, creator, options)
+    """Religions from aligned word lists (christian/jewish/muslim built in; entry i of one class <-> entry i of every
+    other). Three classes by default: one transition per row plus a `counterparts` column (see module docstring);
+    `pair=("christian", "muslim")` (or two classes) gives two-class data, the first class +1. `extra_words` appends
+    aligned entries per class (words or TokenRules); `words` replaces the table."""
+    chosen = _chosen_classes(classes, pair, RELIGION_CLASSES)
+    return _word_list_recipe(source, _word_table(words, extra_words), chosen, creator, options)
 
 
-def race(source: Source, pair: Sequence[str] = ("white", "black"), *,
+def race(source: Source, classes: Sequence[str] = RACE_CLASSES, *, pair: Optional[Sequence[str]] = None,
          words: Mapping[str, Sequence[Any]] = RACE_WORDS, extra_words: Optional[Mapping[str, Sequence[Any]]] = None,
          creator: Optional[DataCreator] = None, **options: Any) -> datasets.DatasetDict:
-    """Two races from aligned word lists (white/black/asian built in; the adjectives count only before a person
-    noun such as "people" or "Americans"). `extra_words` appends aligned entries per class; `words` replaces the
-    table."""
-    return _word_list_recipe(source, _word_table(words, extra_words), pair, creator, options)
+    """Races from aligned word lists (asian/black/white built in; the adjectives count only before a person noun
+    such as "people" or "Americans"). Three classes by default: one transition per row plus a `counterparts` column
+    (see module docstring); `pair=("white", "black")` (or two classes) gives two-class data, the first class +1.
+    `extra_words` appends aligned entries per class; `words` replaces the table."""
+    chosen = _chosen_classes(classes, pair, RACE_CLASSES)
+    return _word_list_recipe(source, _word_table(words, extra_words), chosen, creator, options)
 
 
 def german_articles(source: Source, pair: Sequence[str] = ("masc_nom", "fem_nom"), *, nlp: Any = "de_core_news_sm",

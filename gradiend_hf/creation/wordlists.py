@@ -85,6 +85,8 @@ PERSON_NOUNS = (
 ).split()
 
 # Aligned lists: entry i of one class maps to entry i of the other (pairs, or triples for three classes).
+RELIGION_CLASSES = ("christian", "jewish", "muslim")  # the religion recipe's default classes
+RACE_CLASSES = ("asian", "black", "white")  # the race recipe's default classes
 RELIGION_WORDS = {
     "christian": ["christian", "christians", "christianity", "church", "churches", "bible", "priest", "priests"],
     "muslim": ["muslim", "muslims", "islam", "mosque", "mosques", "quran", "imam", "imams"],
