@@ -198,6 +198,9 @@ class GradiendTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience must be at least 1 evaluation (or None: no early stopping), "
+                             f"got {self.early_stopping_patience}.")
         if self.optimizer_state_dtype not in OPTIMIZER_STATE_DTYPES:
             raise ValueError(
                 f"optimizer_state_dtype={self.optimizer_state_dtype!r} is not supported; choose one of "

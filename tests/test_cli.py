@@ -276,7 +276,8 @@ def test_a_field_added_later_leaves_an_older_jobs_file_and_fingerprint_as_they_w
     job = JobConfig.from_file(write_job(tmp_path))
     old = yaml.safe_load((tmp_path / "job.yaml").read_text())
     content = {k: v for k, v in job.to_dict().items() if k != "output_dir"}
-    assert set(content["evaluation"]) == set(EvaluationSpec.__dataclass_fields__) - {"benchmarks", "benchmark_limit"}
+    assert set(content["evaluation"]) == set(EvaluationSpec.__dataclass_fields__) - {"benchmarks", "benchmark_limit",
+                                                                                      "search"}
     assert set(old["evaluation"]) <= set(content["evaluation"])
     expected = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode("utf-8")).hexdigest()
     assert fingerprint(job) == expected

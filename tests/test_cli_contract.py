@@ -124,9 +124,12 @@ def test_report_setup_states_what_was_selected_read_and_timed(finished):
     assert (int(tried), int(converged), int(seed)) == (training["seeds_tried"], training["seeds_converged"],
                                                        training["chosen_seed"])
     grid = pd.read_csv(run / "results" / "decoder_grid.csv")
-    candidates, ratio = re.search(r"decoder grid: (\d+) candidates evaluated; an edit must keep LMS >= (\S+) x base",
-                                  setup).groups()
+    search, candidates, lms_only, ratio = re.search(
+        r"decoder (\w+): (\d+) candidates scored \(the LMS of (\d+) of them only\); an edit must keep LMS >= (\S+) x "
+        r"base", setup).groups()
+    assert search == evaluation["search"] == "ladder"
     assert int(candidates) == evaluation["candidates"] == int((~grid["skipped"]).sum())
+    assert int(lms_only) == evaluation["lms_only"] == int((~grid["skipped"] & grid["p_female"].isna()).sum())
     assert float(ratio) == job["evaluation"]["lms_ratio"]
     timings = results(run, "timings.json")
     line = next(line for line in setup.splitlines() if line.startswith("- time (seconds): "))

@@ -108,10 +108,10 @@ def synthetic_scorer(rng: random.Random, contexts: bool) -> CandidateScorer:
 
         ff, lr = editor.rung
         s = shape.get(ff, shape[0.0])
-        log_ratio = s["log_ratio"] + s["ratio_slope"] * lr
+        log_ratio = max(-30.0, min(30.0, s["log_ratio"] + s["ratio_slope"] * lr))
         mass = 0.3 * math.exp(-abs(lr) / s["mass_scale"])
-        pa = mass / (1 + math.exp(-log_ratio))
-        return pd.DataFrame({"context": ["c"], "female": [pa], "male": [mass - pa]})
+        pa, pb = mass / (1 + math.exp(-log_ratio)), mass / (1 + math.exp(log_ratio))
+        return pd.DataFrame({"context": ["c"], "female": [pa], "male": [pb]})
 
     return CandidateScorer(editor, lms, probabilities, CLASSES, 0.99, frame if contexts else None, 0.9)
 

@@ -40,3 +40,8 @@ def test_the_threshold_decides_what_counts_as_improvement(tmp_path):
     series = [0.95, 0.96, 0.97, 0.98]
     assert run(series, tmp_path, early_stopping_patience=1, early_stopping_threshold=0.001) is None
     assert run(series, tmp_path, early_stopping_patience=1, early_stopping_threshold=0.02) == 100
+
+
+def test_a_patience_below_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="early_stopping_patience must be at least 1"):
+        GradiendTrainingArguments(output_dir=str(tmp_path), early_stopping_patience=0)

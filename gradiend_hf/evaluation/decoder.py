@@ -386,10 +386,14 @@ class CandidateScorer:
         for goal in goals:
             if not self.contexts_decide(goal) and math.isnan(goal_scores(self.records[BASE], self.classes)[goal]):
                 continue  # the rows lack a class: best() says so
-            best = unimodal_argmax(lambda i: self.score(at(i), goal), -1, last)
-            for neighbour in (best - 1, best + 1):  # the choice is confirmed against both neighbours
-                if -1 <= neighbour < len(ladder):
-                    self.score(at(neighbour), goal)
+            score = lambda i: self.score(at(i), goal)
+            best = unimodal_argmax(score, -1, last)
+            while True:  # confirmed against both neighbours; a better one (a curve that broke the rule) is followed
+                around = [i for i in (best - 1, best + 1) if -1 <= i < len(ladder)]
+                better = max(around, key=score, default=best)
+                if score(better) <= score(best):
+                    break
+                best = better
             self.full(at(best))  # the chosen edit's figures
 
     def table(self, runs: list[list[Rung]]) -> list[dict[str, Any]]:
