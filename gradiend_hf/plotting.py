@@ -22,7 +22,7 @@ PathLike = Union[str, Path, None]
 COLOURS = ["#c0392b", "#2471a3", "#7f8c8d", "#27ae60", "#8e44ad"]
 
 
-def _save(figure: Figure, path: PathLike) -> Figure:
+def save_figure(figure: Figure, path: PathLike) -> Figure:
     if path is not None:
         suffix = Path(path).suffix.lstrip(".") or "png"
         write_file_atomically(path, lambda tmp: figure.savefig(tmp, format=suffix, dpi=130, bbox_inches="tight"))
@@ -52,7 +52,7 @@ def plot_training(log_history: Sequence[Mapping], feature_classes: Sequence[str]
         right.set_yscale("log")
     right.set(xlabel="step", ylabel="reconstruction MSE", title="Training loss")
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_encoder(evaluation: EncoderEvaluation, feature_classes: Sequence[str], path: PathLike = None) -> Figure:
@@ -72,7 +72,7 @@ def plot_encoder(evaluation: EncoderEvaluation, feature_classes: Sequence[str], 
                    f"neutral mean |h| {evaluation.neutral_mean_abs_h:.2f}")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def compact(value: float, digits: int = 2) -> str:
@@ -212,7 +212,7 @@ def plot_decoder(
     figure.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=max(len(unique), 1), fontsize=8,
                   frameon=False)
     figure.suptitle("Decoder grid (dotted: base model; stars: chosen edits)", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 # --- comparison figures (gradiend_hf.comparison) ----------------------------------------------------------------------
@@ -225,7 +225,7 @@ MODULE_COLOURS = {
 }
 
 
-def _heatmap(figure: Figure, axis, frame: pd.DataFrame, vmin: float, vmax: float, cmap: str, title: str,
+def heatmap(figure: Figure, axis, frame: pd.DataFrame, vmin: float, vmax: float, cmap: str, title: str,
              fmt: str = "{:.2f}", zero: Optional[str] = None):
     """imshow of a labelled frame with every cell's number written in it (NaN cells grey, marked '–')."""
     values = frame.to_numpy(dtype=float)
@@ -255,7 +255,7 @@ def _heatmap(figure: Figure, axis, frame: pd.DataFrame, vmin: float, vmax: float
     return image
 
 
-def _matrix_size(n: int, panels: int = 1) -> tuple[float, float]:
+def matrix_size(n: int, panels: int = 1) -> tuple[float, float]:
     side = max(3.2, 0.75 * n + 1.6)
     return (side * 1.25 * panels, side)
 
@@ -269,24 +269,24 @@ def plot_overlap(matrix: Union[Overlap, pd.DataFrame], path: PathLike = None, ti
         title = title or f"Top-k overlap ({matrix.by}, k = {k}; sizes {', '.join(str(int(s)) for s in matrix.sizes)})"
     else:
         frames = [(matrix, "overlap")]
-    figure = Figure(figsize=_matrix_size(len(frames[0][0]), len(frames)))
+    figure = Figure(figsize=matrix_size(len(frames[0][0]), len(frames)))
     axes = np.atleast_1d(figure.subplots(1, len(frames)))
     for axis, (frame, name) in zip(axes, frames):
-        _heatmap(figure, axis, frame, 0.0, 1.0, "viridis", name)
+        heatmap(figure, axis, frame, 0.0, 1.0, "viridis", name)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_cosine(
     matrix: pd.DataFrame, path: PathLike = None, title: str = "Cosine similarity of decoder vectors"
 ) -> Figure:
     """Heatmap of a `decoder_cosine` matrix (-1 to 1, diverging colours) with the value in every cell."""
-    figure = Figure(figsize=_matrix_size(len(matrix)))
-    _heatmap(figure, figure.subplots(), matrix, -1.0, 1.0, "RdBu_r", title)
+    figure = Figure(figsize=matrix_size(len(matrix)))
+    heatmap(figure, figure.subplots(), matrix, -1.0, 1.0, "RdBu_r", title)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_feature_location(location: Union[FeatureLocation, pd.DataFrame], path: PathLike = None,
@@ -315,9 +315,9 @@ def plot_feature_location(location: Union[FeatureLocation, pd.DataFrame], path: 
     bars.set(xlabel="share of mass", title="Per layer (stacked by module type)")
     bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.5 / max(figure.get_figheight() - 1.5, 1.0)),
                 ncol=len(table.columns), frameon=False)
-    _heatmap(figure, heat, table, 0.0, max(float(np.nanmax(table.to_numpy(dtype=float))) if table.size else 1.0, 1e-12),
+    heatmap(figure, heat, table, 0.0, max(float(np.nanmax(table.to_numpy(dtype=float))) if table.size else 1.0, 1e-12),
              "YlOrRd", "Layer x module type", fmt="{:.1%}", zero="·")
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -3,6 +3,7 @@
     gradiend-hf demo                                  # the embedded main job on SmolLM2-135M -> runs/demo/report.md
     gradiend-hf demo --set model=gemma3               # the same job on Gemma-3-270m (embedded models: smollm2, gemma3)
     gradiend-hf run job.yaml --set training.max_steps=100
+    gradiend-hf run suite.yaml                        # a job with pairs: one adapter per pair, compared in report.md
     gradiend-hf run job.yaml --resume                 # continue an interrupted run (--overwrite: replace the run)
     gradiend-hf train job.yaml                        # works under `accelerate launch`
     gradiend-hf evaluate runs/x                       # encoder, decoder grid, edits, report.md
@@ -69,6 +70,13 @@ def mode(args) -> str:
     return "resume" if getattr(args, "resume", False) else "overwrite" if getattr(args, "overwrite", False) else "new"
 
 
+def refuse_suite(job: JobConfig, command: str) -> None:
+    """A job with pairs: (a suite of adapters) runs in one go; the step-by-step commands handle one adapter."""
+    if job.pairs:
+        raise JobConfigError(f"{command} handles a job of one pair; a job with pairs: (a suite) runs with "
+                             "`gradiend-hf run JOB` (its report.md and results/ compare the pairs).")
+
+
 # --- subcommands -----------------------------------------------------------------------------------------------------
 def cmd_train(args) -> None:
     import torch
@@ -77,6 +85,7 @@ def cmd_train(args) -> None:
     from .pipeline import load_base, start, train
 
     job = read_job(args.job, args.set, args.output_dir)
+    refuse_suite(job, "train")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         job.training.setdefault("use_cpu", True)  # launched as several processes on a CPU-only machine: gloo on the CPU
     state = PartialState(cpu=bool(job.training.get("use_cpu")))  # cpu: the processes join one gloo group at once
@@ -93,6 +102,7 @@ def _open(folder: str):
     from .runfolder import open_run
 
     run, job = open_run(Path(folder))
+    refuse_suite(job, "this command")
     problems = base_problems(job)
     if problems:
         raise JobConfigError(f"{run.job}: {problems[0]}")
@@ -170,17 +180,20 @@ def cmd_push(args) -> None:
 
 def cmd_run(args) -> None:
     from .pipeline import run_all
+    from .suite_pipeline import run_suite
 
     job = read_job(getattr(args, "job", None), args.set, args.output_dir)
-    report = run_all(job, mode(args))
+    report = (run_suite if job.pairs else run_all)(job, mode(args))
     print(f"report: {report}")
 
 
 def cmd_report(args) -> None:
     from .report import write_report
     from .runfolder import open_run
+    from .suite_report import write_suite_report
 
-    print(f"report: {write_report(open_run(Path(args.run))[0])}")
+    run, job = open_run(Path(args.run))
+    print(f"report: {(write_suite_report if job.pairs else write_report)(run)}")
 
 
 def version() -> str:

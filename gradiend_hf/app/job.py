@@ -17,6 +17,7 @@ once, each naming its field and what it expects. A file that is not valid YAML/J
     training: {learning_rate: 1.0e-4, max_steps: 200}             # GradiendTrainingArguments fields
     evaluation: {decoder_rows: 24, neutral_contexts: gender}
     rewrite: balance                # the goal whose edit becomes the saved plain model
+    # pairs: [[asian, white], [black, white]]   # instead of gradiend.feature_classes: a suite, one adapter per pair
 
 Relative paths in a job file (model folder, data and text files, output_dir) are relative to the job file's folder,
 so a job runs the same from any current directory: `resolve_paths` makes them absolute when the file is read, before
@@ -54,7 +55,8 @@ MODEL_HINTS = {"name": str, "dtype": Optional[str], "device_map": Union[None, st
 
 # Fields added after run folders recorded their job's fingerprint: written only when set, so that a job without them
 # reads, writes and fingerprints as before they existed (an older run folder stays valid).
-WRITTEN_WHEN_SET = {"evaluation": ("benchmarks", "benchmark_limit")}
+# The key "" holds top-level fields of the job.
+WRITTEN_WHEN_SET = {"evaluation": ("benchmarks", "benchmark_limit", "search"), "": ("pairs", "other_classes")}
 
 
 class JobConfigError(ValueError):
@@ -258,8 +260,14 @@ class EvaluationSpec:
     # {name: subset} (crows_pairs: bias type, stereoset: domain, bbq: category; winogender: null)
     benchmarks: Union[None, list[str], dict[str, Optional[str]]] = None
     benchmark_limit: Optional[int] = None     # a seeded subsample of each benchmark's examples (None: all)
+    search: Optional[str] = None              # "ladder" (None: the default, scores what the choice needs) or "grid"
 
     def __post_init__(self) -> None:
+        from ..evaluation.decoder import SEARCHES
+
+        if self.search is not None and self.search not in SEARCHES:
+            raise JobConfigError(f"evaluation.search is {self.search!r}: use 'ladder' (scores only the candidates the "
+                                 "choice needs, the default) or 'grid' (scores every candidate).")
         if self.encoder_rows is not None and self.encoder_rows < 1:
             raise JobConfigError(f"evaluation.encoder_rows must be at least 1 (or null: all test rows), got "
                                  f"{self.encoder_rows}.")
@@ -318,6 +326,9 @@ class JobConfig:
     rewrite: str = "balance"
     model_dtype: Optional[str] = None
     model_device_map: Union[None, str, int, dict[str, Union[str, int]]] = None
+    # a suite: one adapter per pair of classes (gradiend.feature_classes is then left out; app/suite_pipeline.py)
+    pairs: Optional[list[list[str]]] = None
+    other_classes: Optional[str] = None       # suites: rows of classes outside a pair, "identity" (default) or "drop"
 
     def __post_init__(self) -> None:
         check_choice("model_class", self.model_class, MODEL_CLASSES)
@@ -332,6 +343,8 @@ class JobConfig:
             raise JobConfigError("seeds must list at least one seed, e.g. seeds: [0].")
         if len(set(self.seeds)) != len(self.seeds) or not all(0 <= s < 2**32 for s in self.seeds):
             raise JobConfigError(f"seeds must be different integers from 0 to 2**32 - 1, got {self.seeds}.")
+        if self.pairs is not None or self.other_classes is not None:
+            self.check_suite()
         classes = self.adapter_config().feature_classes  # GradiendConfig validates its own values
         problems = class_name_problems(classes)
         if problems:
@@ -352,9 +365,49 @@ class JobConfig:
             raise JobConfigError(f"rewrite is {self.rewrite!r}, which is not among the evaluated goals {goals}.")
 
     # --- derived ---------------------------------------------------------------------------------------------------
+    def check_suite(self) -> None:
+        """A suite job names its pairs (each two different classes, none twice), no gradiend.feature_classes, and
+        keeps the default goals and rewrite (each pair is evaluated for balance and for each of its classes)."""
+        if self.pairs is None:
+            raise JobConfigError("other_classes is set but pairs is not: other_classes says what a suite's pairs do "
+                                 "with the rows of the other classes; give pairs: [[a, b], ...] or leave it out.")
+        if self.other_classes is not None:
+            from ..schema import OTHER_CLASSES
+
+            check_choice("other_classes", self.other_classes, OTHER_CLASSES)
+        if "feature_classes" in self.gradiend:
+            raise JobConfigError("a job with pairs: takes its classes from the pairs; leave gradiend.feature_classes "
+                                 "out (or drop pairs: to train one adapter).")
+        if not self.pairs:
+            raise JobConfigError("pairs is empty: list the pairs to train, e.g. pairs: [[asian, white], [black, "
+                                 "white]].")
+        seen: set[frozenset] = set()
+        for pair in self.pairs:
+            if len(pair) != 2:
+                raise JobConfigError(f"pairs: {pair} is not a pair; write each as [class_a, class_b].")
+            if pair[0] == pair[1]:
+                raise JobConfigError(f"pairs: {pair} names the same class twice; a pair is two different classes.")
+            if frozenset(pair) in seen:
+                raise JobConfigError(f"pairs: {pair} is given twice ([b, a] is [a, b] with the sign flipped); keep "
+                                     "one.")
+            seen.add(frozenset(pair))
+            problems = class_name_problems(pair)
+            if problems:
+                raise JobConfigError(problems[0].replace("gradiend.feature_classes", "pairs"))
+        if self.evaluation.goals is not None or self.rewrite != "balance":
+            raise JobConfigError("a job with pairs: evaluates every pair for balance and for each of its classes and "
+                                 "saves no rewritten model: leave evaluation.goals and rewrite out.")
+
+    def pair_job(self, pair: Sequence[str]) -> "JobConfig":
+        """This suite job as the job of one of its pairs (gradiend.feature_classes = the pair)."""
+        return dataclasses.replace(self, pairs=None, other_classes=None,
+                                   gradiend={**self.gradiend, "feature_classes": list(pair)})
+
     def adapter_config(self) -> GradiendConfig:
         check_keys("gradiend", self.gradiend, [f.name for f in dataclasses.fields(GradiendConfig) if f.init])
         try:
+            if self.pairs and "feature_classes" not in self.gradiend:  # a suite: the first pair stands for all
+                return GradiendConfig(**self.gradiend, feature_classes=list(self.pairs[0]))
             return GradiendConfig(**self.gradiend)
         except (TypeError, ValueError) as error:
             raise JobConfigError(f"gradiend: {error}") from error
@@ -382,9 +435,10 @@ class JobConfig:
         """The job as a job file holds it: `model` is a mapping only when it has a dtype or device_map."""
         out = dataclasses.asdict(self)
         for section, names in WRITTEN_WHEN_SET.items():
+            node = out[section] if section else out
             for name in names:
-                if out[section][name] is None:
-                    del out[section][name]
+                if node[name] is None:
+                    del node[name]
         dtype, device_map = out.pop("model_dtype"), out.pop("model_device_map")
         if dtype is not None or device_map is not None:
             out["model"] = {"name": self.model, "dtype": dtype, "device_map": device_map}
@@ -549,8 +603,10 @@ def demo_job(output_dir: str = "runs/demo") -> JobConfig:
     Learning rate 1e-4, the paper's value for decoder-only models. AdamW moves every encoder weight by about the
     learning rate per step, so the encoder's pre-activation moves by about lr x ||gradient||_1 (~3000 here): at 1e-3
     it saturated tanh for both classes within three steps (h = -1 everywhere) and whether a run escaped depended on the
-    initialisation. Seeds 0, 1, 2 are tried in turn until one converges. CrowS-Pairs gender (262 pairs) and StereoSet
-    gender (255 triples) judge the base and each chosen edit on public data.
+    initialisation. Seeds 0, 1, 2 are tried in turn until one converges. Training stops once the encoder has
+    converged and an evaluation no longer raises its held-out |correlation| by more than 0.001 (it is final then).
+    CrowS-Pairs gender (262 pairs) and StereoSet gender (255 triples) judge the base and each chosen edit on public
+    data.
     """
     return JobConfig(
         model="smollm2",
@@ -560,7 +616,7 @@ def demo_job(output_dir: str = "runs/demo") -> JobConfig:
                       options={"top_names": 200, "names_per_template": 4, "neutral": 200}),
         gradiend={"feature_classes": ["female", "male"], "pre_prune": 0.01, "pre_prune_rows": 32},
         training={"learning_rate": 1e-4, "max_steps": 200, "per_device_train_batch_size": 4, "eval_steps": 50,
-                  "save_steps": 50, "logging_steps": 10, "max_eval_rows": 32},
+                  "save_steps": 50, "logging_steps": 10, "max_eval_rows": 32, "early_stopping_patience": 1},
         evaluation=EvaluationSpec(decoder_rows=24, neutral_texts=24, neutral_contexts="gender",
                                   benchmarks=["crows_pairs", "stereoset"]),
         rewrite="balance",

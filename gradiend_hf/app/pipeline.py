@@ -249,7 +249,7 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
              data: datasets.DatasetDict) -> tuple[dict[str, Any], dict[str, Edit]]:
     """Encoder on held-out rows, the decoder grid, one edit per goal, P(class) in neutral contexts; plots + results."""
     from ..evaluation import evaluate_decoder, evaluate_encoder
-    from ..evaluation.contexts import balance_in_contexts, context_probabilities, summarise_contexts
+    from ..evaluation.contexts import ContextScorer, summarise_contexts
     from ..evaluation.probabilities import class_words
     from ..plotting import plot_decoder, plot_encoder
     from .report import ENCODER_BAR
@@ -268,27 +268,26 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
         run.write_json("encoder.json", {**encoder.summary(), "rows": int(len(encoder_rows))})
         fail(run, f"the held-out encoder |correlation| is {abs(encoder.correlation):.3f} < {ENCODER_BAR} on "
                   f"{len(encoder_rows)} rows")
-    with timed(run, "decoder grid"):
+    texts = spec.context_texts()
+    words = class_words(list(test), classes, tokenizer)  # P(class) in the contexts: every word of the test rows
+    with timed(run, "decoder search"):
         decoder = evaluate_decoder(model, test.select(range(min(spec.decoder_rows, len(test)))), tokenizer,
                                    neutral_texts=data["neutral"]["text"][: spec.neutral_texts],
                                    feature_factors=spec.feature_factors, learning_rates=spec.learning_rates,
-                                   lms_ratio=spec.lms_ratio)
+                                   lms_ratio=spec.lms_ratio, search=spec.search or "ladder", goals=job.goals,
+                                   neutral_contexts=texts, context_words=words)  # balance: where the class is open
         edits = {goal: decoder.best(goal) for goal in job.goals}
         write_csv(decoder.grid, run.results / "decoder_grid.csv")
     contexts = None
-    if spec.neutral_contexts is not None:
+    if texts is not None:
         with timed(run, "neutral contexts"):
-            texts = spec.context_texts()
-            words = class_words(list(test), classes, tokenizer)
-            if "balance" in edits:  # debiasing is judged where the text leaves the class open
-                edits["balance"], table = balance_in_contexts(model, decoder, tokenizer, texts, words)
-                write_csv(table, run.results / "balance_in_contexts.csv")
-            frames = {"base": context_probabilities(model.get_base_model(), tokenizer, model.objective, texts, words)}
-            for goal, edit in edits.items():
-                with model.apply_edit(edit):
-                    frames[goal] = context_probabilities(
-                        model.get_base_model(), tokenizer, model.objective, texts, words
-                    )
+            scorer = ContextScorer(model.get_base_model(), tokenizer, model.objective, texts, words)
+            frames = {}
+            for name, edit in {"base": Edit(0.0, 0.0), **edits}.items():
+                frames[name] = decoder.context_frame(edit)
+                if frames[name] is None:  # not scored by the search
+                    with model.apply_edit(edit) if edit.learning_rate else nullcontext():
+                        frames[name] = scorer.frame()
             write_csv(pd.concat([f.assign(model=name) for name, f in frames.items()]), run.results / "contexts.csv")
             contexts = {name: summarise_contexts(f, classes) for name, f in frames.items()}
     benchmarks = score_benchmarks(job, run, model, tokenizer, edits) if spec.benchmark_plan() else None
@@ -300,6 +299,8 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
         "decoder_rows": int(min(spec.decoder_rows, len(test))),
         "neutral_texts": int(min(spec.neutral_texts, len(data["neutral"]))),
         "candidates": int((~decoder.grid["skipped"]).sum()),
+        "lms_only": int((~decoder.grid["skipped"] & decoder.grid["p_" + classes[0]].isna()).sum()),
+        "search": decoder.search,
         "benchmarks": benchmarks,
     }
     run.write_json("evaluation.json", results)
