@@ -104,10 +104,10 @@ class GradiendTrainingArguments(TrainingArguments):
         fail_if_not_converged (`bool`, defaults to `False`, added):
             Raise at the end of training when the run did not converge (else warn and record why).
         early_stopping_patience (`int`, *optional*, added):
-            Stop once the run has converged (the `convergence_*` tests hold at its best evaluation) and that many
-            evaluations in a row have not raised the best |correlation| by more than `early_stopping_threshold`
-            (the names of transformers' EarlyStoppingCallback; None: train all `max_steps`). The encoder is then
-            final; the best checkpoint is loaded at the end as always.
+            Stop at the first evaluation at which the run has converged (the `convergence_*` tests hold at its best
+            evaluation) and the last that many evaluations have not raised the best |correlation| by more than
+            `early_stopping_threshold` (the names of transformers' EarlyStoppingCallback; None: train all
+            `max_steps`). The encoder is then final; the best checkpoint is loaded at the end as always.
         early_stopping_threshold (`float`, defaults to `0.001`, added):
             The rise of the best |correlation| that counts as an improvement.
         sign_normalisation (`bool`, defaults to `True`, added):

@@ -259,3 +259,24 @@ def test_the_trainer_takes_the_fused_step_and_it_trains_like_the_plain_step(tmp_
         results[name] = (flat_bottleneck(model), trainer.state.log_history[-1]["train_loss"])
     torch.testing.assert_close(results["fused"][0], results["plain"][0], rtol=1e-4, atol=1e-6)
     assert results["fused"][1] == pytest.approx(results["plain"][1], rel=1e-4)
+
+
+def test_early_stopping_ends_training_at_the_first_converged_stale_evaluation(tmp_path):
+    """The rule of test_early_stopping.py, wired through Trainer: with a threshold no rise can beat, every evaluation is
+    stale, so training stops at the first evaluation at which the run has converged (the learnable-feature run above
+    takes all 100 steps without early stopping)."""
+    model = get_gradiend_model(tiny_model("bert"), GradiendConfig(feature_classes=CLASSES, init_seed=1))
+    trainer = GradiendTrainer(
+        model=model,
+        args=args(tmp_path, learning_rate=1e-2, max_steps=100, eval_steps=25, save_steps=25,
+                  per_device_train_batch_size=2, early_stopping_patience=1, early_stopping_threshold=10.0),
+        train_dataset=feature_rows(CONTEXTS[:5]), eval_dataset=feature_rows(CONTEXTS[5:], seed=1),
+        processing_class=tokenizer_for("bert"),
+    )
+    trainer.train()
+    history = trainer.convergence.history
+    met = [r["step"] for r in history
+           if abs(r["correlation"]) >= 0.5 and r["mean_h_female"] * r["mean_h_male"] < 0
+           and min(abs(r["mean_h_female"]), abs(r["mean_h_male"])) >= 0.5]
+    assert met and trainer.state.global_step == met[0] < 100
+    assert trainer.verdict["converged"]
