@@ -64,6 +64,14 @@ def check_finite_values(feature_factor: Any, learning_rate: float) -> None:
         )
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in `tensor`: its min and max are finite (both propagate NaN). One reduction without a mask
+    tensor, 13x faster than isfinite(t).all() on 88M entries, which made it a noticeable part of every candidate."""
+    if tensor.numel() == 0:
+        return True
+    return all(bool(torch.isfinite(v)) for v in torch.aminmax(tensor))
+
+
 class NonFiniteEdit(ValueError):
     """The edit's weights would be NaN or infinite (too large a feature factor or learning rate for the dtype)."""
 
@@ -83,7 +91,7 @@ def check_finite_edit(bottleneck: "Bottleneck", params: Mapping[str, torch.Tenso
     for name, p in params.items():
         current = bottleneck.entries(name, p.detach())
         delta = bottleneck.edit_delta(name, feature_factor, learning_rate, out=scratch.like(current))
-        if not bool(torch.isfinite(delta.add_(current.float()).to(p.dtype)).all()):
+        if not all_finite(delta.add_(current.float()).to(p.dtype)):
             raise NonFiniteEdit(name, feature_factor, learning_rate, p.dtype)
 
 
@@ -120,7 +128,7 @@ class InPlaceEditor:
             delta = self.bottleneck.edit_delta(name, feature_factor, learning_rate, out=self.scratch.like(backup))
             self.bottleneck.write_entries(name, self.params[name], backup, delta)
             p = self.params[name]
-            if not bool(torch.isfinite(self.bottleneck.entries(name, p.detach())).all()):
+            if not all_finite(self.bottleneck.entries(name, p.detach())):
                 self.restore()
                 raise NonFiniteEdit(name, feature_factor, learning_rate, p.dtype)
 

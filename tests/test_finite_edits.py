@@ -83,3 +83,16 @@ def test_the_peft_layer_refuses_a_non_finite_edit_in_forward_and_merge(tmp_path)
     assert unchanged(peft_model.get_base_model(), before)
     with pytest.raises(ValueError, match="finite"):
         set_gradiend_edit(peft_model, feature_factor=math.inf, learning_rate=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_agrees_with_isfinite_everywhere(dtype):
+    from gradiend_hf.edit import all_finite
+
+    values = torch.randn(257).to(dtype)
+    assert all_finite(values) and all_finite(values[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 128, 256):
+            broken = values.clone()
+            broken[where] = bad
+            assert all_finite(broken) == bool(torch.isfinite(broken).all()) is False

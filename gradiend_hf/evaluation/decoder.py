@@ -66,7 +66,7 @@ def goal_scores(record: dict[str, Any], classes: Sequence[str]) -> dict[str, flo
     for c, other in ((a, b), (b, a)):
         scores[c] = record[f"p_{c}@{other}"]
         scores[f"-{c}"] = -record[f"p_{c}@{c}"]
-    scores["balance"] = record["balance_product"] * record["lms"]
+    scores["balance"] = record["balance_product"] * record.get("lms", math.nan)  # NaN where the LMS was assumed
     return scores
 
 
@@ -303,6 +303,7 @@ class CandidateScorer:
         self.classes, self.lms_ratio = list(classes), lms_ratio
         self.records: dict[Rung, dict[str, Any]] = {}
         self.frames: dict[Rung, pd.DataFrame] = {}
+        self.inside: set[Rung] = set()  # rungs of a bisected feasible prefix: feasible unless their LMS says otherwise
         self.applied: Optional[Rung] = None
         self.on_score: Callable[[], None] = lambda: None
 
@@ -326,18 +327,24 @@ class CandidateScorer:
                 record.update(lms=float("nan"), non_finite=True)
         return record["lms"]
 
+    def assumed(self, rung: Rung) -> bool:
+        """Inside a bisected prefix with no LMS of its own yet: feasible by the search's assumption (the LMS falls
+        as the step grows), so its LMS is not scored unless it is chosen."""
+        return rung in self.inside and "lms" not in self.records.get(rung, {})
+
     def feasible(self, rung: Rung) -> bool:
-        if rung == BASE:
+        if rung == BASE or self.assumed(rung):
             return True
         return self.lms(rung) >= self.lms_ratio * self.lms(BASE)  # NaN compares False
 
     def full(self, rung: Rung, infeasible_too: bool = False) -> dict[str, Any]:
-        """Every figure of the candidate (LMS and class probabilities; the latter only where the LMS is kept, unless
-        `infeasible_too`)."""
-        lms = self.lms(rung)  # the base first: feasibility is relative to it
-        if not self.feasible(rung) and not (infeasible_too and math.isfinite(lms)):
-            return self.records[rung]
-        record = self.records[rung]
+        """The candidate's class probabilities (and its LMS, unless assumed feasible), where the LMS is kept or
+        `infeasible_too`."""
+        if not self.assumed(rung):
+            lms = self.lms(rung)  # the base first: feasibility is relative to it
+            if not self.feasible(rung) and not (infeasible_too and math.isfinite(lms)):
+                return self.records[rung]
+        record = self.records.setdefault(rung, {})
         if "balance_product" not in record and self._apply(rung):
             record.update(self.measure_probabilities())
         return record
@@ -362,6 +369,8 @@ class CandidateScorer:
             base = self.in_contexts(BASE)["context_mass"]
             return float(context_balance(record["context_mean_abs_log_ratio"], record["context_mass"], base,
                                          self.keep_mass))
+        if goal == "balance":
+            self.lms(rung)  # the held-out balance score weighs by the LMS
         record = self.full(rung)
         if "balance_product" not in record:
             return -math.inf
@@ -383,6 +392,7 @@ class CandidateScorer:
         """The ladder's feasible prefix by bisection, then each goal's best rung on it (search.py)."""
         last = last_true(lambda i: self.feasible(ladder[i]), len(ladder))
         at = lambda i: BASE if i < 0 else ladder[i]
+        self.inside.update(ladder[: last + 1])
         for goal in goals:
             if not self.contexts_decide(goal) and math.isnan(goal_scores(self.records[BASE], self.classes)[goal]):
                 continue  # the rows lack a class: best() says so
@@ -394,6 +404,10 @@ class CandidateScorer:
                 if score(better) <= score(best):
                     break
                 best = better
+            self.lms(at(best))  # the chosen edit's own LMS
+            if not self.feasible(at(best)):  # the LMS broke the rule inside the prefix: score every rung exactly
+                self.inside.difference_update(ladder)
+                best = max(range(-1, last + 1), key=lambda i: (score(i), -i))
             self.full(at(best))  # the chosen edit's figures
 
     def table(self, runs: list[list[Rung]]) -> list[dict[str, Any]]:
