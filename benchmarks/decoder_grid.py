@@ -113,8 +113,8 @@ def run(model_name: str, variant: str, selection: str) -> dict:
         clock.wrap(decoder_module, "language_modelling_score", "forwards")
         clock.wrap(InPlaceEditor, "apply", "edit")
         clock.wrap(InPlaceEditor, "__init__", "backup")
-        grid = evaluate_decoder(model, rows(), tokenizer, NEUTRAL, feature_factors=[1.0, -1.0], learning_rates=RATES, search="grid",
-                                progress=False).grid
+        grid = evaluate_decoder(model, rows(), tokenizer, NEUTRAL, feature_factors=[1.0, -1.0], learning_rates=RATES,
+                                search="grid", progress=False).grid
         if grid["skipped"].any():
             raise SystemExit("the grid skipped candidates (LMS give-up rule); the comparison needs all of them")
         numbers = grid[["feature_factor", "learning_rate"] + COLUMNS].values.tolist()

@@ -58,8 +58,9 @@ def main() -> None:
         choice = {goal: evaluation.best(goal) for goal in goals}
         payload["searches"][search] = {"seconds": min(seconds[search]), "scored": counts,
                                        "edits": {g: e.to_dict() for g, e in choice.items()}}
+        chosen = [f"{e.feature_factor:g} x {e.learning_rate:g}" for e in choice.values()]
         table_rows.append([search, f"{min(seconds[search]):.1f}", counts["lms"], counts["probabilities"],
-                           counts["contexts"]] + [f"{e.feature_factor:g} x {e.learning_rate:g}" for e in choice.values()])
+                           counts["contexts"], *chosen])
     grid_edits, ladder_edits = (payload["searches"][s]["edits"] for s in ("grid", "ladder"))
     same = all((grid_edits[g]["feature_factor"], grid_edits[g]["learning_rate"])
                == (ladder_edits[g]["feature_factor"], ladder_edits[g]["learning_rate"]) for g in goals)
