@@ -281,11 +281,11 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
     contexts = None
     if texts is not None:
         with timed(run, "neutral contexts"):
-            scorer = ContextScorer(model.get_base_model(), tokenizer, model.objective, texts, words)
-            frames = {}
+            scorer, frames = None, {}
             for name, edit in {"base": Edit(0.0, 0.0), **edits}.items():
                 frames[name] = decoder.context_frame(edit)
                 if frames[name] is None:  # not scored by the search
+                    scorer = scorer or ContextScorer(model.get_base_model(), tokenizer, model.objective, texts, words)
                     with model.apply_edit(edit) if edit.learning_rate else nullcontext():
                         frames[name] = scorer.frame()
             write_csv(pd.concat([f.assign(model=name) for name, f in frames.items()]), run.results / "contexts.csv")

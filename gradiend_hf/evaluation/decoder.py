@@ -242,9 +242,6 @@ def evaluate_decoder(
     contexts = None if not neutral_contexts else ContextScorer(base_model, tokenizer, objective, neutral_contexts,
                                                                 context_words or words, batch_size, truncation)
 
-    def measure_contexts() -> pd.DataFrame:
-        return contexts.frame()
-
     def measure_probabilities() -> dict[str, Any]:
         per_row = [class_probabilities(word_probabilities(base_model, batches, forward), words) for batches in prepared]
         probs = {c: torch.cat([p[c] for p in per_row]) for c in classes}
@@ -260,7 +257,7 @@ def evaluate_decoder(
     factors = list(DEFAULT_FEATURE_FACTORS if feature_factors is None else feature_factors)
     rates = learning_rate_ladder() if learning_rates is None else list(learning_rates)
     scorer = CandidateScorer(model.editor(), measure_lms, measure_probabilities, classes, lms_ratio,
-                             measure_contexts if contexts is not None else None, keep_mass)
+                             contexts.frame if contexts is not None else None, keep_mass)
     return choose_candidates(scorer, ladders(factors, rates), search, goals, progress)
 
 
