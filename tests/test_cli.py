@@ -107,7 +107,8 @@ def test_run_writes_the_whole_run_folder_and_the_saved_model_reproduces_the_repo
 
 def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, hub, capsys):
     evaluation = {"decoder_rows": 8, "neutral_texts": 4, "learning_rates": [0.01, 0.1, 1.0], "neutral_contexts": PROBES,
-                  "lms_ratio": 0.9, "benchmarks": {"crows_pairs": "gender", "winogender": None}, "benchmark_limit": 6}
+                  "lms_ratio": 0.9, "benchmarks": {"crows_pairs": "gender", "winogender": None}, "benchmark_limit": 6,
+                  "benchmark_goals": ["male"]}
     job = write_job(tmp_path, kind="llama", evaluation=evaluation)
     run = tmp_path / "run"
     assert main(["train", str(job)]) == 0  # 100 steps: the encoder must converge, or nothing is saved
@@ -125,9 +126,9 @@ def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, 
     rewritten = AutoModelForCausalLM.from_pretrained(tmp_path / "male")
     for (name, p), (_, q) in zip(expected.named_parameters(), rewritten.named_parameters()):
         assert torch.equal(p, q), name
-    # bias benchmarks: the base and every chosen edit; the 'male' rows are what the rewritten model itself scores
+    # bias benchmarks: the base and the edits of benchmark_goals; the 'male' rows are what the rewritten model scores
     scored = pd.read_csv(run / "results" / "benchmarks.csv")
-    assert set(scored["model"]) == {"base", "balance", "female", "male"}
+    assert set(scored["model"]) == {"base", "male"}
     tokenizer = tokenizer_for("llama")
     for model_name, model in (("base", tiny_model("llama")), ("male", rewritten)):
         crows = crows_pairs(model, tokenizer, "gender", limit=6, progress=False)
@@ -162,6 +163,7 @@ def test_train_evaluate_rewrite_push_as_separate_steps_on_a_causal_lm(tmp_path, 
     ({"evaluation": {"benchmarks": ["seat"]}}, "Unknown benchmark 'seat'; choose from ['bbq', 'crows_pairs',"),
     ({"evaluation": {"benchmarks": {"crows_pairs": "gendr"}}}, "Unknown CrowS-Pairs bias type ['gendr']; choose from"),
     ({"evaluation": {"benchmarks": {"winogender": "gender"}}}, "winogender has no subsets"),
+    ({"evaluation": {"benchmark_goals": ["-male"]}}, "evaluation.benchmark_goals has '-male', which is not among"),
 ])
 def test_a_bad_job_file_fails_at_once_naming_the_key_and_the_fix(tmp_path, capsys, change, message):
     job = write_job(tmp_path, **change)
@@ -169,6 +171,16 @@ def test_a_bad_job_file_fails_at_once_naming_the_key_and_the_fix(tmp_path, capsy
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_the_benchmarks_judge_the_saved_models_edit_unless_other_goals_are_listed(tmp_path):
+    """Each judged model costs a pass over every benchmark: by default the base and the rewrite goal's edit (the model
+    the job saves); benchmark_goals lists others, in the goals' canonical spelling."""
+    assert JobConfig.from_file(write_job(tmp_path)).benchmark_goals == ["balance"]
+    assert JobConfig.from_file(write_job(tmp_path, rewrite="female")).benchmark_goals == ["female"]
+    listed = write_job(tmp_path, evaluation={"goals": ["balance", "male", "-female"],
+                                             "benchmark_goals": ["weaken:female", "balance"]})
+    assert JobConfig.from_file(listed).benchmark_goals == ["-female", "balance"]
 
 
 def test_a_run_whose_encoder_did_not_converge_fails_loudly_and_ships_nothing(tmp_path, capsys):
@@ -277,7 +289,7 @@ def test_a_field_added_later_leaves_an_older_jobs_file_and_fingerprint_as_they_w
     old = yaml.safe_load((tmp_path / "job.yaml").read_text())
     content = {k: v for k, v in job.to_dict().items() if k != "output_dir"}
     assert set(content["evaluation"]) == set(EvaluationSpec.__dataclass_fields__) - {"benchmarks", "benchmark_limit",
-                                                                                      "search"}
+                                                                                      "benchmark_goals", "search"}
     assert set(old["evaluation"]) <= set(content["evaluation"])
     expected = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode("utf-8")).hexdigest()
     assert fingerprint(job) == expected

@@ -56,7 +56,7 @@ MODEL_HINTS = {"name": str, "dtype": Optional[str], "device_map": Union[None, st
 # Fields added after run folders recorded their job's fingerprint: written only when set, so that a job without them
 # reads, writes and fingerprints as before they existed (an older run folder stays valid).
 # The key "" holds top-level fields of the job.
-WRITTEN_WHEN_SET = {"evaluation": ("benchmarks", "benchmark_limit", "search"), "": ("pairs", "other_classes")}
+WRITTEN_WHEN_SET = {"evaluation": ("benchmarks", "benchmark_limit", "benchmark_goals", "search"), "": ("pairs", "other_classes")}
 
 
 class JobConfigError(ValueError):
@@ -256,10 +256,11 @@ class EvaluationSpec:
     feature_factors: Optional[list[float]] = None
     learning_rates: Optional[list[float]] = None
     neutral_contexts: Union[None, str, list[str]] = None   # "gender" (built-in) or masked sentences
-    # public bias benchmarks scored on the base and every chosen edit: a list of names (each on its gender subset) or
-    # {name: subset} (crows_pairs: bias type, stereoset: domain, bbq: category; winogender: null)
+    # public bias benchmarks scored on the base and the chosen edits of benchmark_goals: a list of names (each on its
+    # gender subset) or {name: subset} (crows_pairs: bias type, stereoset: domain, bbq: category; winogender: null)
     benchmarks: Union[None, list[str], dict[str, Optional[str]]] = None
     benchmark_limit: Optional[int] = None     # a seeded subsample of each benchmark's examples (None: all)
+    benchmark_goals: Optional[list[str]] = None  # the edits judged besides the base (None: the rewrite goal's edit)
     search: Optional[str] = None              # "ladder" (None: the default, scores what the choice needs) or "grid"
 
     def __post_init__(self) -> None:
@@ -363,6 +364,12 @@ class JobConfig:
                                      "(-<class> may also be written weaken:<class>).")
         if self.rewrite not in goals:
             raise JobConfigError(f"rewrite is {self.rewrite!r}, which is not among the evaluated goals {goals}.")
+        if self.evaluation.benchmark_goals is not None:
+            self.evaluation.benchmark_goals = [canonical_goal(goal) for goal in self.evaluation.benchmark_goals]
+            for goal in self.evaluation.benchmark_goals:
+                if goal not in goals:
+                    raise JobConfigError(f"evaluation.benchmark_goals has {goal!r}, which is not among the evaluated "
+                                         f"goals {goals}; list goals the job chooses an edit for.")
 
     # --- derived ---------------------------------------------------------------------------------------------------
     def check_suite(self) -> None:
@@ -422,6 +429,13 @@ class JobConfig:
     @property
     def goals(self) -> list[str]:
         return list(self.evaluation.goals or self.default_goals())
+
+    @property
+    def benchmark_goals(self) -> list[str]:
+        """The chosen edits the bias benchmarks judge besides the base: by default only the rewrite goal's (the model
+        the job saves), since each judged model costs a full pass over every benchmark."""
+        goals = self.evaluation.benchmark_goals
+        return list(goals) if goals is not None else [self.rewrite]
 
     def training_arguments(self, output_dir: Union[str, Path]):
         from ..trainer import GradiendTrainingArguments

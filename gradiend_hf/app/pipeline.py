@@ -314,14 +314,15 @@ def evaluate(job: JobConfig, run: RunFolder, model, tokenizer,
 
 
 def score_benchmarks(job: JobConfig, run: RunFolder, model, tokenizer, edits: dict[str, Edit]) -> list[dict[str, Any]]:
-    """The job's public bias benchmarks on the base and under every chosen edit (applied in place, restored after):
-    one row per (model, benchmark, metric) with its bootstrap interval, also in results/benchmarks.csv; each result's
-    summary and settings in results/benchmarks.json."""
+    """The job's public bias benchmarks on the base and under the chosen edits of job.benchmark_goals (applied in
+    place, restored after): one row per (model, benchmark, metric) with its bootstrap interval, also in
+    results/benchmarks.csv; each result's summary and settings in results/benchmarks.json."""
     from ..evaluation.benchmarks import BENCHMARKS, headline_rows, run_benchmark
 
     spec, rows, details = job.evaluation, [], {}
     with timed(run, "benchmarks"):
-        for name, edit in {"base": None, **edits}.items():
+        judged = {goal: edits[goal] for goal in job.benchmark_goals}
+        for name, edit in {"base": None, **judged}.items():
             with model.apply_edit(edit) if edit is not None else nullcontext():
                 for benchmark, subset in spec.benchmark_plan().items():
                     result = run_benchmark(benchmark, model, tokenizer, subset, limit=spec.benchmark_limit)
