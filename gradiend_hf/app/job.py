@@ -56,7 +56,8 @@ MODEL_HINTS = {"name": str, "dtype": Optional[str], "device_map": Union[None, st
 # Fields added after run folders recorded their job's fingerprint: written only when set, so that a job without them
 # reads, writes and fingerprints as before they existed (an older run folder stays valid).
 # The key "" holds top-level fields of the job.
-WRITTEN_WHEN_SET = {"evaluation": ("benchmarks", "benchmark_limit", "benchmark_goals", "search"), "": ("pairs", "other_classes")}
+WRITTEN_WHEN_SET = {"evaluation": ("benchmarks", "benchmark_limit", "benchmark_goals", "search"),
+                    "": ("pairs", "other_classes")}
 
 
 class JobConfigError(ValueError):
