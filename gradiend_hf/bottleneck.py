@@ -172,6 +172,24 @@ class Bottleneck(nn.Module):
         full = torch.zeros(self.shapes[name].numel(), dtype=entries.dtype, device=entries.device)
         return full.index_copy(0, idx, entries).reshape(self.shapes[name])
 
+    def selected_indices(self, name: str) -> Optional[torch.Tensor]:
+        """The flat base positions of parameter `name` the whole bottleneck covers (None: all of them)."""
+        return self.indices[name]
+
+    @torch.no_grad()
+    def set_whole(self, name: str, kind: str, value: torch.Tensor) -> None:
+        """Set one parameter's 'encoder', 'decoder' or 'offset' tensor from its whole value (a loaded adapter)."""
+        {"encoder": self.encoder, "decoder": self.decoder, "offset": self.offset}[kind](name).copy_(value)
+
+    def gradient_entries(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """The entries of a base gradient this bottleneck trains on (a sharded bottleneck exchanges them between
+        processes: sharding.py)."""
+        return self.entries(name, grad)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums over the processes that share this bottleneck: none here (a sharded bottleneck all-reduces)."""
+        return tensor
+
     # --- the auto-encoder --------------------------------------------------------------------------------------
     def encode_linear(self, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """sum_p <W_e[p], s[p]> + b_e, before the activation; shape (latent_dim,)."""

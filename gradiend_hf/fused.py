@@ -164,6 +164,7 @@ class DecoderStreamer:
         self.grad_h = torch.zeros(bottleneck.latent_dim, dtype=torch.float32)
         self.h_squares = float(h.double().pow(2).sum())
         self.grad_squares = 0.0  # |dL/dW_d|^2 + |dL/db_d|^2 so far
+        self.problem: Optional[str] = None  # the first non-finite reconstruction error: no decoder steps after it
 
     def target(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """-(t[p]) ready to add to the decoder output (the sign saves one temporary)."""
@@ -176,6 +177,8 @@ class DecoderStreamer:
         return self.source[name].neg()  # t = s
 
     def __call__(self, name: str, grad: torch.Tensor) -> None:
+        if self.problem is not None:  # the pass runs on (a sharded step's ranks exchange every gradient), unapplied
+            return
         b = self.b
         weight, bias = b.decoder(name), b.offset(name)
         residual = self.target(name, grad).to(weight.dtype).reshape(weight.shape[1:])  # -t
@@ -190,10 +193,9 @@ class DecoderStreamer:
         del out
         squares = float(torch.dot(residual.reshape(-1), residual.reshape(-1)))
         if not math.isfinite(squares):  # before W_d[p] moves: a NaN/inf here would enter the weights
-            raise FloatingPointError(
-                f"the reconstruction error of {name} is {squares} (its target gradient or decoder weights hold "
-                "NaN/inf, or the error overflowed)"
-            )
+            self.problem = (f"the reconstruction error of {name} is {squares} (its target gradient or decoder weights "
+                            "hold NaN/inf, or the error overflowed)")
+            return
         self.loss += squares
         dz = residual.mul_(self.scale)
         if slope is not None:
@@ -255,9 +257,14 @@ def fused_training_step(model, batch: Mapping[str, torch.Tensor], optimizer: tor
                 streamer(name, source[name])
         else:
             backward(plan[0], [streamer], last=True)
-    if not bool(torch.isfinite(streamer.grad_h).all()):
-        raise FloatingPointError(f"dL/dh is {streamer.grad_h.tolist()}")
-    grad_pre = streamer.grad_h.to(pre.device)
+    # a sharded bottleneck's ranks each hold a share of dL/dh; all of them stop if any found a non-finite error
+    failed = b.reduce_sum(torch.tensor([float(streamer.problem is not None)]))
+    if streamer.problem is not None or bool(failed[0] > 0):
+        raise FloatingPointError(streamer.problem or "a reconstruction error on another process is not finite")
+    grad_h = b.reduce_sum(streamer.grad_h)
+    if not bool(torch.isfinite(grad_h).all()):
+        raise FloatingPointError(f"dL/dh is {grad_h.tolist()}")
+    grad_pre = grad_h.to(pre.device)
     slope = derivative(b.encoder_activation, h)
     if slope is not None:
         grad_pre = grad_pre * slope
@@ -269,5 +276,7 @@ def fused_training_step(model, batch: Mapping[str, torch.Tensor], optimizer: tor
         step([weight], [grad_pre.to(weight.dtype).to(weight.device).view(-1, *[1] * entries.dim()) * entries])
     step([b.encoder_bias], [grad_pre.to(b.encoder_bias.dtype)])
     pre_squares = float(grad_pre.double().pow(2).sum())
-    grad_norm = math.sqrt(streamer.grad_squares + pre_squares * (source_squares + 1.0))
-    return FusedStep(torch.tensor(streamer.loss / b.num_entries, dtype=torch.float32), grad_norm)
+    loss, grad_squares, source_squares = b.reduce_sum(
+        torch.tensor([streamer.loss, streamer.grad_squares, source_squares], dtype=torch.float64)).tolist()
+    grad_norm = math.sqrt(grad_squares + pre_squares * (source_squares + 1.0))
+    return FusedStep(torch.tensor(loss / b.num_entries, dtype=torch.float32), grad_norm)

@@ -217,7 +217,7 @@ class GradientEngine:
 
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def gather(param: torch.Tensor) -> None:
-            grad = self.bottleneck.entries(name, param.grad)
+            grad = self.bottleneck.gradient_entries(name, param.grad)
             for action in self._actions:
                 action(name, grad)
             param.grad = None
@@ -534,7 +534,8 @@ def forward_mode_rows(engine: GradientEngine, batch: Mapping[str, torch.Tensor],
             else:
                 dense[name] = bottleneck.to_full(name, entries)
         columns.append(engine.row_directional_derivatives(batch, source, dense, sparse))
-    pre = torch.stack(columns, dim=1) + bottleneck.encoder_bias.detach().to(columns[0].device)
+    partial = bottleneck.reduce_sum(torch.stack(columns, dim=1))  # a sharded encoder's slices sum over processes
+    pre = partial + bottleneck.encoder_bias.detach().to(columns[0].device)
     return bottleneck.activate(pre)
 
 

@@ -18,6 +18,7 @@ from .gradients import GradientEngine, encode_rows
 from .objective import AUXILIARY_MLM, CAUSAL_LM, lm_objective, resolve_objective
 from .atomic import write_folder_atomically
 from .selection import parameter_dict, select_parameters
+from .sharding import ShardedBottleneck, distributed_world, shard
 from .serialization import WEIGHTS_NAME, adapter_key, check_fits, read_adapter, save_tensors
 
 
@@ -59,7 +60,9 @@ class GradiendModel(nn.Module):
         # with pre_prune set, the dense bottleneck would be thrown away at training start: build a shapes-only
         # placeholder until pre-pruning builds the real one at the pruned size
         self.awaits_pre_pruning = indices is None and config.pre_prune is not None and not config.pruned_by("pre")
-        self.bottleneck = Bottleneck(
+        # built while several processes run (torch.distributed, e.g. accelerate launch): each holds 1/N of it
+        sharded = distributed_world() > 1 and not self.awaits_pre_pruning
+        self.bottleneck = (ShardedBottleneck if sharded else Bottleneck)(
             {n: p.shape for n, p in params.items()},
             latent_dim=config.latent_dim,
             encoder_activation=config.encoder_activation,
@@ -92,6 +95,39 @@ class GradiendModel(nn.Module):
         self.awaits_pre_pruning = other.awaits_pre_pruning
         self._selected = None
         return self
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when each process holds only its slice of the bottleneck (sharding.py)."""
+        return isinstance(self.bottleneck, ShardedBottleneck)
+
+    def shard(self) -> "GradiendModel":
+        """Keep only this process's slice of the bottleneck (the same values; torch.distributed must run with several
+        processes). GradiendTrainer does it when several processes train."""
+        if not self.is_sharded:
+            self.require_bottleneck()
+            self._swap_bottleneck(shard(self.bottleneck))
+        return self
+
+    def unshard(self) -> "GradiendModel":
+        """Assemble the whole bottleneck on every process (for DDP replicas, or to edit in one process)."""
+        if self.is_sharded:
+            self._swap_bottleneck(self.bottleneck.unsharded())
+        return self
+
+    def _swap_bottleneck(self, bottleneck: Bottleneck) -> None:
+        self.bottleneck = bottleneck
+        self.engine = GradientEngine(self.get_base_model(), bottleneck, self.auxiliary_head)
+
+    def require_whole(self, action: str) -> None:
+        """A clear error instead of an edit of one slice: edits need the whole bottleneck."""
+        if self.is_sharded:
+            n = self.bottleneck.world_size
+            raise RuntimeError(
+                f"This GradiendModel holds 1/{n} of its bottleneck on each of {n} processes (sharded training), and "
+                f"{action} needs the whole one: call model.unshard() first (every process then holds all of it), or "
+                "save_pretrained() and load the adapter in one process."
+            )
 
     def require_bottleneck(self) -> None:
         """A clear error instead of meta-tensor failures while the bottleneck is a placeholder awaiting pre-pruning."""
@@ -209,12 +245,14 @@ class GradiendModel(nn.Module):
     def decode(self, h: FeatureValue) -> dict[str, torch.Tensor]:
         """The decoder's parameter-shaped update for a feature value h."""
         self.require_bottleneck()
+        self.require_whole("an edit")
         return {n: self.bottleneck.to_full(n, v) for n, v in self.bottleneck.decode(h).items()}
 
     # --- editing -------------------------------------------------------------------------------------------------
     def editor(self) -> InPlaceEditor:
         """An editor for trying many edits in a row (decoder grids): apply(ff, lr) ... restore()."""
         self.require_bottleneck()
+        self.require_whole("an edit")
         return InPlaceEditor(self.bottleneck, self.selected_parameters())
 
     def record_edit(self, edit: Edit) -> None:
@@ -243,6 +281,7 @@ class GradiendModel(nn.Module):
     ):
         """Context manager: the base model carries the edit inside the block and is restored bit-exactly after."""
         self.require_bottleneck()
+        self.require_whole("an edit")
         ff, lr = self.edit_values(edit, feature_factor, learning_rate)
         editor = InPlaceEditor(self.bottleneck, self.selected_parameters())
         try:
@@ -282,6 +321,7 @@ class GradiendModel(nn.Module):
         go of the base model; the result loads anywhere with `from_pretrained` once saved.
         """
         self.require_bottleneck()
+        self.require_whole("an edit")
         ff, lr = self.edit_values(edit, feature_factor, learning_rate)
         scratch = Scratch()
         check_finite_edit(self.bottleneck, self.selected_parameters(), ff, lr, scratch)
@@ -394,7 +434,7 @@ class GradiendModel(nn.Module):
             )
         check_fits(self.get_base_model(), config, grouped)
         for name, tensors in grouped.items():
-            mine, saved = self.bottleneck.indices[name], tensors.get("index")
+            mine, saved = self.bottleneck.selected_indices(name), tensors.get("index")
             if (mine is None) != (saved is None) or (mine is not None and not torch.equal(mine.cpu(), saved.cpu())):
                 raise ValueError(
                     f"The adapter at {path} keeps other entries of {name} than this model (pruning differs)."
@@ -407,10 +447,8 @@ class GradiendModel(nn.Module):
     def bottleneck_from(self, grouped: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         b = self.bottleneck
         for name, tensors in grouped.items():
-            b.encoder(name).copy_(tensors["encoder"])
-            b.decoder(name).copy_(tensors["decoder"])
-            if b.has_decoder_bias:
-                b.offset(name).copy_(tensors["offset"])
+            for kind in ("encoder", "decoder", "offset")[: 3 if b.has_decoder_bias else 2]:
+                b.set_whole(name, kind, tensors[kind])
 
     def push_to_hub(
         self,
