@@ -134,8 +134,8 @@ class ShardedBottleneck(Bottleneck):
 
     def reconstruction_loss(self, h: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError(
-            "A sharded bottleneck trains with the fused step only (GradiendTrainer takes it): the plain step's autograd "
-            "would need the whole bottleneck. Train with shard_bottleneck=False for DDP replicas."
+            "A sharded bottleneck trains with the fused step only (GradiendTrainer takes it): the plain step's "
+            "autograd would need the whole bottleneck. Train with shard_bottleneck=False for DDP replicas."
         )
 
     @contextlib.contextmanager

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny import rows, tiny_model, tokenizer_for  # noqa: E402
 
 from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model  # noqa: E402
-from gradiend_hf.fused import AdamWSteps, fused_training_step  # noqa: E402
+from gradiend_hf.fused import AdamWSteps  # noqa: E402
 from gradiend_hf.sharding import sharded_training_step  # noqa: E402
 
 CLASSES = ["female", "male"]
@@ -76,8 +76,8 @@ def train(gradiend, collator, step_function, flip_after: int = 2):
         result = step_function(gradiend, batch, optimizer, steps)
         if i == 0:  # the first step's source gradient, whole
             b, source = gradiend.bottleneck, gradiend.engine.buffer("source")
-            gradients = {n: (b.assemble(n, source[n].reshape(-1)) if gradiend.is_sharded else source[n].reshape(-1).clone())
-                         for n in b.names}
+            whole = b.assemble if gradiend.is_sharded else (lambda _, slice_: slice_.clone())
+            gradients = {n: whole(n, source[n].reshape(-1)) for n in b.names}
         losses.append(float(result.loss))
         norms.append(result.grad_norm)
         if i + 1 == flip_after:
@@ -106,8 +106,9 @@ def main() -> None:
             tensors = {**{k: v.detach() for k, v in whole.state_dict().items()},
                        **{f"gradient.{n}": g for n, g in gradients.items()}}
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{name}.safetensors"))
+            b = gradiend.bottleneck
             record = {"losses": losses, "norms": norms, "h": h.tolist(), "world_size": dist.get_world_size(),
-                      "local_entries": gradiend.bottleneck.local_entries, "num_entries": gradiend.bottleneck.num_entries}
+                      "local_entries": b.local_entries, "num_entries": b.num_entries}
             (out / f"{name}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
