@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -37,12 +37,17 @@ __all__ = [
     "AGGREGATES",
     "POST_CRITERIA",
     "ImportanceEngine",
+    "accumulate_batches",
+    "chunks",
     "importance",
     "importance_batches",
+    "importance_weights",
     "keep_count",
+    "kth_largest",
     "post_prune",
     "post_prune_scores",
     "pre_prune",
+    "score_problem",
     "select_top",
 ]
 
@@ -53,30 +58,43 @@ def keep_count(keep: Keep, total: int) -> int:
     return count_to_keep(keep, total)
 
 
-def _chunks(tensor: torch.Tensor):
+def chunks(tensor: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, piece) of the flat tensor in CHUNK-sized pieces: comparisons over them keep temporaries small."""
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), CHUNK):
         yield start, flat[start : start + CHUNK]
 
 
 def _count(scores: Mapping[str, torch.Tensor], op, value) -> int:
-    return sum(int(torch.count_nonzero(op(chunk, value))) for s in scores.values() for _, chunk in _chunks(s))
+    return sum(int(torch.count_nonzero(op(chunk, value))) for s in scores.values() for _, chunk in chunks(s))
+
+
+def score_problem(scores: Mapping[str, torch.Tensor]) -> Optional[Exception]:
+    """The error that score tensors unfit for select_top deserve (None when fit): returned, not raised, so processes
+    can agree on raising it together instead of one leaving the others waiting in a collective."""
+    for name, s in scores.items():
+        if s.dtype != torch.float32 or not s.is_contiguous():
+            return TypeError(f"scores of {name} must be a contiguous float32 tensor, got {s.dtype}.")
+        for _, chunk in chunks(s):
+            if not bool(torch.isfinite(chunk).all()) or bool((chunk < 0).any()):
+                return ValueError(f"The importance of {name} holds negative or non-finite values (NaN/inf gradients?).")
+    return None
 
 
 def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
-    for name, s in scores.items():
-        if s.dtype != torch.float32 or not s.is_contiguous():
-            raise TypeError(f"scores of {name} must be a contiguous float32 tensor, got {s.dtype}.")
-        for _, chunk in _chunks(s):
-            if not bool(torch.isfinite(chunk).all()) or bool((chunk < 0).any()):
-                raise ValueError(f"The importance of {name} holds negative or non-finite values (NaN/inf gradients?).")
+    problem = score_problem(scores)
+    if problem is not None:
+        raise problem
 
 
-def kth_largest(scores: Mapping[str, torch.Tensor], k: int) -> float:
+def kth_largest(
+    scores: Mapping[str, torch.Tensor], k: int, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+) -> float:
     """The exact k-th largest value over all score tensors (non-negative float32; topk.kth_largest_bits), read in
-    chunk-sized pieces: never a copy of the scores."""
-    chunks = lambda: (chunk.view(torch.int32) for s in scores.values() for _, chunk in _chunks(s))  # noqa: E731
-    return bits_to_float(kth_largest_bits(chunks, k))
+    chunk-sized pieces: never a copy of the scores. `reduce` sums the radix histograms over processes (see
+    kth_largest_bits) when `scores` are one process's slices of the values."""
+    pieces = lambda: (chunk.view(torch.int32) for s in scores.values() for _, chunk in chunks(s))  # noqa: E731
+    return bits_to_float(kth_largest_bits(pieces, k, reduce))
 
 
 def select_top(
@@ -116,7 +134,7 @@ def select_top(
             if count == s.numel():
                 kept[name] = None
             elif count:
-                kept[name] = torch.cat([(chunk >= cut).nonzero().squeeze(1) + start for start, chunk in _chunks(s)])
+                kept[name] = torch.cat([(chunk >= cut).nonzero().squeeze(1) + start for start, chunk in chunks(s)])
             del s
         return kept, {"kept": k, "total": total, "cutoff": cut}
     k = keep_count(keep, total)
@@ -137,7 +155,7 @@ def select_top(
         if greater + equal == 0:
             continue
         parts, wanted = [], equal
-        for start, chunk in _chunks(s):
+        for start, chunk in chunks(s):
             parts.append((chunk > cut).nonzero().squeeze(1) + start)
             if wanted:
                 tied = (chunk == cut).nonzero().squeeze(1)[:wanted] + start
@@ -224,10 +242,14 @@ class ImportanceEngine(GradientEngine):
     def __init__(self, model: nn.Module, selection: Selection) -> None:
         super().__init__(model, selection)
         self.accumulators = {
-            name: torch.zeros(selection.entry_shape(name), dtype=torch.float32, device=p.device)
-            for name, p in self.params.items()
+            name: self.new_accumulator(name, selection.entry_shape(name), p.device) for name, p in self.params.items()
         }
         self._scale, self._absolute = 0.0, False
+
+    def new_accumulator(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """A zero float32 accumulator shaped like the entries; a subclass may hand out a view into a bigger buffer
+        (the distributed engine pads it for reduce-scatter without a copy)."""
+        return torch.zeros(shape, dtype=torch.float32, device=device)
 
     def _hook(self, name: str):
         accumulator = self.accumulators[name]
@@ -258,6 +280,48 @@ def batch_label(rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str
     return {feature_classes[0]: 1.0, feature_classes[1]: -1.0}.get(first[column], 0.0)
 
 
+def importance_weights(
+    batches: Sequence[Sequence[Mapping[str, Any]]],
+    kind: str,
+    aggregate: str = "mean",
+    feature_classes: Optional[Sequence[str]] = None,
+) -> tuple[list[float], float]:
+    """(weight of each batch, sum of |weights|) for `importance`: computed over ALL batches, so processes that each
+    read a share of them scale their gradients exactly as one process reading them all."""
+    if kind not in GRADIENT_KINDS:
+        raise ValueError(f"kind={kind!r} is not a gradient kind; choose one of {list(GRADIENT_KINDS)}.")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r} is not known; choose one of {list(AGGREGATES)}.")
+    weights = [float(len(rows)) for rows in batches]
+    if aggregate == "label":
+        if feature_classes is None:
+            raise ValueError("aggregate='label' needs the feature classes.")
+        weights = [w * batch_label(rows, feature_classes, kind) for w, rows in zip(weights, batches)]
+    total = sum(abs(w) for w in weights)
+    if total == 0:
+        raise ValueError("Pre-pruning found no usable rows (aggregate='label' needs rows of a feature transition).")
+    return weights, total
+
+
+@torch.no_grad()
+def accumulate_batches(
+    engine: ImportanceEngine,
+    batches: Sequence[Sequence[Mapping[str, Any]]],
+    weights: Sequence[float],
+    total: float,
+    collator: Any,
+    kind: str,
+    aggregate: str = "mean",
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Add weight/total * gradient of batch i into the engine's accumulators, for the batches i % world_size == rank
+    (all of them in one process): the per-process sums add up to `importance`'s single sum."""
+    for i, (rows, weight) in enumerate(zip(batches, weights)):
+        if weight and i % world_size == rank:
+            engine.accumulate(collator(list(rows)), kind, weight / total, absolute=aggregate == "abs")
+
+
 @torch.no_grad()
 def importance(
     base_model: nn.Module,
@@ -275,22 +339,9 @@ def importance(
       the difference of the two classes' mean gradients, so parts common to both directions cancel;
     - 'abs': mean over rows of |batch gradient| (each batch's gradient taken whole, then its absolute value).
     """
-    if kind not in GRADIENT_KINDS:
-        raise ValueError(f"kind={kind!r} is not a gradient kind; choose one of {list(GRADIENT_KINDS)}.")
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate={aggregate!r} is not known; choose one of {list(AGGREGATES)}.")
-    weights = [float(len(rows)) for rows in batches]
-    if aggregate == "label":
-        if feature_classes is None:
-            raise ValueError("aggregate='label' needs the feature classes.")
-        weights = [w * batch_label(rows, feature_classes, kind) for w, rows in zip(weights, batches)]
-    total = sum(abs(w) for w in weights)
-    if total == 0:
-        raise ValueError("Pre-pruning found no usable rows (aggregate='label' needs rows of a feature transition).")
+    weights, total = importance_weights(batches, kind, aggregate, feature_classes)
     engine = ImportanceEngine(base_model, selection)
-    for rows, weight in zip(batches, weights):
-        if weight:
-            engine.accumulate(collator(list(rows)), kind, weight / total, absolute=aggregate == "abs")
+    accumulate_batches(engine, batches, weights, total, collator, kind, aggregate)
     scores = engine.accumulators
     for s in scores.values():
         s.abs_()
@@ -354,14 +405,25 @@ def pre_prune(
 
     The new bottleneck is freshly initialised at the pruned size (config.init_seed); the config records the pruning in
     `pruning`. Memory beyond the base model: one float32 accumulator per selected entry, plus the int64 indices kept.
+
+    Several processes: when torch.distributed is available and initialised with a world size N > 1 (e.g. under
+    `accelerate launch --num_processes N`, or in GradiendTrainer, whose training arguments set the group up), every
+    process must call this with the same arguments; it then reads only batches i % N == rank, the importance is summed
+    by reduce-scatter so each process keeps just its 1/N slice of it (the raw per-process accumulator is freed
+    parameter by parameter as it is reduced), and the exact global top-k is found with small collectives
+    (gradiend_hf.distributed_pruning). Every process selects the same entries as a single process reading all rows
+    would (up to float rounding of the importance, summed in another order) and builds the adapter over them as
+    GradiendModel does under torch.distributed; the record gains "processes": N.
     """
+    from . import distributed_pruning
     from .data import GradiendDataCollator
 
     if isinstance(model, GradiendModel):
         if config is not None:
             raise ValueError("config= is for a plain base model; a GradiendModel brings its own gradiend_config.")
         base, config = model.get_base_model(), model.gradiend_config
-        selection = Selection(model.bottleneck.shapes, model.bottleneck.indices)
+        bottleneck = model.bottleneck  # the whole selection, also when this process holds a slice of the bottleneck
+        selection = Selection(bottleneck.shapes, {n: bottleneck.selected_indices(n) for n in bottleneck.names})
     else:
         if config is None:
             raise ValueError("Pre-pruning a plain base model needs config= (a GradiendConfig).")
@@ -378,20 +440,32 @@ def pre_prune(
     batches = importance_batches(
         dataset, config.feature_classes, rows=rows, batch_size=batch_size, seed=seed, tokenizer=tokenizer
     )
+    processes = distributed_pruning.process_count()
     was_training = base.training
     base.eval()  # no dropout in the gradients, as in training
     try:
-        scores = importance(base, selection, batches, collator, kind, aggregate, config.feature_classes)
+        if processes > 1:  # this process's share of the batches; it keeps only its slice of the summed importance
+            shards = distributed_pruning.sharded_importance(
+                base, selection, batches, collator, kind, aggregate, config.feature_classes
+            )
+        else:
+            scores = importance(base, selection, batches, collator, kind, aggregate, config.feature_classes)
     finally:
         base.train(was_training)
-    positions, info = select_top(scores, keep, threshold=threshold, release=True)  # indices replace accumulators
-    del scores
+    if processes > 1:
+        positions, info = distributed_pruning.select_top_sharded(shards, keep, threshold=threshold, release=True)
+        del shards
+    else:
+        positions, info = select_top(scores, keep, threshold=threshold, release=True)  # indices replace accumulators
+        del scores
     indices = {n: compose(selection.indices[n], positions[n]) for n in selection.names if n in positions}
     record = {
         "method": "pre", "keep": keep, "threshold": threshold, "rows": sum(len(b) for b in batches),
         "batches": len(batches), "batch_size": batch_size, "kind": kind, "aggregate": aggregate, "seed": seed,
         "kept": info["kept"], "total": info["total"], "cutoff": info["cutoff"],
     }
+    if processes > 1:
+        record["processes"] = processes
     config = _record(config, record, encoder_bias=None)  # a fresh adapter: nothing trained is carried over
     return _rebuilt(model, base, config, indices, inplace)
 

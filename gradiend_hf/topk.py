@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -46,9 +46,17 @@ def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return counts.numel() - 1 - position, int(above[position] - counts[counts.numel() - 1 - position])
 
 
-def kth_largest_bits(bit_tensors: Callable[[], Iterable[torch.Tensor]], k: int) -> int:
+def kth_largest_bits(
+    bit_tensors: Callable[[], Iterable[torch.Tensor]],
+    k: int,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> int:
     """The int32 bit pattern of the k-th largest (1 <= k <= count) non-negative float32 value. `bit_tensors()` yields
-    the values' bit patterns (int32 views) and is called twice, so the tensors may be made on the fly and dropped."""
+    the values' bit patterns (int32 views) and is called twice, so the tensors may be made on the fly and dropped.
+
+    `reduce` (optional) maps each local histogram (int64 counts on the CPU) to the histogram of all values: with the
+    values spread over processes, an all-reduce (sum) of the two small histograms makes the select global.
+    """
 
     def histogram(bins: int, digit) -> torch.Tensor:
         counts = torch.zeros(bins, dtype=torch.long)
@@ -56,7 +64,7 @@ def kth_largest_bits(bit_tensors: Callable[[], Iterable[torch.Tensor]], k: int) 
             values = digit(bits)
             if values.numel():
                 counts += torch.bincount(values.long(), minlength=bins).cpu()
-        return counts
+        return counts if reduce is None else reduce(counts)
 
     high, above = _from_top(histogram(1 << 15, lambda bits: bits >> 16), k)
     low, _ = _from_top(histogram(1 << 16, lambda bits: bits[(bits >> 16) == high] & 0xFFFF), k - above)
