@@ -1,6 +1,7 @@
-"""Train a GRADIEND adapter on several processes with accelerate (DistributedDataParallel).
+"""Train a GRADIEND adapter on several processes with accelerate (the bottleneck sharded, or DDP replicas).
 
     accelerate launch --config_file examples/accelerate_cpu.yaml examples/train_multiprocess.py --out runs/mp
+    accelerate launch --config_file examples/accelerate_cpu.yaml examples/train_multiprocess.py --out runs/mp --ddp
     accelerate launch --config_file examples/accelerate_cpu.yaml examples/train_multiprocess.py --out runs/mp-smol \
         --model smollm2 --steps 4
 
@@ -9,8 +10,14 @@ process group (gloo). Without a config file: `accelerate launch --multi_gpu --nu
 `accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up.) On a machine with GPUs, --cpu
 keeps the training on the CPU.
 
-How it divides the work: GradiendTrainer deals the transition sampler's batches round robin to the processes (whole
-batches, one transition each), so each process computes its own gradient rows with the frozen base model. DDP
+How it divides the work by default (sharded, docs/distributed.md): each process holds 1/N of the bottleneck; every
+step reads one batch of N x --batch-size rows of one transition, each process computes its share of the rows, and
+each base gradient is reduce-scattered so each process gets its slice of the whole batch's gradient: N processes
+with --batch-size B train as one process with N x B.
+
+With --ddp (shard_bottleneck=False): GradiendTrainer deals the transition sampler's batches round robin to the
+processes (whole batches, one transition each), so each process computes its own gradient rows with the frozen base
+model. DDP
 all-reduces only the parameters that require grad when it wraps the model: the bottleneck's. The base parameters
 require grad only for a moment inside `GradiendModel.forward` (the gradient engine's inner backward), and their
 gradients are taken by hooks into per-process buffers, so they are never averaged across processes. One optimizer step
@@ -123,9 +130,20 @@ class EvidenceTrainer(GradiendTrainer):
         self.last_gradients: dict[str, dict[str, torch.Tensor]] = {}
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The plain step's loss (DDP, gradient accumulation)."""
         row_ids = inputs.pop("row_id")
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
+        self.record(row_ids, inputs, result[0] if return_outputs else result)
+        return result
+
+    def fused_training_step(self, model, inputs) -> torch.Tensor:
+        """The fused (and the sharded) step: the batch every process reads, and its loss."""
+        row_ids = inputs.pop("row_id")
+        loss = super().fused_training_step(model, inputs)
+        self.record(row_ids, inputs, loss)
+        return loss
+
+    def record(self, row_ids: torch.Tensor, inputs: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         classes = self.gradiend_model.gradiend_config.feature_classes
         pairs = zip(inputs["factual_class"].tolist(), inputs["alternative_class"].tolist())
         self.seen_rows.append(row_ids.tolist())
@@ -133,7 +151,6 @@ class EvidenceTrainer(GradiendTrainer):
         self.local_losses.append(float(loss.detach()))
         buffers = self.gradiend_model.engine.buffers
         self.last_gradients = {kind: {n: t.detach().clone() for n, t in b.items()} for kind, b in buffers.items()}
-        return result
 
 
 def main() -> None:
@@ -142,13 +159,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps (each process trains one batch per step)")
     parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
                         help="tiny GPT-2 (seconds) or SmolLM2-135M")
-    parser.add_argument("--batch-size", type=int, default=4, help="rows behind one gradient (per process)")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per process behind one gradient")
+    parser.add_argument("--ddp", action="store_true",
+                        help="DDP replicas of the whole bottleneck (shard_bottleneck=False) instead of 1/N per process")
     parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-2 (tiny) / 1e-4 (smollm2)")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1,
                         help="batches per optimizer step and process (one process with N here trains on the same "
                              "batch pairs as N processes with 1)")
     parser.add_argument("--eval-steps", type=int, default=2, help="evaluate and checkpoint every N steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="resume from the last complete checkpoint in --out/run")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is visible")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -179,6 +199,7 @@ def main() -> None:
             logging_steps=args.eval_steps,
             seed=args.seed,
             disable_tqdm=True,
+            shard_bottleneck=not args.ddp,
             # Without a GPU the processes must ask for the CPU, or accelerate sets up no process group at all.
             use_cpu=args.cpu or not torch.cuda.is_available(),
         ),
@@ -187,7 +208,7 @@ def main() -> None:
         processing_class=tokenizer,
         data_collator=RowIdCollator(GradiendDataCollator(tokenizer, model.objective, CLASSES)),
     )
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model(str(args.out / "adapter"))  # written by the main process only
 
     rank, world_size = trainer.args.process_index, trainer.args.world_size

@@ -25,6 +25,7 @@ OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_JSON = "scheduler.json"
 SCALER_JSON = "scaler.json"
 TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
+SHARDED_STATE = "sharded_state"  # a sharded run's slices of the bottleneck and of the optimizer state (sharded_io)
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-<step>"
 # Files a transformers checkpoint may hold that only torch.load (pickle) reads: never read here.
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -60,6 +61,28 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: Any, direc
     if scheduler is not None:
         sched = {k: _jsonable(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         write_text_atomically(directory / SCHEDULER_JSON, json.dumps(sched))
+
+
+def save_optimizer_groups(optimizer: torch.optim.Optimizer, scheduler: Any, directory: str | os.PathLike) -> None:
+    """The optimizer's hyperparameters (optimizer.json) and the scheduler (scheduler.json) of a sharded run, whose
+    per-entry optimizer state is in SHARDED_STATE."""
+    directory = Path(directory)
+    groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    write_text_atomically(directory / OPTIMIZER_JSON, json.dumps({"param_groups": groups}))
+    if scheduler is not None:
+        sched = {k: _jsonable(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        write_text_atomically(directory / SCHEDULER_JSON, json.dumps(sched))
+
+
+def load_optimizer_groups(optimizer: torch.optim.Optimizer, scheduler: Any, directory: str | os.PathLike) -> None:
+    """Restore what save_optimizer_groups wrote (hyperparameters such as the learning rate, and the scheduler)."""
+    directory = Path(directory)
+    groups = json.loads((directory / OPTIMIZER_JSON).read_text(encoding="utf-8"))["param_groups"]
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update({k: _from_json(v) for k, v in saved.items()})
+    if scheduler is not None and (directory / SCHEDULER_JSON).is_file():
+        saved = json.loads((directory / SCHEDULER_JSON).read_text(encoding="utf-8"))
+        scheduler.load_state_dict({**scheduler.state_dict(), **{k: _from_json(v) for k, v in saved.items()}})
 
 
 def has_optimizer_state(directory: str | os.PathLike) -> bool:
@@ -103,7 +126,8 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> Optional[str]:
     folder = Path(checkpoint)
     if not folder.is_dir():
         return "it is not a folder"
-    required = [CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_TENSORS, OPTIMIZER_JSON, TRAINER_STATE]
+    sharded = (folder / SHARDED_STATE).is_dir()  # a sharded run's optimizer state lives there
+    required = [CONFIG_NAME, WEIGHTS_NAME, *([] if sharded else [OPTIMIZER_TENSORS]), OPTIMIZER_JSON, TRAINER_STATE]
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         hint = " (an interrupted save)" if TRAINER_STATE in missing else ""

@@ -508,6 +508,7 @@ def post_prune(
 ) -> GradiendModel:
     """Keep the top-k entries of a trained adapter by `by` (see post_prune_scores); the kept encoder/decoder values and
     the encoder bias are copied exactly, indices composed with any earlier pruning (base coordinates)."""
+    model.require_whole("post-pruning")
     b = model.bottleneck
     scores = post_prune_scores(model, by)
     positions, info = select_top(scores, keep, threshold=threshold)

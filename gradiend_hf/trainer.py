@@ -9,6 +9,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
@@ -25,12 +26,15 @@ from transformers.trainer_utils import (
     rotate_checkpoints,
 )
 
-from . import fused, training_flags
+from . import fused, sharding, training_flags
 from .atomic import recover_folder, recover_folders, staged_folder, write_file_atomically, write_text_atomically
 from .base_passes import base_passes, checkpoint_options, checkpointable_layers
 from .checkpointing import (
     OPTIMIZER_JSON,
     OPTIMIZER_TENSORS,
+    SHARDED_STATE,
+    load_optimizer_groups,
+    save_optimizer_groups,
     TRAINER_STATE,
     checkpoint_problem,
     has_optimizer_state,
@@ -121,6 +125,16 @@ class GradiendTrainingArguments(TrainingArguments):
         ddp_find_unused_parameters (`bool`, defaults to `False`, transformers: `None`):
             Every bottleneck tensor is used in every step, so DDP need not search for unused ones.
 
+        > Several processes (`accelerate launch --num_processes N`, torchrun)
+
+        shard_bottleneck (`bool`, defaults to `True`, added):
+            Each process holds 1/N of every selected parameter's entries of W_e, W_d, b_d, their AdamW moments and the
+            source gradient (sharding.py). A step trains on one batch of `per_device_train_batch_size x N` rows of
+            one transition, split over the processes; each base gradient is reduce-scattered as it arrives. It equals
+            one process with that batch size (up to the order of float sums) and takes the fused step, so it refuses
+            what the fused step cannot do (clipping, gradient accumulation, other optimizers). `False`: DDP
+            replicas of the whole bottleneck, each process on its own batches (the plain step).
+
         > The base model's passes (base_passes.py); the bottleneck always stays float32
 
         bf16 (`bool`, defaults to `False`):
@@ -188,6 +202,11 @@ class GradiendTrainingArguments(TrainingArguments):
     early_stopping_threshold: float = field(default=0.001, metadata={"help": "Rise of |correlation| that counts."})
     sign_normalisation: bool = field(default=True, metadata={"help": "Keep the first class reading +1."})
     max_eval_rows: Optional[int] = field(default=None, metadata={"help": "Cap on evaluation rows."})
+    shard_bottleneck: bool = field(
+        default=True,
+        metadata={"help": "Several processes: each holds 1/N of the bottleneck and its optimizer state (sharding.py); "
+                  "False: DDP replicas of all of it."},
+    )
     optimizer_state_dtype: str = field(
         default="float32",
         metadata={
@@ -206,6 +225,26 @@ class GradiendTrainingArguments(TrainingArguments):
                 f"optimizer_state_dtype={self.optimizer_state_dtype!r} is not supported; choose one of "
                 f"{list(OPTIMIZER_STATE_DTYPES)}."
             )
+
+
+def share_path(path: Optional[Path], rank: int) -> Path:
+    """The path the main process (rank 0) holds, on every process."""
+    import torch.distributed as dist
+
+    box = [str(path) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+class ShardedRun(torch.nn.Module):
+    """The GradiendModel of a sharded run where accelerate would put DDP: a plain container (see _wrap_model)."""
+
+    def __init__(self, module: GradiendModel) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.module(*args, **kwargs)
 
 
 def flip_sign(model: GradiendModel, optimizer: Optional[torch.optim.Optimizer]) -> None:
@@ -442,6 +481,8 @@ class GradiendTrainer(SavingAndHub, Trainer):
                 "process would train alone on all the data and write the same checkpoints. Without a GPU, pass "
                 "use_cpu=True to the training arguments (or export ACCELERATE_USE_CPU=true) to train on the CPU."
             )
+        self.sharded = self.accelerator.num_processes > 1 and self.args.shard_bottleneck
+        self.refuse_other_sharding()
         self.optimizer_class()  # an optimizer that cannot be built (a missing package) fails here, not at train()
         if self.args.optimizer_state_dtype != "float32" and self.static_step_blockers():
             raise ValueError(
@@ -449,6 +490,23 @@ class GradiendTrainer(SavingAndHub, Trainer):
                 f"cannot take: {self.static_step_blockers()[0]}. Use optimizer_state_dtype='float32', or one process "
                 "with gradient_accumulation_steps=1, max_grad_norm=0 and optim='adamw_torch_fused'/'adamw_torch'."
             )
+        if self.sharded:
+            blockers = self.static_step_blockers()
+            if blockers:
+                raise ValueError(
+                    f"With {self.accelerator.num_processes} processes the bottleneck is sharded, which trains with the "
+                    f"fused step; this run cannot take it: {blockers[0]}. Remove that setting, or pass "
+                    "shard_bottleneck=False (DDP replicas of the whole bottleneck on every process)."
+                )
+            if self.gradiend_model.gradiend_config.post_prune is not None:
+                raise ValueError(
+                    "post_prune ranks the whole adapter's entries, which no process of a sharded run holds: train "
+                    "without it and post-prune the saved adapter in one process (gradiend_hf.pruning.post_prune("
+                    "GradiendModel.from_pretrained(base, folder), keep)), or pass shard_bottleneck=False."
+                )
+            self.gradiend_model.shard()  # a model built before the processes were set up holds all of it until now
+        elif self.accelerator.num_processes > 1:
+            self.gradiend_model.unshard()
         self.precision = training_flags.autocast_dtype(self.args)
         every, self.checkpoint_kwargs = checkpoint_options(self.args.activation_checkpointing_kwargs)
         base = self.gradiend_model.get_base_model()
@@ -465,7 +523,27 @@ class GradiendTrainer(SavingAndHub, Trainer):
 
     @property
     def gradiend_model(self) -> GradiendModel:
-        return self.accelerator.unwrap_model(self.model)
+        model = self.accelerator.unwrap_model(self.model)
+        return model.module if isinstance(model, ShardedRun) else model
+
+    def refuse_other_sharding(self) -> None:
+        """FSDP and DeepSpeed would shard or replicate the GradiendModel their own way (and break its gradient hooks):
+        GRADIEND shards its bottleneck itself when several processes train."""
+        state = self.accelerator.state
+        for plugin, name in (("fsdp_plugin", "FSDP"), ("deepspeed_plugin", "DeepSpeed")):
+            if getattr(state, plugin, None) is not None:
+                raise ValueError(
+                    f"GradiendTrainer does not run under {name}: with several processes it shards the bottleneck "
+                    "itself (shard_bottleneck=True: each process holds 1/N of it). Launch with plain `accelerate "
+                    "launch --num_processes N` (or torchrun) and an accelerate config without FSDP/DeepSpeed."
+                )
+
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        """A sharded run is not wrapped in DDP (its processes hold different slices): accelerate prepares only the
+        optimizer when the model comes back wrapped, so it comes back in a plain container."""
+        if self.sharded and training:
+            return model if isinstance(model, ShardedRun) else ShardedRun(model)
+        return super()._wrap_model(model, training, dataloader)
 
     # --- data ------------------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -476,9 +554,11 @@ class GradiendTrainer(SavingAndHub, Trainer):
         if self.train_dataset is None:
             raise ValueError("GradiendTrainer needs a train_dataset to train.")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        sampler = TransitionBatchSampler.from_dataset(self.train_dataset, batch_size=self._train_batch_size, seed=seed)
         processes = self.accelerator.num_processes
-        if processes > 1:
+        # sharded: every process reads the same batches of N x per_device rows and computes its share of their rows
+        size = self._train_batch_size * (processes if self.sharded else 1)
+        sampler = TransitionBatchSampler.from_dataset(self.train_dataset, batch_size=size, seed=seed)
+        if processes > 1 and not self.sharded:
             sampler = ProcessBatches(sampler, processes, self.accelerator.process_index)
         workers = self.args.dataloader_num_workers
         loader = DataLoader(
@@ -506,6 +586,9 @@ class GradiendTrainer(SavingAndHub, Trainer):
         key = "attention_mask" if mode == "non_padding" else "input_ids"
         count = sum(int(inputs[f"{side}_{key}"].sum() if key == "attention_mask" else inputs[f"{side}_{key}"].numel())
                     for side in sides)
+        if self.sharded:  # every process reads the whole batch
+            self.state.num_input_tokens_seen += count
+            return
         tokens = torch.as_tensor(count, device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
 
@@ -527,9 +610,8 @@ class GradiendTrainer(SavingAndHub, Trainer):
         config = self.gradiend_model.gradiend_config
         optimizer = self.optimizer_class()
         reasons = {
-            f"{self.accelerator.num_processes} processes (DDP all-reduces whole gradients)": (
-                self.accelerator.num_processes != 1
-            ),
+            f"{self.accelerator.num_processes} processes with shard_bottleneck=False (DDP all-reduces whole "
+            "gradients)": self.accelerator.num_processes != 1 and not self.args.shard_bottleneck,
             f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}": (
                 self.args.gradient_accumulation_steps != 1
             ),
@@ -577,6 +659,9 @@ class GradiendTrainer(SavingAndHub, Trainer):
                 logger.info("GRADIEND takes the fused step.")
             else:
                 logger.info("GRADIEND takes the plain step (autograd over the bottleneck): %s.", blocker)
+        if blocker is not None and self.sharded:
+            raise ValueError(f"A sharded run trains with the fused step only, and {blocker}. Remove it, or pass "
+                             "shard_bottleneck=False (DDP replicas).")
         with self.base_passes():
             if blocker is not None:
                 return self.plain_step(model, inputs, num_items_in_batch, blocker)
@@ -605,8 +690,8 @@ class GradiendTrainer(SavingAndHub, Trainer):
             dtype = getattr(torch, self.args.optimizer_state_dtype)
             self._adamw_steps = fused.AdamWSteps(optimizer, dtype, seed=self.args.seed)
         try:  # the fused step checks as it goes (fused.py) and raises before it applies a non-finite update
-            result = fused.fused_training_step(self.gradiend_model, self._prepare_inputs(inputs), optimizer,
-                                               self._adamw_steps)
+            step = sharding.sharded_training_step if self.sharded else fused.fused_training_step
+            result = step(self.gradiend_model, self._prepare_inputs(inputs), optimizer, self._adamw_steps)
         except FloatingPointError as error:
             raise FloatingPointError(self.stopped_message(str(error))) from error
         self._fused_grad_norm = result.grad_norm
@@ -873,7 +958,9 @@ class GradiendTrainer(SavingAndHub, Trainer):
             best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
             if best == output_dir or os.path.isdir(best):  # output_dir exists once the block below has ended
                 self.state.best_model_checkpoint = best
-        if self.args.should_save:
+        if self.sharded:
+            self._save_sharded_checkpoint(output_dir)
+        elif self.args.should_save:
             with staged_folder(output_dir, last=(CONFIG_NAME, TRAINER_STATE)) as staging:
                 self.write_model_files(staging)
                 if not self.args.save_only_model:
@@ -894,6 +981,55 @@ class GradiendTrainer(SavingAndHub, Trainer):
         if self.args.should_save:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _save_sharded_checkpoint(self, output_dir: str) -> None:
+        """_save_checkpoint of a sharded run: every process writes its slices of the bottleneck and of the optimizer
+        state (sharded_io, torch.distributed.checkpoint) and takes part in the adapter's export; the main process
+        writes the rest and moves the staging folder into place once all have finished."""
+        from .sharded_io import save_sharded_checkpoint
+
+        with self.staged_on_all(output_dir, last=(CONFIG_NAME, TRAINER_STATE)) as staging:
+            self.write_model_files(staging)
+            if not self.args.save_only_model:
+                optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+                save_sharded_checkpoint(self.gradiend_model, optimizer, staging / SHARDED_STATE)
+                if self.args.should_save:
+                    save_optimizer_groups(self.optimizer, self.lr_scheduler, staging)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                for callback in [*self.callback_handler.callbacks, self.control]:
+                    if isinstance(callback, ExportableState):
+                        name, saved = type(callback).__name__, callback.state()
+                        kept = self.state.stateful_callbacks.get(name)
+                        if isinstance(kept, list):
+                            kept.append(saved)
+                        else:
+                            self.state.stateful_callbacks[name] = saved
+                self.state.save_to_json(str(staging / TRAINER_STATE))
+
+    @contextlib.contextmanager
+    def staged_on_all(self, directory: str, last: tuple[str, ...]) -> Iterator[Path]:
+        """atomic.staged_folder for a save every process writes into: the main process stages (and moves the folder
+        into place at the end), the others learn the staging folder's path; all wait until it is in place."""
+        if self.args.should_save:
+            with staged_folder(directory, last=last) as staging:
+                share_path(staging, self.args.process_index)
+                yield staging
+                self.accelerator.wait_for_everyone()
+        else:
+            yield share_path(None, self.args.process_index)
+            self.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """transformers' save_model; in a sharded run every process takes part (the adapter is gathered one
+        parameter at a time and written by the main process)."""
+        if not self.sharded:
+            return super().save_model(output_dir, _internal_call)
+        with self.staged_on_all(output_dir or self.args.output_dir, last=(CONFIG_NAME,)) as staging:
+            self.write_model_files(staging)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def save_state(self) -> None:
         """trainer_state.json of the output folder, written atomically."""
@@ -946,6 +1082,17 @@ class GradiendTrainer(SavingAndHub, Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         if checkpoint is None:
+            return
+        if self.sharded:
+            from .sharded_io import load_sharded_checkpoint
+
+            if not (Path(checkpoint) / SHARDED_STATE).is_dir():
+                raise ValueError(f"{checkpoint} holds no {SHARDED_STATE}/ (the slices of a sharded run), so this "
+                                 "sharded run cannot resume from it; resume it with shard_bottleneck=False, or start "
+                                 "a new run from its adapter (GradiendModel.from_pretrained).")
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+            load_sharded_checkpoint(self.gradiend_model, optimizer, Path(checkpoint) / SHARDED_STATE)
+            load_optimizer_groups(self.optimizer, self.lr_scheduler, checkpoint)
             return
         if not has_optimizer_state(checkpoint):  # resuming with a fresh AdamW would silently train differently
             raise ValueError(

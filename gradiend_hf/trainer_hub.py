@@ -51,6 +51,8 @@ class SavingAndHub:
         training arguments as training_args.json. `card`: more card fields (tags, datasets, language, license)."""
         folder = Path(folder)
         self.gradiend_model.save_pretrained(folder, **self.card_fields(**card))
+        if not self.args.should_save:  # a sharded run: this process took part in gathering the adapter, nothing more
+            return
         tokenizer = self.processing_class
         if tokenizer is None:
             tokenizer = getattr(self.data_collator, "tokenizer", None)

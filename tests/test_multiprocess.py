@@ -1,4 +1,5 @@
-"""Two CPU processes under `accelerate launch` (examples/train_multiprocess.py, examples/accelerate_cpu.yaml).
+"""Two CPU processes under `accelerate launch` with DDP replicas of the bottleneck (examples/train_multiprocess.py
+--ddp, examples/accelerate_cpu.yaml); the default, sharded mode is tested in test_sharded_trainer.py.
 
 Each process must compute its own gradient rows from its own batches; DDP all-reduces only the bottleneck's
 gradients. Oracle: two processes with one batch each per step train on the same batch pairs as one process with
@@ -64,7 +65,7 @@ def runs(tmp_path_factory):
     two, one = tmp_path_factory.mktemp("two_processes"), tmp_path_factory.mktemp("one_process")
     common = [str(SCRIPT), "--steps", str(STEPS), "--batch-size", str(BATCH), "--eval-steps", "2"]
     run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-         "--main_process_port", str(free_port()), *common, "--out", str(two)])
+         "--main_process_port", str(free_port()), *common, "--out", str(two), "--ddp"])
     run([sys.executable, *common, "--out", str(one), "--gradient-accumulation-steps", "2"])
     return two, one
 
