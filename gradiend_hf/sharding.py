@@ -67,10 +67,9 @@ class ShardedBottleneck(Bottleneck):
         self.global_counts = {n: (full[n].numel() if i is None else i.numel()) for n, i in self.global_indices.items()}
         self.bounds = {n: shard_bounds(c, self.rank, self.world_size) for n, c in self.global_counts.items()}
         self._row_weight: Optional[float] = None
-        local = {}
-        for name, (start, end) in self.bounds.items():
-            idx = self.global_indices[name]
-            local[name] = torch.arange(start, end, dtype=torch.long) if idx is None else idx[start:end].clone()
+        # a pruned parameter's slice keeps its base positions; a dense one is the flat range bounds[name] (no index)
+        local = {name: idx[slice(*self.bounds[name])].clone() for name, idx in self.global_indices.items()
+                 if idx is not None}
         super().__init__(full, latent_dim, encoder_activation, decoder_activation, decoder_bias, local, seed, device)
 
     # --- sizes ------------------------------------------------------------------------------------------------------
@@ -78,6 +77,25 @@ class ShardedBottleneck(Bottleneck):
     def num_entries(self) -> int:
         """n of the whole bottleneck (all ranks' slices)."""
         return sum(self.global_counts.values())
+
+    def entry_shape(self, name: str) -> torch.Size:
+        start, end = self.bounds[name]
+        return torch.Size([end - start])
+
+    def entries(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a parameter-shaped tensor (flat)."""
+        idx = self.indices[name]
+        if idx is None:
+            return full.reshape(-1)[slice(*self.bounds[name])]
+        return full.reshape(-1).index_select(0, idx)
+
+    def to_full(self, name: str, entries: torch.Tensor) -> torch.Tensor:
+        """A parameter-shaped tensor holding `entries` at this rank's slice, zero elsewhere."""
+        if self.indices[name] is not None:
+            return super().to_full(name, entries)
+        full = torch.zeros(self.shapes[name].numel(), dtype=entries.dtype, device=entries.device)
+        full[slice(*self.bounds[name])] = entries.reshape(-1)
+        return full.reshape(self.shapes[name])
 
     @property
     def local_entries(self) -> int:
@@ -100,7 +118,8 @@ class ShardedBottleneck(Bottleneck):
             if drawn.numel():
                 max_enc = max(max_enc, float(drawn.abs().max()))
             self.encoder_weight[_key(name)] = nn.Parameter(drawn[:, start:end].clone().to(where[name]))
-            self.indices[name] = self.indices[name].to(where[name])
+            if self.indices[name] is not None:
+                self.indices[name] = self.indices[name].to(where[name])
             del drawn
         self.encoder_bias.data.uniform_(-bound, bound, generator=generator)
         for name in self.names:
@@ -157,11 +176,11 @@ class ShardedBottleneck(Bottleneck):
         chunk = shard_chunk(count, self.world_size)
         selected = grad.reshape(-1) if idx is None else grad.reshape(-1).index_select(0, idx.to(grad.device))
         tag = float(self.names.index(name) + 1)
-        slots = torch.full((self.world_size, chunk + ORDER_CHECK), tag, dtype=torch.float32, device=grad.device)
-        padded = torch.zeros(self.world_size * chunk, dtype=torch.float32, device=grad.device)
-        torch.mul(selected, self._row_weight, out=padded[:count])
-        slots[:, :chunk] = padded.view(self.world_size, chunk)
-        del padded
+        slots = torch.zeros(self.world_size, chunk + ORDER_CHECK, dtype=torch.float32, device=grad.device)
+        slots[:, chunk] = tag
+        for rank in range(self.world_size):  # each rank's slice of the weighted gradient into its slot
+            start, end = shard_bounds(count, rank, self.world_size)
+            torch.mul(selected[start:end], self._row_weight, out=slots[rank, : end - start])
         received = torch.empty(chunk + ORDER_CHECK, dtype=torch.float32, device=grad.device)
         dist.reduce_scatter_single(received, slots.view(-1), op=dist.ReduceOp.SUM, group=self.group)
         if float(received[chunk]) != tag * self.world_size:
