@@ -4,7 +4,7 @@ machine they would time each other), then benchmarks/results/latest.md with ever
 Each benchmark checks that its fast path computes the same numbers as the slow path and exits non-zero otherwise;
 this script stops at the first failure. Run on an otherwise idle machine.
 
-Run: .venv/bin/python benchmarks/run_all.py [--only training per_row decoder_grid data_creation]
+Run: .venv/bin/python benchmarks/run_all.py [--only training per_row decoder_grid data_creation sharded_memory]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ SUITE = {
     "per_row": "Per-row encodings: forward-mode vs one backward pass per row (item 3)",
     "decoder_grid": "Decoder grid: in-place apply/revert vs a deep copy per candidate (item 4)",
     "data_creation": "Data creation throughput through the spaCy filters (item 5)",
+    "sharded_memory": "Sharded training: memory per process at N = 1, 2, 4 (gloo on CPU)",
 }
 
 
