@@ -186,6 +186,11 @@ class Bottleneck(nn.Module):
         processes: sharding.py)."""
         return self.entries(name, grad)
 
+    @property
+    def processes(self) -> int:
+        """How many processes share this bottleneck, each holding a slice of it (1: this one holds all of it)."""
+        return 1
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sums over the processes that share this bottleneck: none here (a sharded bottleneck all-reduces)."""
         return tensor

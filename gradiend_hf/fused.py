@@ -106,15 +106,20 @@ class AdamWSteps:
         self.state_dtype = state_dtype
         self.seed = seed
         self.generators: dict[torch.device, torch.Generator] = {}
+        # for tensors every process holds whole (a sharded bottleneck's b_e): the same draws on every process, so
+        # their moments stay equal (the per-device generators have drawn for slices of different sizes)
+        self.replicated_generators: dict[torch.device, torch.Generator] = {}
         if generator is not None:
             self.generators[torch.device(generator.device)] = generator
 
-    def generator_for(self, device: torch.device) -> torch.Generator:
-        """The rounding generator of `device` (created on first use, seeded with `seed`)."""
+    def generator_for(self, device: torch.device, replicated: bool = False) -> torch.Generator:
+        """The rounding generator of `device` (created on first use, seeded with `seed`); `replicated`: the one for
+        tensors every process holds whole."""
         device = torch.device(device)
-        if device not in self.generators:
-            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self.generators[device]
+        generators = self.replicated_generators if replicated else self.generators
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return generators[device]
 
     def _state(self, param: torch.Tensor) -> dict:
         state = self.optimizer.state[param]
@@ -128,7 +133,7 @@ class AdamWSteps:
                 state[key] = state[key].to(self.state_dtype)
         return state
 
-    def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor], replicated: bool = False) -> None:
         group = self.groups[id(params[0])]
         states = [self._state(p) for p in params]
         moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
@@ -148,7 +153,7 @@ class AdamWSteps:
             if narrow:
                 for s, w in zip(states, wide):
                     for key in moments:
-                        s[key].copy_(to_bfloat16_stochastic(w[key], self.generator_for(w[key].device)))
+                        s[key].copy_(to_bfloat16_stochastic(w[key], self.generator_for(w[key].device, replicated)))
 
 
 class DecoderStreamer:
@@ -274,7 +279,7 @@ def fused_training_step(model, batch: Mapping[str, torch.Tensor], optimizer: tor
         entries = source[name].to(weight.dtype).reshape(weight.shape[1:])
         source_squares += float(torch.dot(entries.reshape(-1), entries.reshape(-1)))
         step([weight], [grad_pre.to(weight.dtype).to(weight.device).view(-1, *[1] * entries.dim()) * entries])
-    step([b.encoder_bias], [grad_pre.to(b.encoder_bias.dtype)])
+    step([b.encoder_bias], [grad_pre.to(b.encoder_bias.dtype)], replicated=b.processes > 1)
     pre_squares = float(grad_pre.double().pow(2).sum())
     loss, grad_squares, source_squares = b.reduce_sum(
         torch.tensor([streamer.loss, streamer.grad_squares, source_squares], dtype=torch.float64)).tolist()

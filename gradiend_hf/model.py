@@ -348,6 +348,8 @@ class GradiendModel(nn.Module):
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter tensors keyed in PEFT's layout (see serialization.py)."""
         self.require_bottleneck()
+        if self.is_sharded:  # its tensors are this process's slices, not the adapter's tensors
+            self.require_whole("adapter_state() (the whole adapter tensors)")
         b = self.bottleneck
         tensors = {}
         for name in b.names:
@@ -363,7 +365,8 @@ class GradiendModel(nn.Module):
         return self.gradiend_config.with_updates(
             encoder_bias=[float(v) for v in self.bottleneck.encoder_bias.detach().cpu()],
             parameters=list(self.bottleneck.names),
-            kept_entries={n: int(i.numel()) for n, i in self.bottleneck.indices.items() if i is not None} or None,
+            kept_entries={n: int(i.numel()) for n in self.bottleneck.names
+                          if (i := self.bottleneck.selected_indices(n)) is not None} or None,
             # PEFT's convention for a config without task_type: AutoPeftModel* rebuild the base from this class
             auto_mapping=self.auto_mapping(),
         )
@@ -381,6 +384,10 @@ class GradiendModel(nn.Module):
         from .cards import adapter_card
 
         self.require_bottleneck()
+        if self.is_sharded:  # every process calls it; the tensors stream to process 0 one parameter at a time
+            from .sharded_io import save_sharded_pretrained
+
+            return save_sharded_pretrained(self, save_directory, **card_fields)
         config = self.saved_config()
         tensors = self.adapter_state()
         head = self.auxiliary_head

@@ -98,6 +98,10 @@ class ShardedBottleneck(Bottleneck):
         return full.reshape(self.shapes[name])
 
     @property
+    def processes(self) -> int:
+        return self.world_size
+
+    @property
     def local_entries(self) -> int:
         """The entries this rank holds."""
         return sum(end - start for start, end in self.bounds.values())

@@ -1,0 +1,85 @@
+"""GradiendTrainer on 2 CPU processes with the bottleneck sharded (the default; examples/train_multiprocess.py under
+`accelerate launch`), against one process with the same global batch.
+
+Oracle: one process with --batch-size 2 x 2 reads the same batches (the sampler draws batches of N x per-device rows
+on every process), so its per-step losses, evaluations (incl. sign flips), checkpoints and final adapter must equal
+the sharded run's up to the order of float sums. A run resumed from its step-2 checkpoint (torch.distributed.checkpoint
+slices of the bottleneck and the optimizer state) must write the same step-4 checkpoint as the uninterrupted run.
+"""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_multiprocess import CONFIG, SCRIPT, free_port, run
+
+STEPS, PER_PROCESS = 4, 2
+
+
+def launch(out, *extra: str) -> None:
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--main_process_port",
+         str(free_port()), str(SCRIPT), "--steps", str(STEPS), "--batch-size", str(PER_PROCESS), "--eval-steps", "2",
+         "--out", str(out), *extra])
+
+
+def record(folder, rank: int = 0) -> dict:
+    return json.loads((folder / f"rank{rank}.json").read_text())
+
+
+def adapter(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(sharded two-process run, one-process run with the same global batch)."""
+    two, one = tmp_path_factory.mktemp("sharded"), tmp_path_factory.mktemp("one")
+    launch(two)
+    run([sys.executable, str(SCRIPT), "--steps", str(STEPS), "--batch-size", str(2 * PER_PROCESS), "--eval-steps", "2",
+         "--out", str(one)])
+    return two, one
+
+
+def test_a_sharded_run_trains_as_one_process_with_the_whole_batch(runs):
+    two, one = runs
+    first, second, alone = record(two, 0), record(two, 1), record(one)
+    assert (first["world_size"], second["world_size"]) == (2, 2)
+    # both processes read the one process's batches; each step's loss is the whole batch's
+    assert first["row_ids"] == second["row_ids"] == alone["row_ids"]
+    assert all(len(batch) == 2 * PER_PROCESS for batch in first["row_ids"])
+    assert first["local_losses"] == pytest.approx(alone["local_losses"], rel=1e-5)
+    assert first["local_losses"] == second["local_losses"]
+    for got, want in zip(first["evaluations"], alone["evaluations"]):
+        assert got["step"] == want["step"] and got.get("eval_sign_flipped") == want.get("eval_sign_flipped")
+        assert got["eval_correlation"] == pytest.approx(want["eval_correlation"], rel=1e-4, abs=1e-6)
+    assert len(first["evaluations"]) == 2 and first["evaluations"] == second["evaluations"]
+    assert first["best_model_checkpoint"].endswith(alone["best_model_checkpoint"].rsplit("/", 1)[1])
+    # the adapter, gathered one parameter at a time, is the one process's
+    expected, got = adapter(one / "adapter"), adapter(two / "adapter")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert json.loads((two / "adapter" / "adapter_config.json").read_text())["encoder_bias"] == pytest.approx(
+        json.loads((one / "adapter" / "adapter_config.json").read_text())["encoder_bias"], rel=1e-4)
+    # each process held half of the bottleneck
+    local = load_file(str(two / "rank0.safetensors"))
+    held = sum(t.numel() for k, t in local.items() if k.startswith("bottleneck/encoder_weight"))
+    whole = sum(t.numel() for k, t in expected.items() if "gradiend_encoder" in k)
+    assert held <= whole // 2 + 64
+
+
+def test_checkpoints_hold_the_slices_and_resume_exactly(runs, tmp_path):
+    two, _ = runs
+    assert sorted(p.name for p in (two / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (two / "run" / "checkpoint-2" / "sharded_state").is_dir()
+    resumed = tmp_path / "resumed"
+    (resumed / "run").mkdir(parents=True)
+    shutil.copytree(two / "run" / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    launch(resumed, "--resume")
+    want, got = adapter(two / "run" / "checkpoint-4"), adapter(resumed / "run" / "checkpoint-4")
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert record(resumed)["local_losses"] == record(two)["local_losses"][2:]
