@@ -156,9 +156,10 @@ class GradiendTrainingArguments(TrainingArguments):
 
         Training takes the fused step (fused.py) whenever one process takes one unclipped torch AdamW step per
         gradient and no callback watches the optimizer step: about 16 bytes per selected weight less than autograd over
-        the bottleneck, same numbers. Otherwise (another optimizer, `max_grad_norm`, `gradient_accumulation_steps`,
-        several processes, a callback with `on_pre_optimizer_step`/`on_optimizer_step`) it takes the plain step, where
-        the bottleneck's `.grad` exists as with any Trainer; the reason is logged once. The fused step updates the
+        the bottleneck, same numbers (a sharded run of several processes takes it too). Otherwise (another optimizer,
+        `max_grad_norm`, `gradient_accumulation_steps`, DDP replicas (`shard_bottleneck=False`), a callback with
+        `on_pre_optimizer_step`/`on_optimizer_step`) it takes the plain step, where the bottleneck's `.grad` exists
+        as with any Trainer; the reason is logged once. The fused step updates the
         bottleneck during the backward pass, so it has no `.grad` and nothing left to do when `optimizer.step()` runs:
         callbacks that need the gradients before the update get the plain step for that reason. `grad_norm` is logged
         on both steps (closed form on the fused one); `include_num_input_tokens_seen` counts the tokens of every

@@ -83,3 +83,23 @@ def test_checkpoints_hold_the_slices_and_resume_exactly(runs, tmp_path):
     for key in want:
         assert torch.equal(got[key], want[key]), key
     assert record(resumed)["local_losses"] == record(two)["local_losses"][2:]
+
+
+def test_fsdp_and_deepspeed_plugins_are_refused_naming_the_launch_to_use(monkeypatch, tmp_path):
+    """accelerate sets an FSDP/DeepSpeed plugin only where it can run them (GPUs): GradiendTrainer then refuses at
+    once. (On the CPU accelerate drops an FSDP config and the run is sharded by GRADIEND itself.)"""
+    from tiny import rows, tiny_model, tokenizer_for
+
+    from gradiend_hf import GradiendConfig, get_gradiend_model
+    from gradiend_hf.trainer import GradiendTrainer, GradiendTrainingArguments
+
+    model = get_gradiend_model(tiny_model("gpt2"), GradiendConfig(feature_classes=["female", "male"]))
+    args = GradiendTrainingArguments(output_dir=str(tmp_path), disable_tqdm=True, eval_strategy="no",
+                                     save_strategy="no", load_best_model_at_end=False)
+    trainer = GradiendTrainer(model=model, args=args, train_dataset=rows(), processing_class=tokenizer_for("gpt2"))
+    trainer.refuse_other_sharding()  # no plugin: nothing to refuse
+    for plugin, name in (("fsdp_plugin", "FSDP"), ("deepspeed_plugin", "DeepSpeed")):
+        with monkeypatch.context() as patch:
+            patch.setattr(type(trainer.accelerator.state), plugin, property(lambda state: object()), raising=False)
+            with pytest.raises(ValueError, match=f"does not run under {name}: .* plain `accelerate launch"):
+                trainer.refuse_other_sharding()
