@@ -968,15 +968,7 @@ class GradiendTrainer(SavingAndHub, Trainer):
                     self._save_optimizer_and_scheduler(str(staging))
                     self._save_scaler(str(staging))
                     self._save_rng_state(str(staging))
-                for callback in [*self.callback_handler.callbacks, self.control]:
-                    if isinstance(callback, ExportableState):
-                        name, saved = type(callback).__name__, callback.state()
-                        kept = self.state.stateful_callbacks.get(name)
-                        if isinstance(kept, list):
-                            kept.append(saved)
-                        else:
-                            self.state.stateful_callbacks[name] = saved
-                self.state.save_to_json(str(staging / TRAINER_STATE))  # the last file: see checkpoint_problem
+                self.write_trainer_state(staging)
         if self.args.push_to_hub:
             self._push_from_checkpoint(output_dir)
         if self.args.should_save:
@@ -998,15 +990,20 @@ class GradiendTrainer(SavingAndHub, Trainer):
                     save_optimizer_groups(self.optimizer, self.lr_scheduler, staging)
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                for callback in [*self.callback_handler.callbacks, self.control]:
-                    if isinstance(callback, ExportableState):
-                        name, saved = type(callback).__name__, callback.state()
-                        kept = self.state.stateful_callbacks.get(name)
-                        if isinstance(kept, list):
-                            kept.append(saved)
-                        else:
-                            self.state.stateful_callbacks[name] = saved
-                self.state.save_to_json(str(staging / TRAINER_STATE))
+                self.write_trainer_state(staging)
+
+    def write_trainer_state(self, staging: Path) -> None:
+        """The callbacks' exportable state into the trainer state, then trainer_state.json: a checkpoint's last file
+        (see checkpoint_problem)."""
+        for callback in [*self.callback_handler.callbacks, self.control]:
+            if isinstance(callback, ExportableState):
+                name, saved = type(callback).__name__, callback.state()
+                kept = self.state.stateful_callbacks.get(name)
+                if isinstance(kept, list):
+                    kept.append(saved)
+                else:
+                    self.state.stateful_callbacks[name] = saved
+        self.state.save_to_json(str(staging / TRAINER_STATE))
 
     @contextlib.contextmanager
     def staged_on_all(self, directory: str, last: tuple[str, ...]) -> Iterator[Path]:
