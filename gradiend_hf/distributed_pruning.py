@@ -25,18 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .pruning import (
-    ImportanceEngine,
-    Selection,
-    accumulate_batches,
-    chunks,
-    importance_weights,
-    keep_count,
-    kth_largest,
-    score_problem,
-)
+from .importance import ImportanceEngine, Selection, accumulate_batches, importance_weights
 from .shards import shard_bounds, shard_chunk
-from .topk import Keep
+from .topk import Keep, chunks, keep_count, kth_largest, score_problem
 
 __all__ = ["ImportanceShard", "ShardedImportanceEngine", "process_count", "select_top_sharded", "sharded_importance"]
 

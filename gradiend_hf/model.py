@@ -380,29 +380,24 @@ class GradiendModel(nn.Module):
         return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **card_fields: Any) -> None:
-        """adapter_config.json + adapter_model.safetensors + README.md, written atomically."""
+        """adapter_config.json + adapter_model.safetensors + README.md, written atomically. A sharded model is saved
+        by every process together: the tensors stream to process 0 one parameter at a time (sharded_io)."""
         from .cards import adapter_card
 
         self.require_bottleneck()
-        if self.is_sharded:  # every process calls it; the tensors stream to process 0 one parameter at a time
+        config = self.saved_config()
+        head = self.auxiliary_head
+        files = {} if head is None else {name: (lambda path: None) for name in AUXILIARY_FILES}
+        if head is not None:  # both head files are written by one call; the second entry only moves it into place
+            files[AUXILIARY_FILES[0]] = lambda path: head.write_files(path.parent)
+        files["README.md"] = lambda path: adapter_card(config, self.num_entries, **card_fields).save(path)
+        files[CONFIG_NAME] = lambda path: path.write_text(config.to_json_string(), encoding="utf-8")
+        if self.is_sharded:
             from .sharded_io import save_sharded_pretrained
 
-            return save_sharded_pretrained(self, save_directory, **card_fields)
-        config = self.saved_config()
+            return save_sharded_pretrained(self, save_directory, files)
         tensors = self.adapter_state()
-        head = self.auxiliary_head
-        head_files = {} if head is None else {name: (lambda path: None) for name in AUXILIARY_FILES}
-        if head is not None:  # both head files are written by one call; the second entry only moves it into place
-            head_files[AUXILIARY_FILES[0]] = lambda path: head.write_files(path.parent)
-        write_folder_atomically(
-            save_directory,
-            {
-                **head_files,
-                WEIGHTS_NAME: lambda path: save_tensors(tensors, path),
-                "README.md": lambda path: adapter_card(config, self.num_entries, **card_fields).save(path),
-                CONFIG_NAME: lambda path: path.write_text(config.to_json_string(), encoding="utf-8"),
-            },
-        )
+        write_folder_atomically(save_directory, {WEIGHTS_NAME: lambda path: save_tensors(tensors, path), **files})
 
     @classmethod
     def from_pretrained(

@@ -15,28 +15,36 @@ that keeps every entry stays dense (no index tensor); one that keeps none is dro
 
 from __future__ import annotations
 
-import random
 import re
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from .config import GRADIENT_KINDS, POST_PRUNE_CRITERIA, GradiendConfig
-from .gradients import GradientEngine
+from .config import POST_PRUNE_CRITERIA, GradiendConfig
+from .importance import (
+    AGGREGATES,
+    ImportanceEngine,
+    Selection,
+    accumulate_batches,
+    batch_label,
+    importance,
+    importance_batches,
+    importance_weights,
+)
 from .model import GradiendModel
 from .objective import resolve_objective
 from .selection import parameter_dict, select_parameters
-from .topk import Keep, bits_to_float, count_to_keep, kth_largest_bits
+from .topk import Keep, chunks, keep_count, kth_largest, score_problem, select_top
 
-AGGREGATES = ("mean", "label", "abs")
 POST_CRITERIA = POST_PRUNE_CRITERIA
-CHUNK = 1 << 22  # entries per pass over an accumulator: bounds the temporaries of comparisons to a few MB
 
-__all__ = [
+__all__ = [  # the importance and top-k functions live in importance.py and topk.py; here for one import
     "AGGREGATES",
     "POST_CRITERIA",
     "ImportanceEngine",
+    "Selection",
+    "batch_label",
     "accumulate_batches",
     "chunks",
     "importance",
@@ -52,120 +60,6 @@ __all__ = [
 ]
 
 
-# --- exact global top-k over per-parameter score tensors, without concatenating them -------------------------------
-def keep_count(keep: Keep, total: int) -> int:
-    """Entries to keep (topk.count_to_keep): a fraction of `total` rounded half up and at least 1, or a count."""
-    return count_to_keep(keep, total)
-
-
-def chunks(tensor: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, piece) of the flat tensor in CHUNK-sized pieces: comparisons over them keep temporaries small."""
-    flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), CHUNK):
-        yield start, flat[start : start + CHUNK]
-
-
-def _count(scores: Mapping[str, torch.Tensor], op, value) -> int:
-    return sum(int(torch.count_nonzero(op(chunk, value))) for s in scores.values() for _, chunk in chunks(s))
-
-
-def score_problem(scores: Mapping[str, torch.Tensor]) -> Optional[Exception]:
-    """The error that score tensors unfit for select_top deserve (None when fit): returned, not raised, so processes
-    can agree on raising it together instead of one leaving the others waiting in a collective."""
-    for name, s in scores.items():
-        if s.dtype != torch.float32 or not s.is_contiguous():
-            return TypeError(f"scores of {name} must be a contiguous float32 tensor, got {s.dtype}.")
-        for _, chunk in chunks(s):
-            if not bool(torch.isfinite(chunk).all()) or bool((chunk < 0).any()):
-                return ValueError(f"The importance of {name} holds negative or non-finite values (NaN/inf gradients?).")
-    return None
-
-
-def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
-    problem = score_problem(scores)
-    if problem is not None:
-        raise problem
-
-
-def kth_largest(
-    scores: Mapping[str, torch.Tensor], k: int, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-) -> float:
-    """The exact k-th largest value over all score tensors (non-negative float32; topk.kth_largest_bits), read in
-    chunk-sized pieces: never a copy of the scores. `reduce` sums the radix histograms over processes (see
-    kth_largest_bits) when `scores` are one process's slices of the values."""
-    pieces = lambda: (chunk.view(torch.int32) for s in scores.values() for _, chunk in chunks(s))  # noqa: E731
-    return bits_to_float(kth_largest_bits(pieces, k, reduce))
-
-
-def select_top(
-    scores: dict[str, torch.Tensor],
-    keep: Optional[Keep] = None,
-    *,
-    threshold: Optional[float] = None,
-    release: bool = False,
-) -> tuple[dict[str, Optional[torch.Tensor]], dict[str, Any]]:
-    """The exact global top-k of per-parameter scores (or every entry >= threshold, compared in float32).
-
-    Returns ({name: sorted flat positions (int64), or None when the parameter keeps all its entries}, info). Parameters
-    keeping nothing are left out. Ties at the cut are broken by (parameter order, flat index): earlier entries first,
-    i.e. the result equals a stable descending sort of the concatenated scores, cut after k.
-    With `release=True` each score tensor is removed from `scores` as soon as its positions are known, so the kept
-    indices replace the scores instead of adding to them (pre-pruning's accumulators).
-    """
-    if (keep is None) == (threshold is None):
-        raise ValueError("Give exactly one of keep= (a fraction or a count) and threshold= (a minimum importance).")
-    names = list(scores)
-    if not release:
-        scores = dict(scores)
-    _check_scores(scores)
-    total = sum(s.numel() for s in scores.values())
-    if total == 0:
-        raise ValueError("There is nothing to prune: the score tensors are empty.")
-    if threshold is not None:
-        cut = float(torch.tensor(float(threshold), dtype=torch.float32))
-        k = _count(scores, torch.ge, cut)
-        if k == 0:
-            largest = max(float(s.max()) for s in scores.values() if s.numel())
-            raise ValueError(f"threshold={threshold!r} keeps no entry; the largest importance is {largest:.6g}.")
-        kept = {}
-        for name in names:
-            s = scores.pop(name)
-            count = _count({name: s}, torch.ge, cut)
-            if count == s.numel():
-                kept[name] = None
-            elif count:
-                kept[name] = torch.cat([(chunk >= cut).nonzero().squeeze(1) + start for start, chunk in chunks(s)])
-            del s
-        return kept, {"kept": k, "total": total, "cutoff": cut}
-    k = keep_count(keep, total)
-    if k == total:
-        scores.clear()
-        return {name: None for name in names}, {"kept": total, "total": total, "cutoff": 0.0}
-    cut = kth_largest(scores, k)
-    ties = k - _count(scores, torch.gt, cut)  # entries equal to the cut that still fit, taken in order
-    kept = {}
-    for name in names:
-        s = scores.pop(name)
-        greater = _count({name: s}, torch.gt, cut)
-        equal = min(ties, _count({name: s}, torch.eq, cut)) if ties else 0
-        ties -= equal
-        if greater + equal == s.numel():
-            kept[name] = None
-            continue
-        if greater + equal == 0:
-            continue
-        parts, wanted = [], equal
-        for start, chunk in chunks(s):
-            parts.append((chunk > cut).nonzero().squeeze(1) + start)
-            if wanted:
-                tied = (chunk == cut).nonzero().squeeze(1)[:wanted] + start
-                wanted -= tied.numel()
-                parts.append(tied)
-        del s
-        kept[name] = torch.cat(parts).sort().values
-    return kept, {"kept": k, "total": total, "cutoff": cut}
-
-
 def compose(old: Optional[torch.Tensor], positions: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Base-coordinate indices of kept positions within a (possibly already pruned) entry set."""
     if positions is None:
@@ -176,178 +70,6 @@ def compose(old: Optional[torch.Tensor], positions: Optional[torch.Tensor]) -> O
 
 
 # --- pre-pruning ----------------------------------------------------------------------------------------------------
-def importance_batches(
-    dataset: Any,
-    feature_classes: Sequence[str],
-    rows: Optional[int] = 32,
-    batch_size: int = 8,
-    seed: int = 0,
-    tokenizer: Any = None,
-) -> list[list[dict]]:
-    """The rows pre-pruning reads, as single-transition batches: `rows` rows (None = all) drawn with `seed`, spread as
-    evenly as possible over the transitions (round robin, so a small transition gives all it has), batched by
-    transition and alternating between transitions as in training."""
-    from .sampling import TransitionBatchSampler
-    from .schema import prepare_rows
-
-    data = prepare_rows(dataset, feature_classes, seed=seed, tokenizer=tokenizer)
-    cols = data.select_columns(["factual_class", "alternative_class"])[:]
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, transition in enumerate(zip(cols["factual_class"], cols["alternative_class"])):
-        groups.setdefault(transition, []).append(i)
-    rng = random.Random(seed)
-    for members in groups.values():
-        rng.shuffle(members)
-    wanted = len(data) if rows is None else int(rows)
-    if wanted < 1:
-        raise ValueError(f"rows={rows!r}: pre-pruning needs at least one row.")
-    quota = {t: 0 for t in groups}
-    taken = 0
-    while taken < min(wanted, len(data)):
-        for t, members in groups.items():
-            if quota[t] < len(members) and taken < wanted:
-                quota[t] += 1
-                taken += 1
-    chosen = [i for t, members in groups.items() for i in members[: quota[t]]]
-    sampler = TransitionBatchSampler(
-        [transition for t in groups for transition in [t] * quota[t]], batch_size, shuffle=False
-    )
-    return [[data[chosen[j]] for j in batch] for batch in sampler.batches()]
-
-
-class Selection:
-    """What the gradient engine needs of a bottleneck (names, entry shapes, entries), without allocating one."""
-
-    def __init__(
-        self, shapes: Mapping[str, Sequence[int]], indices: Optional[Mapping[str, Optional[torch.Tensor]]] = None
-    ):
-        self.names = list(shapes)
-        self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
-        self.indices = {n: (indices or {}).get(n) for n in self.names}
-
-    def entry_shape(self, name: str) -> torch.Size:
-        idx = self.indices[name]
-        return self.shapes[name] if idx is None else torch.Size([idx.numel()])
-
-    def entries(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        idx = self.indices[name]
-        return full if idx is None else full.reshape(-1).index_select(0, idx)
-
-
-class ImportanceEngine(GradientEngine):
-    """The gradient engine with hooks that add `scale * gradient` (or its absolute value) into one float32
-    accumulator per selected parameter, instead of copying it into per-kind buffers: the only full-size memory of
-    pre-pruning is the accumulator (plus each parameter's own `.grad`, freed by the hook as it arrives)."""
-
-    def __init__(self, model: nn.Module, selection: Selection) -> None:
-        super().__init__(model, selection)
-        self.accumulators = {
-            name: self.new_accumulator(name, selection.entry_shape(name), p.device) for name, p in self.params.items()
-        }
-        self._scale, self._absolute = 0.0, False
-
-    def new_accumulator(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """A zero float32 accumulator shaped like the entries; a subclass may hand out a view into a bigger buffer
-        (the distributed engine pads it for reduce-scatter without a copy)."""
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-
-    def _hook(self, name: str):
-        accumulator = self.accumulators[name]
-
-        def gather(param: torch.Tensor) -> None:
-            grad = self.bottleneck.entries(name, param.grad)
-            if self._absolute:
-                grad = grad.abs_()  # the gradient is ours: it is freed right below
-            accumulator.add_(grad.reshape(accumulator.shape), alpha=self._scale)
-            param.grad = None
-
-        return gather
-
-    def accumulate(self, batch: Mapping[str, torch.Tensor], kind: str, scale: float, absolute: bool = False) -> None:
-        """accumulator += scale * gradient of the batch's mean loss of `kind` (factual - alternative for 'diff')."""
-        self._scale, self._absolute = float(scale), absolute
-        with self.passes(batch) as backward:
-            backward(kind, [], last=True)
-
-
-def batch_label(rows: Sequence[Mapping[str, Any]], feature_classes: Sequence[str], kind: str) -> float:
-    """+1 / -1 for the class a batch's gradient points to (its alternative class for kind='alternative', else its
-    factual class); 0 for identity transitions (factual class == alternative class)."""
-    first = rows[0]
-    if first["factual_class"] == first["alternative_class"]:
-        return 0.0
-    column = "alternative_class" if kind == "alternative" else "factual_class"
-    return {feature_classes[0]: 1.0, feature_classes[1]: -1.0}.get(first[column], 0.0)
-
-
-def importance_weights(
-    batches: Sequence[Sequence[Mapping[str, Any]]],
-    kind: str,
-    aggregate: str = "mean",
-    feature_classes: Optional[Sequence[str]] = None,
-) -> tuple[list[float], float]:
-    """(weight of each batch, sum of |weights|) for `importance`: computed over ALL batches, so processes that each
-    read a share of them scale their gradients exactly as one process reading them all."""
-    if kind not in GRADIENT_KINDS:
-        raise ValueError(f"kind={kind!r} is not a gradient kind; choose one of {list(GRADIENT_KINDS)}.")
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate={aggregate!r} is not known; choose one of {list(AGGREGATES)}.")
-    weights = [float(len(rows)) for rows in batches]
-    if aggregate == "label":
-        if feature_classes is None:
-            raise ValueError("aggregate='label' needs the feature classes.")
-        weights = [w * batch_label(rows, feature_classes, kind) for w, rows in zip(weights, batches)]
-    total = sum(abs(w) for w in weights)
-    if total == 0:
-        raise ValueError("Pre-pruning found no usable rows (aggregate='label' needs rows of a feature transition).")
-    return weights, total
-
-
-@torch.no_grad()
-def accumulate_batches(
-    engine: ImportanceEngine,
-    batches: Sequence[Sequence[Mapping[str, Any]]],
-    weights: Sequence[float],
-    total: float,
-    collator: Any,
-    kind: str,
-    aggregate: str = "mean",
-    rank: int = 0,
-    world_size: int = 1,
-) -> None:
-    """Add weight/total * gradient of batch i into the engine's accumulators, for the batches i % world_size == rank
-    (all of them in one process): the per-process sums add up to `importance`'s single sum."""
-    for i, (rows, weight) in enumerate(zip(batches, weights)):
-        if weight and i % world_size == rank:
-            engine.accumulate(collator(list(rows)), kind, weight / total, absolute=aggregate == "abs")
-
-
-@torch.no_grad()
-def importance(
-    base_model: nn.Module,
-    selection: Selection,
-    batches: Sequence[Sequence[Mapping[str, Any]]],
-    collator: Any,
-    kind: str,
-    aggregate: str = "mean",
-    feature_classes: Optional[Sequence[str]] = None,
-) -> dict[str, torch.Tensor]:
-    """Importance of every selected entry (float32 accumulators shaped like the entries):
-
-    - 'mean': |mean over rows of the gradient| (batches weighted by their row counts), the default;
-    - 'label': |mean over rows of label * gradient| (label +-1 by the class the gradient points to, identity rows 0):
-      the difference of the two classes' mean gradients, so parts common to both directions cancel;
-    - 'abs': mean over rows of |batch gradient| (each batch's gradient taken whole, then its absolute value).
-    """
-    weights, total = importance_weights(batches, kind, aggregate, feature_classes)
-    engine = ImportanceEngine(base_model, selection)
-    accumulate_batches(engine, batches, weights, total, collator, kind, aggregate)
-    scores = engine.accumulators
-    for s in scores.values():
-        s.abs_()
-    return scores
-
-
 def _rebuilt(
     model: Union[GradiendModel, nn.Module],
     base: nn.Module,

@@ -30,7 +30,7 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -40,8 +40,7 @@ from .fused import AdamWSteps
 from .serialization import WEIGHTS_NAME, adapter_key
 from .sharding import ShardedBottleneck
 
-if TYPE_CHECKING:
-    from .model import GradiendModel
+ShardedModel = torch.nn.Module  # a GradiendModel whose bottleneck is sharded (model.py imports this module)
 
 __all__ = ["save_sharded_checkpoint", "load_sharded_checkpoint", "read_checkpoint_record", "save_sharded_pretrained",
            "stream_adapter_tensors", "safetensors_header"]
@@ -190,7 +189,7 @@ def _checkpoint_state(b: ShardedBottleneck, optimizer: Optional[torch.optim.Opti
     return state
 
 
-def save_sharded_checkpoint(model: "GradiendModel", optimizer: Optional[torch.optim.Optimizer], folder: PathLike,
+def save_sharded_checkpoint(model: ShardedModel, optimizer: Optional[torch.optim.Optimizer], folder: PathLike,
                             steps: Optional[AdamWSteps] = None) -> None:
     """Save a sharded bottleneck and its optimizer's per-slice AdamW state into `folder` (called on every rank; each
     rank writes only its slices, into one safetensors file of its own). The folder appears atomically once every rank
@@ -303,7 +302,7 @@ def _prepare_optimizer(b: ShardedBottleneck, optimizer: torch.optim.Optimizer, r
             del state[key]
 
 
-def load_sharded_checkpoint(model: "GradiendModel", optimizer: Optional[torch.optim.Optimizer], folder: PathLike,
+def load_sharded_checkpoint(model: ShardedModel, optimizer: Optional[torch.optim.Optimizer], folder: PathLike,
                             steps: Optional[AdamWSteps] = None) -> None:
     """Fill this rank's bottleneck slices (and the optimizer's per-slice AdamW state, and its groups' hyperparameters)
     in place from a checkpoint of save_sharded_checkpoint, saved on any number of ranks. Reads safetensors and JSON
@@ -419,7 +418,7 @@ def safetensors_header(plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
     return struct.pack("<Q", len(text)) + text
 
 
-def stream_adapter_tensors(model: "GradiendModel", path: Optional[Path]) -> None:
+def stream_adapter_tensors(model: ShardedModel, path: Optional[Path]) -> None:
     """Called on every rank: gather each adapter tensor to rank 0 in turn and append its bytes to the safetensors file
     `path` (rank 0; None elsewhere). A write error on rank 0 is raised only after the last gather, so that the other
     ranks never wait for a gather that does not come."""
@@ -456,17 +455,13 @@ def stream_adapter_tensors(model: "GradiendModel", path: Optional[Path]) -> None
         raise error
 
 
-def save_sharded_pretrained(model: "GradiendModel", save_directory: PathLike, **card_fields: Any) -> None:
-    """GradiendModel.save_pretrained of a sharded model (call it on every rank): the folder the one-process save of
-    the whole bottleneck writes, written by rank 0 atomically; the other ranks take part in the gathers and return
-    once rank 0 has finished (or raise when it failed)."""
-    from .cards import adapter_card
-    from .config import CONFIG_NAME
-    from .model import AUXILIARY_FILES
-
+def save_sharded_pretrained(model: ShardedModel, save_directory: PathLike,
+                            files: dict[str, Callable[[Path], Any]]) -> None:
+    """GradiendModel.save_pretrained of a sharded model (called on every rank; `files`: the writers of the folder's
+    other files, as the one-process save has them): the folder the one-process save of the whole bottleneck writes,
+    written by rank 0 atomically; the other ranks take part in the gathers and return once rank 0 has finished (or
+    raise when it failed)."""
     b = _sharded(model)
-    model.require_bottleneck()
-    config = model.saved_config()
     safetensors_header([(key, dtype, shape) for key, _, _, dtype, shape in _adapter_plan(b)])  # dtypes it can store
     if b.rank != 0:
         if not _flag(b, 0):
@@ -478,24 +473,13 @@ def save_sharded_pretrained(model: "GradiendModel", save_directory: PathLike, **
         if not finished:
             raise RuntimeError(f"Rank 0 could not finish saving the adapter to {save_directory}; see its error.")
         return
-    started = False
 
     def weights(path: Path) -> None:
-        nonlocal started
-        started = True
         _flag(b, 1)
         stream_adapter_tensors(model, path)
 
-    head = model.auxiliary_head
-    head_files = {} if head is None else {name: (lambda path: None) for name in AUXILIARY_FILES}
-    if head is not None:  # both head files are written by one call; the second entry only moves it into place
-        head_files[AUXILIARY_FILES[0]] = lambda path: head.write_files(path.parent)
-    writers = {
-        WEIGHTS_NAME: weights,  # first: the gathers start before rank 0 does anything that could fail on its own
-        **head_files,
-        "README.md": lambda path: adapter_card(config, model.num_entries, **card_fields).save(path),
-        CONFIG_NAME: lambda path: path.write_text(config.to_json_string(), encoding="utf-8"),
-    }
+    # the weights first: the gathers start before rank 0 does anything that could fail on its own
+    writers = {WEIGHTS_NAME: weights, **files}
     try:
         write_folder_atomically(save_directory, writers)
     except BaseException:

@@ -20,6 +20,7 @@ from tiny import tiny_model, tokenizer_for
 
 import gradiend_hf.distributed_pruning as distributed_pruning
 import gradiend_hf.pruning as pruning
+import gradiend_hf.topk as topk
 from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model
 from gradiend_hf.distributed_pruning import ImportanceShard, process_count, select_top_sharded, sharded_importance
 from gradiend_hf.pruning import importance_batches, keep_count, pre_prune, select_top
@@ -114,7 +115,7 @@ def worker(rank: int, world: int, port: int, out: str, cases: tuple, thresholds:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         got: dict = {"process_count": process_count()}
-        pruning.CHUNK = 7  # several chunks per slice, so the chunked passes are exercised too
+        topk.CHUNK = 7  # several chunks per slice, so the chunked passes are exercised too
         for label, scores in (("ties", tie_scores()), ("all_equal", all_equal())):
             got[label] = [select_top_sharded(my_shards(scores, rank, world), keep) for keep in tie_keeps(scores)]
             got[label + "_threshold"] = {t: select_top_sharded(my_shards(scores, rank, world), threshold=t)
@@ -128,7 +129,7 @@ def worker(rank: int, world: int, port: int, out: str, cases: tuple, thresholds:
         got["errors"] = [error_of(lambda: select_top_sharded(my_shards(tie_scores(), rank, world), threshold=1e38)),
                          error_of(lambda: select_top_sharded(bad, 0.5)),
                          error_of(lambda: select_top_sharded(my_shards(tie_scores(), rank, world), 5 + rank))]
-        pruning.CHUNK = 1 << 22
+        topk.CHUNK = 1 << 22
         if "importance" in cases:
             got["importance"], got["engines"] = {}, {}
             engines = []

@@ -9,7 +9,9 @@ from oracle import naive_gradients
 from safetensors.torch import load_file
 from tiny import tiny_model, tokenizer_for
 
+import gradiend_hf.importance as importance_module
 import gradiend_hf.pruning as pruning
+import gradiend_hf.topk as topk
 from gradiend_hf import (
     GradiendConfig,
     GradiendDataCollator,
@@ -81,7 +83,7 @@ def randomise(model: GradiendModel, seed=0) -> None:
 # --- exact top-k --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [7, 1 << 22])
 def test_select_top_equals_a_naive_full_vector_top_k_including_ties(monkeypatch, chunk):
-    monkeypatch.setattr(pruning, "CHUNK", chunk)
+    monkeypatch.setattr(topk, "CHUNK", chunk)
     generator = torch.Generator().manual_seed(0)
     scores = {
         "a": torch.randint(0, 5, (6, 5), generator=generator).float() / 4,  # many exact ties
@@ -187,7 +189,7 @@ def test_pre_pruning_keeps_one_accumulator_per_selected_entry_and_never_a_dense_
         original(self, *a, **k)
         bottlenecks.append(self.num_entries)
 
-    monkeypatch.setattr(pruning, "ImportanceEngine", Spy)
+    monkeypatch.setattr(importance_module, "ImportanceEngine", Spy)
     monkeypatch.setattr(pruning.GradiendModel, "__init__", spy_model)
     base = tiny_model("llama")
     config = GradiendConfig(feature_classes=CLASSES, source="diff")
