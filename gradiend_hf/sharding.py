@@ -67,6 +67,7 @@ class ShardedBottleneck(Bottleneck):
         self.global_counts = {n: (full[n].numel() if i is None else i.numel()) for n, i in self.global_indices.items()}
         self.bounds = {n: shard_bounds(c, self.rank, self.world_size) for n, c in self.global_counts.items()}
         self._row_weight: Optional[float] = None
+        self._exchange: dict[torch.device, torch.Tensor] = {}  # reused reduce-scatter buffers (see exchange_buffers)
         # a pruned parameter's slice keeps its base positions; a dense one is the flat range bounds[name] (no index)
         local = {name: idx[slice(*self.bounds[name])].clone() for name, idx in self.global_indices.items()
                  if idx is not None}
@@ -180,12 +181,12 @@ class ShardedBottleneck(Bottleneck):
         chunk = shard_chunk(count, self.world_size)
         selected = grad.reshape(-1) if idx is None else grad.reshape(-1).index_select(0, idx.to(grad.device))
         tag = float(self.names.index(name) + 1)
-        slots = torch.zeros(self.world_size, chunk + ORDER_CHECK, dtype=torch.float32, device=grad.device)
+        slots, received = self.exchange_buffers(grad.device, chunk)
+        slots.zero_()
         slots[:, chunk] = tag
         for rank in range(self.world_size):  # each rank's slice of the weighted gradient into its slot
             start, end = shard_bounds(count, rank, self.world_size)
             torch.mul(selected[start:end], self._row_weight, out=slots[rank, : end - start])
-        received = torch.empty(chunk + ORDER_CHECK, dtype=torch.float32, device=grad.device)
         dist.reduce_scatter_single(received, slots.view(-1), op=dist.ReduceOp.SUM, group=self.group)
         if float(received[chunk]) != tag * self.world_size:
             raise RuntimeError(
@@ -195,6 +196,20 @@ class ShardedBottleneck(Bottleneck):
             )
         start, end = self.bounds[name]
         return received[: end - start]
+
+    def exchange_buffers(self, device: torch.device, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reduce-scatter input (world_size, chunk + 1), output (chunk + 1,)) as views of one float32 buffer per
+        device, sized once for the largest parameter and reused by every exchange: per-parameter allocations of a few
+        MB each step would leave the freed heap resident (glibc). A received slice is valid until the next exchange
+        (the gradient engine's actions consume it at once)."""
+        need = self.world_size * (chunk + ORDER_CHECK)
+        buffer = self._exchange.get(device)
+        if buffer is None or buffer.numel() < need + chunk + ORDER_CHECK:
+            largest = max(shard_chunk(c, self.world_size) for c in self.global_counts.values()) + ORDER_CHECK
+            buffer = torch.empty((self.world_size + 1) * largest, dtype=torch.float32, device=device)
+            self._exchange[device] = buffer
+        slots = buffer[:need].view(self.world_size, chunk + ORDER_CHECK)
+        return slots, buffer[need : need + chunk + ORDER_CHECK]
 
     # --- whole tensors -------------------------------------------------------------------------------------------
     def gather(self, name: str, kind: str, dst: Optional[int] = None) -> Optional[torch.Tensor]:
