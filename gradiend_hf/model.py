@@ -379,12 +379,18 @@ class GradiendModel(nn.Module):
         cls = type(self.get_base_model())
         return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **card_fields: Any) -> None:
-        """adapter_config.json + adapter_model.safetensors + README.md, written atomically. A sharded model is saved
-        by every process together: the tensors stream to process 0 one parameter at a time (sharded_io)."""
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], is_main_process: bool = True,
+                        **card_fields: Any) -> None:
+        """adapter_config.json + adapter_model.safetensors + README.md, written atomically.
+
+        Several processes (transformers' and PEFT's `is_main_process`): call it on every process; only the main one
+        writes. A sharded model is saved by every process together (the tensors stream to process 0 one parameter at a
+        time, sharded_io), whatever `is_main_process` says."""
         from .cards import adapter_card
 
         self.require_bottleneck()
+        if not (is_main_process or self.is_sharded):
+            return
         config = self.saved_config()
         head = self.auxiliary_head
         files = {} if head is None else {name: (lambda path: None) for name in AUXILIARY_FILES}

@@ -75,8 +75,9 @@ def train_seeds(
                             "class_means": {}, "reasons": [f"diverged: {error}"], "output_dir": None})
             diverged = error
             continue
-        if run_args.should_save:  # the seed's best adapter, for the stability summary and later comparisons
-            trainer.gradiend_model.save_pretrained(run_args.output_dir)
+        # the seed's best adapter, for the stability summary and later comparisons (every process: a sharded model
+        # is saved by all of them together)
+        trainer.gradiend_model.save_pretrained(run_args.output_dir, is_main_process=run_args.should_save)
         verdict = trainer.verdict
         entry = {
             "seed": seed,
@@ -115,7 +116,7 @@ def train_seeds(
             else None
         ),
     }
+    best.save_pretrained(os.path.join(args.output_dir, "best"), is_main_process=args.should_save)
     if args.should_save:
-        best.save_pretrained(os.path.join(args.output_dir, "best"))
         write_text_atomically(os.path.join(args.output_dir, SEED_REPORT), json.dumps(report, indent=2))
     return SeedSearch(model=best, seed=best_entry["seed"], report=report)

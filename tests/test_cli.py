@@ -240,9 +240,10 @@ def test_python_dash_m_is_the_same_command():
     assert done.returncode == 0 and "train" in done.stdout and "rewrite" in done.stdout and "demo" in done.stdout
 
 
-def test_train_under_accelerate_launch_with_two_processes_equals_one_process_accumulating(tmp_path):
-    """The CLI's train under `accelerate launch` (2 CPU processes): one run folder, written once, and the adapter of
-    2 processes x 1 batch equals the adapter of 1 process accumulating 2 batches (the trainer tests' oracle). Four steps
+def test_train_under_accelerate_launch_with_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+    """The CLI's train under `accelerate launch` (2 CPU processes, the bottleneck sharded): one run folder, written
+    once, and the adapter of 2 processes x 2 rows equals the adapter of 1 process with batches of 4 rows (the sharded
+    trainer tests' oracle; every process takes part in saving the sharded adapters). Four steps
     do not converge, so both exit 3 without a run adapter (the launcher reports its workers' 3 and exits 1) and the one
     report.md says so; the last checkpoints are compared. Only the main process writes the run folder: one run id
     (run.json) stamps every result, and no other process left a claim or a half-written file behind.
@@ -255,7 +256,7 @@ def test_train_under_accelerate_launch_with_two_processes_equals_one_process_acc
     run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--main_process_port",
          str(free_port()), "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "two")], returncode=1)
     run([sys.executable, "-m", "gradiend_hf", "train", str(job), "--output-dir", str(tmp_path / "one"),
-         "--set", "training.gradient_accumulation_steps=2"], returncode=3)
+         "--set", "training.per_device_train_batch_size=4"], returncode=3)
     assert not (tmp_path / "two" / "adapter").exists() and not (tmp_path / "one" / "adapter").exists()
     assert (tmp_path / "two" / "report.md").read_text().startswith("# GRADIEND run FAILED")
     last = Path("training") / "seed-1" / "checkpoint-4"

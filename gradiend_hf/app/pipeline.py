@@ -188,12 +188,12 @@ def train(job: JobConfig, run: RunFolder, base, tokenizer, data: datasets.Datase
         except FloatingPointError as error:  # every seed diverged (NaN/inf): a failed run, reported like one
             fail(run, f"training diverged for every seed ({error}); lower training.learning_rate", args.should_save)
     model, converged = search.model, search.report["chosen_converged"]
+    if converged:  # before training.json, which records the adapter's weights; every process (a sharded model)
+        model.save_pretrained(run.adapter, is_main_process=args.should_save, training_data=describe_data(job, data))
     if args.should_save:
         state = json.loads((run.training / f"seed-{search.seed}" / "trainer_state.json").read_text())
         run.plots.mkdir(parents=True, exist_ok=True)
         plot_training(state["log_history"], model.gradiend_config.feature_classes, run.plots / "training.png")
-        if converged:  # before training.json, which records the adapter's weights
-            model.save_pretrained(run.adapter, training_data=describe_data(job, data))
         run.write_json("training.json", {
             **search.report, "selected_entries": model.num_entries,
             "selection": selection_record(base, job, model.gradiend_config.pruning),
