@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=2, help="evaluate and checkpoint every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="resume from the last complete checkpoint in --out/run")
+    parser.add_argument("--optimizer-state-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="AdamW moments of the bottleneck (bfloat16: stochastically rounded)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is visible")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -200,6 +202,7 @@ def main() -> None:
             seed=args.seed,
             disable_tqdm=True,
             shard_bottleneck=not args.ddp,
+            optimizer_state_dtype=args.optimizer_state_dtype,
             # Without a GPU the processes must ask for the CPU, or accelerate sets up no process group at all.
             use_cpu=args.cpu or not torch.cuda.is_available(),
         ),

@@ -985,7 +985,8 @@ class GradiendTrainer(SavingAndHub, Trainer):
             self.write_model_files(staging)
             if not self.args.save_only_model:
                 optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-                save_sharded_checkpoint(self.gradiend_model, optimizer, staging / SHARDED_STATE)
+                save_sharded_checkpoint(self.gradiend_model, optimizer, staging / SHARDED_STATE,
+                                        steps=getattr(self, "_adamw_steps", None))  # with bf16 moments' generators
                 if self.args.should_save:
                     save_optimizer_groups(self.optimizer, self.lr_scheduler, staging)
             self.accelerator.wait_for_everyone()
@@ -1064,7 +1065,7 @@ class GradiendTrainer(SavingAndHub, Trainer):
                 "(its state is in safetensors and JSON files). Delete them to silence this warning.",
                 ", ".join(ignored), resume_from_checkpoint,
             )
-        self.gradiend_model.load_adapter_weights(resume_from_checkpoint)
+        self.load_adapter_of(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         logger.info(
@@ -1072,7 +1073,17 @@ class GradiendTrainer(SavingAndHub, Trainer):
             self.state.best_model_checkpoint,
             self.state.best_metric,
         )
-        self.gradiend_model.load_adapter_weights(self.state.best_model_checkpoint)
+        self.load_adapter_of(self.state.best_model_checkpoint)
+
+    def load_adapter_of(self, checkpoint: str) -> None:
+        """The bottleneck of a checkpoint. A sharded run reads only its own slices (sharded_state/, safetensors read
+        slice by slice): every process reading the whole adapter file would hold the whole bottleneck at once."""
+        if self.sharded and (Path(checkpoint) / SHARDED_STATE).is_dir():
+            from .sharded_io import load_sharded_checkpoint
+
+            load_sharded_checkpoint(self.gradiend_model, None, Path(checkpoint) / SHARDED_STATE)
+        else:
+            self.gradiend_model.load_adapter_weights(checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.args.should_save:
@@ -1089,7 +1100,10 @@ class GradiendTrainer(SavingAndHub, Trainer):
                                  "sharded run cannot resume from it; resume it with shard_bottleneck=False, or start "
                                  "a new run from its adapter (GradiendModel.from_pretrained).")
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-            load_sharded_checkpoint(self.gradiend_model, optimizer, Path(checkpoint) / SHARDED_STATE)
+            self._adamw_steps = fused.AdamWSteps(optimizer, getattr(torch, self.args.optimizer_state_dtype),
+                                                 seed=self.args.seed)  # its rounding generators continue too
+            load_sharded_checkpoint(self.gradiend_model, optimizer, Path(checkpoint) / SHARDED_STATE,
+                                    steps=self._adamw_steps)
             load_optimizer_groups(self.optimizer, self.lr_scheduler, checkpoint)
             return
         if not has_optimizer_state(checkpoint):  # resuming with a fresh AdamW would silently train differently

@@ -85,6 +85,20 @@ def test_checkpoints_hold_the_slices_and_resume_exactly(runs, tmp_path):
     assert record(resumed)["local_losses"] == record(two)["local_losses"][2:]
 
 
+def test_a_run_with_bfloat16_moments_resumes_exactly(tmp_path):
+    """bfloat16 AdamW moments are rounded stochastically: the checkpoint keeps each process's rounding generators, and
+    the resumed run continues them (and b_e, replicated, stays equal on both processes)."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch(whole, "--optimizer-state-dtype", "bfloat16")
+    (resumed / "run").mkdir(parents=True)
+    shutil.copytree(whole / "run" / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    launch(resumed, "--resume", "--optimizer-state-dtype", "bfloat16")
+    want, got = adapter(whole / "run" / "checkpoint-4"), adapter(resumed / "run" / "checkpoint-4")
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert record(resumed)["local_losses"] == record(whole)["local_losses"][2:]
+
+
 def test_fsdp_and_deepspeed_plugins_are_refused_naming_the_launch_to_use(monkeypatch, tmp_path):
     """accelerate sets an FSDP/DeepSpeed plugin only where it can run them (GPUs): GradiendTrainer then refuses at
     once. (On the CPU accelerate drops an FSDP config and the run is sharded by GRADIEND itself.)"""
