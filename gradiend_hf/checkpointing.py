@@ -31,7 +31,8 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHEC
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A state-dict value as JSON can hold it (tuples tagged, 0-dim tensors as numbers); from_json undoes it."""
     if isinstance(value, tuple):
         return {"__tuple__": list(value)}
     if isinstance(value, torch.Tensor):
@@ -39,7 +40,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _from_json(value: Any) -> Any:
+def from_json(value: Any) -> Any:
     if isinstance(value, dict) and "__tuple__" in value:
         return tuple(value["__tuple__"])
     return value
@@ -55,34 +56,25 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: Any, direc
     for index, entries in state["state"].items():
         for key, value in entries.items():
             tensors[f"{index}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    groups = [{k: _jsonable(v) for k, v in group.items()} for group in state["param_groups"]]
+    groups = [{k: jsonable(v) for k, v in group.items()} for group in state["param_groups"]]
     write_file_atomically(directory / OPTIMIZER_TENSORS, lambda path: save_tensors(tensors, path))
     write_text_atomically(directory / OPTIMIZER_JSON, json.dumps({"param_groups": groups}))
+    save_scheduler_state(scheduler, directory)
+
+
+def save_scheduler_state(scheduler: Any, directory: str | os.PathLike) -> None:
+    """scheduler.json (nothing without a scheduler); a sharded run's optimizer state is in SHARDED_STATE."""
     if scheduler is not None:
-        sched = {k: _jsonable(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        write_text_atomically(directory / SCHEDULER_JSON, json.dumps(sched))
+        sched = {k: jsonable(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        write_text_atomically(Path(directory) / SCHEDULER_JSON, json.dumps(sched))
 
 
-def save_optimizer_groups(optimizer: torch.optim.Optimizer, scheduler: Any, directory: str | os.PathLike) -> None:
-    """The optimizer's hyperparameters (optimizer.json) and the scheduler (scheduler.json) of a sharded run, whose
-    per-entry optimizer state is in SHARDED_STATE."""
-    directory = Path(directory)
-    groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
-    write_text_atomically(directory / OPTIMIZER_JSON, json.dumps({"param_groups": groups}))
-    if scheduler is not None:
-        sched = {k: _jsonable(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        write_text_atomically(directory / SCHEDULER_JSON, json.dumps(sched))
-
-
-def load_optimizer_groups(optimizer: torch.optim.Optimizer, scheduler: Any, directory: str | os.PathLike) -> None:
-    """Restore what save_optimizer_groups wrote (hyperparameters such as the learning rate, and the scheduler)."""
-    directory = Path(directory)
-    groups = json.loads((directory / OPTIMIZER_JSON).read_text(encoding="utf-8"))["param_groups"]
-    for group, saved in zip(optimizer.param_groups, groups):
-        group.update({k: _from_json(v) for k, v in saved.items()})
-    if scheduler is not None and (directory / SCHEDULER_JSON).is_file():
-        saved = json.loads((directory / SCHEDULER_JSON).read_text(encoding="utf-8"))
-        scheduler.load_state_dict({**scheduler.state_dict(), **{k: _from_json(v) for k, v in saved.items()}})
+def load_scheduler_state(scheduler: Any, directory: str | os.PathLike) -> None:
+    """Restore scheduler.json into `scheduler` (when both exist)."""
+    path = Path(directory) / SCHEDULER_JSON
+    if scheduler is not None and path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        scheduler.load_state_dict({**scheduler.state_dict(), **{k: from_json(v) for k, v in saved.items()}})
 
 
 def has_optimizer_state(directory: str | os.PathLike) -> bool:
@@ -97,16 +89,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: Any, direc
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(
-        {"state": state, "param_groups": [{k: _from_json(v) for k, v in g.items()} for g in groups]}
+        {"state": state, "param_groups": [{k: from_json(v) for k, v in g.items()} for g in groups]}
     )
-    if scheduler is not None and (directory / SCHEDULER_JSON).is_file():
-        saved = json.loads((directory / SCHEDULER_JSON).read_text(encoding="utf-8"))
-        scheduler.load_state_dict({**scheduler.state_dict(), **{k: _from_json(v) for k, v in saved.items()}})
+    load_scheduler_state(scheduler, directory)
 
 
 def save_scaler_state(scaler: Any, directory: str | os.PathLike) -> None:
     """The mixed-precision grad scaler's state (a few numbers) as JSON, where transformers would pickle scaler.pt."""
-    state = {k: _jsonable(v) for k, v in scaler.state_dict().items()}
+    state = {k: jsonable(v) for k, v in scaler.state_dict().items()}
     write_text_atomically(Path(directory) / SCALER_JSON, json.dumps(state))
 
 
@@ -115,7 +105,7 @@ def load_scaler_state(scaler: Any, directory: str | os.PathLike) -> bool:
     path = Path(directory) / SCALER_JSON
     if not path.is_file():
         return False
-    scaler.load_state_dict({k: _from_json(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()})
+    scaler.load_state_dict({k: from_json(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()})
     return True
 
 
@@ -126,8 +116,8 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> Optional[str]:
     folder = Path(checkpoint)
     if not folder.is_dir():
         return "it is not a folder"
-    sharded = (folder / SHARDED_STATE).is_dir()  # a sharded run's optimizer state lives there
-    required = [CONFIG_NAME, WEIGHTS_NAME, *([] if sharded else [OPTIMIZER_TENSORS]), OPTIMIZER_JSON, TRAINER_STATE]
+    sharded = (folder / SHARDED_STATE).is_dir()  # a sharded run's optimizer state (groups included) lives there
+    required = [CONFIG_NAME, WEIGHTS_NAME, *([] if sharded else [OPTIMIZER_TENSORS, OPTIMIZER_JSON]), TRAINER_STATE]
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         hint = " (an interrupted save)" if TRAINER_STATE in missing else ""

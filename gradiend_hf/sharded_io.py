@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import staged_folder, write_folder_atomically, write_text_atomically
+from .checkpointing import from_json, jsonable
 from .fused import AdamWSteps
 from .serialization import WEIGHTS_NAME, adapter_key
 from .sharding import ShardedBottleneck
@@ -119,18 +120,6 @@ def _labels(b: ShardedBottleneck, optimizer: torch.optim.Optimizer) -> dict[int,
     return labels
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, tuple):
-        return {"__tuple__": list(value)}
-    return value
-
-
-def _from_json(value: Any) -> Any:
-    return tuple(value["__tuple__"]) if isinstance(value, dict) and "__tuple__" in value else value
-
-
 def _agree(b: ShardedBottleneck, values: list[float], what: str) -> None:
     """Raise unless every rank holds the same `values` (replicated numbers are saved by one rank only)."""
     if not values:
@@ -208,7 +197,7 @@ def save_sharded_checkpoint(model: ShardedModel, optimizer: Optional[torch.optim
            "b_e's moments are rounded with each rank's own random bits, so b_e can drift apart between the ranks)")
     record = {"format": CHECKPOINT_FORMAT, "world_size": b.world_size, **_selection(b),
               "optimizer": None if optimizer is None else {"param_groups": [
-                  {**{k: _jsonable(v) for k, v in group.items() if k != "params"},
+                  {**{k: jsonable(v) for k, v in group.items() if k != "params"},
                    "params": [labels[id(p)] for p in group["params"]]} for group in optimizer.param_groups]}}
     state = _checkpoint_state(b, optimizer, _mesh(b))
     if b.rank != 0:
@@ -285,7 +274,7 @@ def _prepare_optimizer(b: ShardedBottleneck, optimizer: torch.optim.Optimizer, r
         raise ValueError(f"The optimizer's parameter groups differ from those saved in {folder}; build it as the "
                          "saved run did (torch.optim.AdamW over model.bottleneck.parameters()).")
     for group, stored in zip(optimizer.param_groups, groups):
-        group.update({k: _from_json(v) for k, v in stored.items() if k != "params"})
+        group.update({k: from_json(v) for k, v in stored.items() if k != "params"})
     for label, _, tensor in _tensors(b):
         if id(tensor) not in {id(p) for g in optimizer.param_groups for p in g["params"]}:
             continue

@@ -33,8 +33,8 @@ from .checkpointing import (
     OPTIMIZER_JSON,
     OPTIMIZER_TENSORS,
     SHARDED_STATE,
-    load_optimizer_groups,
-    save_optimizer_groups,
+    load_scheduler_state,
+    save_scheduler_state,
     TRAINER_STATE,
     checkpoint_problem,
     has_optimizer_state,
@@ -988,7 +988,7 @@ class GradiendTrainer(SavingAndHub, Trainer):
                 save_sharded_checkpoint(self.gradiend_model, optimizer, staging / SHARDED_STATE,
                                         steps=getattr(self, "_adamw_steps", None))  # with bf16 moments' generators
                 if self.args.should_save:
-                    save_optimizer_groups(self.optimizer, self.lr_scheduler, staging)
+                    save_scheduler_state(self.lr_scheduler, staging)
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 self.write_trainer_state(staging)
@@ -1104,7 +1104,7 @@ class GradiendTrainer(SavingAndHub, Trainer):
                                                  seed=self.args.seed)  # its rounding generators continue too
             load_sharded_checkpoint(self.gradiend_model, optimizer, Path(checkpoint) / SHARDED_STATE,
                                     steps=self._adamw_steps)
-            load_optimizer_groups(self.optimizer, self.lr_scheduler, checkpoint)
+            load_scheduler_state(self.lr_scheduler, checkpoint)
             return
         if not has_optimizer_state(checkpoint):  # resuming with a fresh AdamW would silently train differently
             raise ValueError(
