@@ -29,14 +29,7 @@ from .importance import ImportanceEngine, Selection, accumulate_batches, importa
 from .shards import shard_bounds, shard_chunk
 from .topk import Keep, chunks, keep_count, kth_largest, score_problem
 
-__all__ = ["ImportanceShard", "ShardedImportanceEngine", "process_count", "select_top_sharded", "sharded_importance"]
-
-
-def process_count(group: Any = None) -> int:
-    """Processes pre-pruning splits its work over: the world size of an initialised torch.distributed group, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group)
-    return 1
+__all__ = ["ImportanceShard", "ShardedImportanceEngine", "select_top_sharded", "sharded_importance"]
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .importance import (
 from .model import GradiendModel
 from .objective import resolve_objective
 from .selection import parameter_dict, select_parameters
+from .sharding import distributed_world
 from .topk import Keep, chunks, keep_count, kth_largest, score_problem, select_top
 
 POST_CRITERIA = POST_PRUNE_CRITERIA
@@ -162,7 +163,7 @@ def pre_prune(
     batches = importance_batches(
         dataset, config.feature_classes, rows=rows, batch_size=batch_size, seed=seed, tokenizer=tokenizer
     )
-    processes = distributed_pruning.process_count()
+    processes = distributed_world()
     was_training = base.training
     base.eval()  # no dropout in the gradients, as in training
     try:

@@ -29,10 +29,11 @@ from .shards import shard_bounds, shard_chunk
 ORDER_CHECK = 1  # one extra float per slice that tells whether the ranks exchanged the same parameter
 
 
-def distributed_world() -> int:
-    """The number of processes of the default group (1 when torch.distributed is not initialised)."""
+def distributed_world(group: Optional[dist.ProcessGroup] = None) -> int:
+    """The number of processes of `group` (default: the whole world) that share work such as a sharded bottleneck or
+    pre-pruning (1 when torch.distributed is not initialised)."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
+        return dist.get_world_size(group)
     return 1
 
 

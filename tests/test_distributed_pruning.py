@@ -22,7 +22,8 @@ import gradiend_hf.distributed_pruning as distributed_pruning
 import gradiend_hf.pruning as pruning
 import gradiend_hf.topk as topk
 from gradiend_hf import GradiendConfig, GradiendDataCollator, get_gradiend_model
-from gradiend_hf.distributed_pruning import ImportanceShard, process_count, select_top_sharded, sharded_importance
+from gradiend_hf.distributed_pruning import ImportanceShard, select_top_sharded, sharded_importance
+from gradiend_hf.sharding import distributed_world
 from gradiend_hf.pruning import importance_batches, keep_count, pre_prune, select_top
 from gradiend_hf.shards import shard_bounds, shard_chunk
 
@@ -114,7 +115,7 @@ def worker(rank: int, world: int, port: int, out: str, cases: tuple, thresholds:
     tiny.wordpiece_tokenizer, tiny.bpe_tokenizer = (lambda: tokenizers[0]), (lambda: tokenizers[1])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        got: dict = {"process_count": process_count()}
+        got: dict = {"process_count": distributed_world()}
         topk.CHUNK = 7  # several chunks per slice, so the chunked passes are exercised too
         for label, scores in (("ties", tie_scores()), ("all_equal", all_equal())):
             got[label] = [select_top_sharded(my_shards(scores, rank, world), keep) for keep in tie_keeps(scores)]
@@ -341,7 +342,7 @@ def test_distributed_pre_pruning_of_a_pruned_adapter_and_the_trainer_path(oracle
 
 
 def test_single_process_path_when_no_group_is_initialised():
-    assert process_count() == 1
+    assert distributed_world() == 1
     with pytest.raises(RuntimeError, match="initialised torch.distributed"):
         select_top_sharded(my_shards(tie_scores(), 0, 1), 0.5)
 
