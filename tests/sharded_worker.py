@@ -23,6 +23,7 @@ from gradiend_hf.fused import AdamWSteps  # noqa: E402
 from gradiend_hf.sharding import sharded_training_step  # noqa: E402
 
 CLASSES = ["female", "male"]
+LEARNING_RATE = 1e-2
 CASES = {
     "gpt2-factual-alternative": dict(kind="gpt2", config={}),
     "llama-diff-tanh-decoder": dict(kind="llama", config={"source": "factual", "target": "diff",
@@ -68,7 +69,8 @@ def build(case: dict, tokenizers: Optional[Path] = None):
 
 def train(gradiend, collator, step_function, flip_after: int = 2):
     """Four steps (a sign flip after the second), then every row's h; (losses, grad norms, h)."""
-    optimizer = torch.optim.AdamW(list(gradiend.bottleneck.parameters()), lr=1e-2, weight_decay=0.01, fused=True)
+    parameters = list(gradiend.bottleneck.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=0.01, fused=True)
     steps = AdamWSteps(optimizer)
     losses, norms = [], []
     gradients = {}

@@ -126,9 +126,15 @@ def test_two_processes_equal_one_process_accumulating_two_batches(runs):
     alone, tensors = evidence(one, 0)
     assert interleave(r0["row_ids"], r1["row_ids"]) == alone["row_ids"]
     assert interleave(r0["local_losses"], r1["local_losses"]) == pytest.approx(alone["local_losses"], rel=1e-5)
-    expected = part(tensors, "bottleneck/")
-    for key, value in part(t0, "bottleneck/").items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-7)
+    # AdamW steps each entry by about +-lr (1e-2) whatever its gradient's size, so entries with a gradient near 0 carry
+    # the rounding of the float sums (it depends on the CPU's kernels); a wrong gradient moves entries by ~lr.
+    # Each entry to 1e-3 x lr, the bottleneck as a whole to 1e-5 of its norm.
+    expected, got = part(tensors, "bottleneck/"), part(t0, "bottleneck/")
+    assert got.keys() == expected.keys()
+    for key, value in got.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5)
+    difference = torch.cat([(got[key] - expected[key]).reshape(-1) for key in expected])
+    assert float(difference.norm()) <= 1e-5 * float(torch.cat([t.reshape(-1) for t in expected.values()]).norm())
     # evaluations (incl. any sign flip) ran on both ranks with the same outcome, as in the single process
     assert r0["evaluations"] == r1["evaluations"] and len(r0["evaluations"]) == 2
     for got, want in zip(r0["evaluations"], alone["evaluations"]):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from sharded_worker import CASES, build, train
+from sharded_worker import CASES, LEARNING_RATE, build, train
 from tiny import tokenizer_for
 
 from gradiend_hf.fused import fused_training_step
@@ -92,13 +92,18 @@ def test_sharded_steps_equal_the_one_process_fused_step(sharded_runs, one_proces
         assert float((got - expected).norm()) <= 1e-6 * norm, parameter
     assert record["losses"] == pytest.approx(losses, rel=1e-6)
     assert record["norms"] == pytest.approx(norms, rel=1e-5)  # sums of squares in another order
-    # the bottleneck after four steps and a sign flip: AdamW divides each entry's step by sqrt(v) + eps, so an entry
-    # whose gradient is near 0 (|g| ~ eps) carries the rounding of the sums into its step (at most ~lr x rel. error)
+    # the bottleneck after four steps and a sign flip. AdamW makes each entry's step about +-lr whatever the size of
+    # its gradient, so an entry whose gradient is ~0 (|g| near AdamW's eps) carries the rounding of the float sums
+    # into its step; how much depends on the CPU's kernels (a parameter of norm 0.06 differed by 1.2e-5 of its norm on
+    # CI, 5e-7 here). A wrong gradient, row share or slice moves entries by ~lr. So: the bottleneck as a whole to
+    # 1e-5 of its norm, each entry to 1e-3 x lr
+    assert saved.keys() >= state.keys()
     for key, expected in state.items():
-        got = saved[key]
-        assert got.shape == expected.shape, key
-        assert float((got - expected).norm()) <= 1e-5 * float(expected.norm()), key
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-6, msg=key)
+        assert saved[key].shape == expected.shape, key
+        torch.testing.assert_close(saved[key], expected, rtol=1e-4, atol=1e-3 * LEARNING_RATE, msg=key)
+    difference = torch.cat([(saved[key] - expected).reshape(-1) for key, expected in state.items()])
+    whole = torch.cat([expected.reshape(-1) for expected in state.values()])
+    assert float(difference.norm()) <= 1e-5 * float(whole.norm())
     torch.testing.assert_close(torch.tensor(record["h"]), h, rtol=1e-5, atol=1e-6)
     # the steps moved the bottleneck away from its initialisation: not a vacuous comparison
     fresh, _ = build(CASES[name])
