@@ -4,7 +4,9 @@ Same 17 candidates (the base + feature factors +1/-1 x 8 learning rates), same 4
 benchmark models of common.py: `bert-base` (masked LM: P(word) at the mask, LMS = accuracy on 15% masked neutral
 tokens) and `smollm2` (causal LM: P(word) after the prefix, LMS = 1/(1+NLL) on the neutral text). Three selections per
 model: all backbone weights (the default, which includes layer 0 (SmolLM2) or the position embeddings (BERT), so
-nothing can be replayed), four middle layers and the top four layers (attention + MLP weights).
+nothing can be replayed), four middle layers, the top four layers (attention + MLP weights), and the top four layers
+with what a pruned adapter may keep beside them: the input embeddings' rows of she/he (tied to the LM head) and the
+final norm (SmolLM2) or the MLM head's transform (BERT), which before replay.py's plan meant full forwards.
 
 - in-place: evaluate_decoder, i.e. one backup of the selected weights, every candidate written over them, the prefix
   below the first edited layer replayed from the base pass, logits only where scored (replay.GridForward);
@@ -18,7 +20,7 @@ fails unless both variants give the same numbers (P(female), P(male), LMS and NL
 
 Run (on the shared 2-core machine, a few minutes per model):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decoder_grid.py --models bert-base smollm2 [--repeat 2]
-Results: benchmarks/results/decoder_grid.{json,md}; a run with only some models keeps the others' earlier results.
+Results: benchmarks/results/decoder_grid.{json,md}; a run of some models or selections keeps the others' results.
 """
 
 from __future__ import annotations
@@ -50,13 +52,19 @@ SELECTIONS = {
         "all backbone": None,
         "layers 12-15": [r"model\.layers\.1[2-5]\.(self_attn|mlp)\."],
         "layers 26-29": [r"model\.layers\.2[6-9]\.(self_attn|mlp)\."],
+        # a pruned adapter's shape: the tied embeddings' rows of the feature words, the top layers, the final norm
+        "layers 26-29 + norm + she/he rows": [r"model\.layers\.2[6-9]\.(self_attn|mlp)\.", r"model\.norm\.",
+                                               r"model\.embed_tokens\."],
     },
     "bert-base": {
         "all backbone": None,
         "layers 4-7": [r"bert\.encoder\.layer\.[4-7]\." + BERT_BLOCK],
         "layers 8-11": [r"bert\.encoder\.layer\.([89]|1[01])\." + BERT_BLOCK],
+        "layers 8-11 + head + she/he rows": [r"bert\.encoder\.layer\.([89]|1[01])\." + BERT_BLOCK,
+                                             r"cls\.predictions\.transform\.", r"bert\.embeddings\.word_embeddings\."],
     },
 }
+ROW_WORDS = ["she", "he", " she", " he", "She", "He", " She", " He"]  # "... rows": only these tokens' embedding rows
 CANDIDATES = [(0.0, 0.0)] + [(ff, lr) for ff in (1.0, -1.0) for lr in RATES]
 COLUMNS = ["p_female", "p_male", "lms", "nll"]
 
@@ -100,8 +108,18 @@ def run(model_name: str, variant: str, selection: str) -> dict:
     from gradiend_hf.evaluation.probabilities import class_probabilities, class_words, word_batches, word_probabilities
 
     base, tokenizer = common.load_model(model_name)
-    model = get_gradiend_model(base, GradiendConfig(feature_classes=["female", "male"],
-                                                    target_parameters=SELECTIONS[model_name][selection]))
+    config = GradiendConfig(feature_classes=["female", "male"], target_parameters=SELECTIONS[model_name][selection])
+    if selection.endswith(" rows"):  # the input embeddings pruned to the feature words' rows
+        from gradiend_hf.model import GradiendModel
+
+        embedding = base.get_input_embeddings().weight
+        name = next(n for n, p in base.named_parameters() if p is embedding)
+        ids = sorted({i for word in ROW_WORDS for i in tokenizer(word, add_special_tokens=False)["input_ids"]})
+        width = embedding.shape[1]
+        indices = {name: (torch.tensor(ids)[:, None] * width + torch.arange(width)).reshape(-1)}
+        model = GradiendModel(base, config, indices=indices)
+    else:
+        model = get_gradiend_model(base, config)
     objective = model.lm_objective
     model_bytes = sum(t.numel() * t.element_size() for t in list(base.parameters()) + list(base.buffers()))
     clock = Clock()
@@ -214,7 +232,8 @@ def main() -> None:
     kept = []
     if previous.exists():  # a run of some models keeps the other models' results
         old = json.loads(previous.read_text())
-        kept = [r for r in old.get("runs", []) if r["model"] not in args.models] if isinstance(old, dict) else []
+        rerun = lambda r: r["model"] in args.models and (not args.selections or r["selection"] in args.selections)
+        kept = [r for r in old.get("runs", []) if not rerun(r) and r["selection"] in SELECTIONS[r["model"]]]
     runs = []
     for model_name in args.models:
         for selection in SELECTIONS[model_name]:

@@ -232,8 +232,10 @@ def evaluate_decoder(
     neutral = lms_batches(tokenizer, list(neutral_texts), objective, batch_size=batch_size,
                           max_length=min(lengths) if lengths else None, seed=seed)
     # the base runs first: it records what the first edited layer receives, the candidates start from there
-    forward = GridForward(base_model, model.selected_parameters().values(),
-                          cut=layout_rules(base_model, causal, mask_kind=None).cut)
+    selected, names = model.selected_parameters(), model.bottleneck.names
+    forward = GridForward(base_model, [selected[n] for n in names],
+                          cut=layout_rules(base_model, causal, mask_kind=None).cut,
+                          edited=[model.bottleneck.selected_indices(n) for n in names])
 
     def measure_lms() -> dict[str, Any]:
         lms = language_modelling_score(base_model, neutral, objective, forward)

@@ -7,9 +7,17 @@ rounding of the LM head's matrix product):
 - Prefix replay: nothing below the first transformer layer that holds a selected parameter changes between candidates.
   The first pass over a batch (the base model, before any edit) records what that layer receives; every later pass
   replaces the layers below it by stubs that hand back the recording, so only the layers from there on (and the final
-  norm and LM head) are computed. Found generically (the model's biggest ModuleList of one layer class); it falls
-  back to a full forward whenever the selection touches anything below or outside those layers (embeddings, tied
-  LM heads), a selected tensor is shared with a module outside them, or the layers are not called once each in order.
+  norm and LM head) are computed. Found generically (the model's biggest ModuleList of one layer class). What else
+  the selection may touch without stopping the replay (`replay_plan`):
+  - modules that run after the layers (final norm, LM head, a head tied to the input embeddings): they are computed
+    for real in every pass; with no layer selected, only the last layer and what follows run;
+  - rows of the input embedding matrix (a pruned adapter keeps a few token rows): a batch that looks none of the
+    edited rows up has the base's embedding output, so it replays; a batch that looks one up runs in full.
+  Everything is checked on the recording pass (layers called once each in order, the recorded output handed over
+  unchanged, the input embedding looked up once with the input ids before the first layer, the other selected
+  modules only after the last layer); a batch failing a check runs in full, so the numbers never change. Dense
+  embeddings (every row edited), anything else below the layers (position embeddings, their norm) or a selected
+  tensor shared with such a module: full forwards.
 - Needed logits only: the LM head (for SmolLM2 a 49k-vocabulary product, ~20% of the compute) runs only on the
   positions that are scored (a forward pre-hook on the output embeddings selects them).
 - Causal models: columns after the last scored position cannot influence it and are cut off.
@@ -18,7 +26,8 @@ rounding of the LM head's matrix product):
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -39,24 +48,75 @@ def layer_stack(model: nn.Module) -> Optional[nn.ModuleList]:
     return best
 
 
-def first_edited_layer(model: nn.Module, layers: Optional[nn.ModuleList], selected: Iterable[torch.Tensor]) -> int:
-    """Index of the first layer holding a selected tensor, or 0 (no replay) when a selected tensor lives (also)
-    anywhere else: embeddings, a tied LM head, a final norm, or shared across layers."""
-    if layers is None:
-        return 0
-    selected = {id(p) for p in selected}
-    if not selected:
-        return 0
-    owner: dict[int, set[int]] = {}  # parameter id -> layer indices using it (-1: outside the layers)
+@dataclass
+class ReplayPlan:
+    """What the candidates of a grid share with the base pass.
+
+    start: the first layer that runs in every pass (0: no replay, every pass runs in full);
+    rows: the input-embedding rows the edits change (a batch looking one up runs in full), None if none are selected;
+    embedding: the input embedding module when its weight is selected;
+    after: modules outside the layers that use a selected tensor; the recording pass checks they run after them."""
+
+    start: int = 0
+    rows: Optional[torch.Tensor] = None
+    embedding: Optional[nn.Module] = None
+    after: list[nn.Module] = field(default_factory=list)
+
+
+def input_embedding(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        module = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return module if isinstance(module, nn.Embedding) else None
+
+
+def edited_rows(weight: torch.Tensor, indices: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The rows of an embedding matrix holding edited entries (flat `indices`), or None when every row is edited."""
+    if indices is None:
+        return None
+    rows = torch.unique(indices.to(torch.long) // weight.shape[1])
+    return None if len(rows) >= weight.shape[0] else rows
+
+
+def replay_plan(
+    model: nn.Module,
+    layers: Optional[nn.ModuleList],
+    selected: Sequence[torch.Tensor],
+    edited: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> ReplayPlan:
+    """Where the passes of a grid over edits of `selected` (with `edited[i]` the flat indices of the entries of
+    `selected[i]` the edits change, None: all) can start. No replay (start 0) when a selected tensor is in layer 0,
+    in a module below the layers other than the input embedding, or in the input embedding with every row edited."""
+    if layers is None or not selected:
+        return ReplayPlan()
+    edited = list(edited) if edited is not None else [None] * len(selected)
     inside = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    embedding = input_embedding(model)
+    owners: dict[int, list[nn.Module]] = {id(p): [] for p in selected}
     for module in model.modules():
-        where = inside.get(id(module), -1)
         for p in module.parameters(recurse=False):
-            if id(p) in selected:
-                owner.setdefault(id(p), set()).add(where)
-    if set(owner) != selected or any(-1 in where for where in owner.values()):
-        return 0
-    return min(min(where) for where in owner.values())
+            if id(p) in owners:
+                owners[id(p)].append(module)
+    used: set[int] = set()
+    plan = ReplayPlan()
+    for tensor, indices in zip(selected, edited):
+        if not owners[id(tensor)]:
+            return ReplayPlan()
+        for module in owners[id(tensor)]:
+            if id(module) in inside:
+                used.add(inside[id(module)])
+            elif module is embedding:
+                rows = edited_rows(tensor, indices)
+                if rows is None:
+                    return ReplayPlan()
+                plan.embedding = module
+                plan.rows = rows if plan.rows is None else torch.unique(torch.cat([plan.rows, rows]))
+            elif all(module is not seen for seen in plan.after):
+                plan.after.append(module)
+    # nothing in the layers selected: only the last layer and what follows run (its recorded input is checked)
+    plan.start = min(used) if used else len(layers) - 1
+    return plan if plan.start > 0 else ReplayPlan()
 
 
 class GridForward:
@@ -69,12 +129,18 @@ class GridForward:
     """
 
     def __init__(
-        self, model: nn.Module, selected: Iterable[torch.Tensor], cut: bool, cache_bytes: int = DEFAULT_CACHE_BYTES
+        self,
+        model: nn.Module,
+        selected: Iterable[torch.Tensor],
+        cut: bool,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        edited: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ):
         self.model = model
         self.cut = cut  # a row's columns after its last scored position cannot change it (layout_rules(...).cut)
         self.layers = layer_stack(model)
-        self.start = first_edited_layer(model, self.layers, list(selected))
+        self.plan = replay_plan(model, self.layers, list(selected), edited)
+        self.start = self.plan.start
         self.cache_bytes = cache_bytes
         self.cached_bytes = 0
         self.records: dict[Any, Any] = {}
@@ -137,8 +203,17 @@ class GridForward:
         logits, self.gathers = logits_at(call, self.head, dict(inputs), positions, self.gathers)
         return logits
 
+    def _looks_up_edited_rows(self, inputs: Mapping[str, torch.Tensor]) -> bool:
+        if self.plan.rows is None:
+            return False
+        ids = inputs.get("input_ids")
+        return not torch.is_tensor(ids) or bool(torch.isin(ids, self.plan.rows.to(ids.device)).any())
+
     def _record(self, key: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
-        calls: list[int] = []
+        if self._looks_up_edited_rows(inputs):  # its embedding output differs between candidates
+            self.plain.add(key)
+            return self._run(inputs, positions)
+        calls: list[Any] = []  # layer indices, "embedding" and "after" in call order
         seen: dict[str, Any] = {}
 
         def pre(index):
@@ -151,8 +226,16 @@ class GridForward:
         def post(module, args, kwargs, output):
             seen["output"] = output
 
+        def embedding_lookup(module, args, kwargs):
+            calls.append("embedding")
+            looked_up = args[0] if args else kwargs.get("input")
+            seen["ids"] = torch.is_tensor(looked_up) and torch.equal(looked_up, inputs["input_ids"])
+
         handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         handles.append(self.layers[self.start - 1].register_forward_hook(post, with_kwargs=True))
+        if self.plan.embedding is not None:
+            handles.append(self.plan.embedding.register_forward_pre_hook(embedding_lookup, with_kwargs=True))
+        handles += [m.register_forward_pre_hook(lambda *_: calls.append("after")) for m in self.plan.after]
         try:
             logits = self._run(inputs, positions, reset=lambda: (calls.clear(), seen.clear()))
         finally:
@@ -161,7 +244,13 @@ class GridForward:
         output = seen.get("output")
         handed_over = output[0] if isinstance(output, tuple) and output else output
         size = handed_over.numel() * handed_over.element_size() if torch.is_tensor(handed_over) else 0
-        ordered = calls == list(range(len(self.layers)))
+        # the layers once each in order, the embedding (if selected) looked up once with the ids before them, the other
+        # selected modules only after the last layer
+        expected = (["embedding"] if self.plan.embedding is not None else []) + list(range(len(self.layers)))
+        if "after" in calls[: len(expected)]:  # a selected module outside the layers runs before their end
+            self.start, self.plan = 0, ReplayPlan()
+            return logits
+        ordered = [c for c in calls if c != "after"] == expected and seen.get("ids", True)
         if ordered and size and handed_over is seen.get("input") and self.cached_bytes + size <= self.cache_bytes:
             self.records[key] = output
             self.cached_bytes += size
