@@ -143,7 +143,7 @@ def adapter_tensors(adapter: Any, by: Optional[str] = None, label: str = "") -> 
     if isinstance(adapter, (str, os.PathLike)):
         config, grouped = read_adapter(adapter)
         keep = set(_KINDS[_check_by(by)]) | {"index"} if by is not None else None
-        tensors = {n: {k: t for k, t in parts.items() if keep is None or k in keep} for n, parts in grouped.items()}
+        tensors = {n: {k: parts[k] for k in parts if keep is None or k in keep} for n, parts in grouped.items()}
         return AdapterTensors(tensors, config.latent_dim, label or str(adapter))
     raise TypeError(
         f"Cannot compare a {type(adapter).__name__}: pass a GradiendModel, a Bottleneck, a saved adapter path or "

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,13 +40,33 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optiona
     )
 
 
+def damaged(path: str | os.PathLike, error: Exception) -> ValueError:
+    return ValueError(f"Cannot read {path}: {error}. The adapter weights are damaged or incomplete; save them again.")
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(
-            f"Cannot read {path}: {error}. The adapter weights are damaged or incomplete; save them again."
-        ) from None
+        raise damaged(path, error) from None
+
+
+def tensor_reader(path: str | os.PathLike) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """(keys, read one tensor by key) of a safetensors file, through its memory map: what is read is what is asked
+    for. The header (and that the file covers it) is checked here."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+        keys = list(handle.keys())
+    except Exception as error:
+        raise damaged(path, error) from None
+
+    def read(key: str) -> torch.Tensor:
+        try:
+            return handle.get_tensor(key)
+        except Exception as error:
+            raise damaged(path, error) from None
+
+    return keys, read
 
 
 def resolve_adapter_files(
@@ -71,14 +92,14 @@ def resolve_adapter_files(
 
 
 # --- reading: the one parser of adapter tensors, for every load path ------------------------------------------------
-def group_adapter_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Base parameter name -> {kind: tensor} from adapter tensor keys.
+def adapter_key_groups(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Base parameter name -> {kind: key} from adapter tensor keys.
 
     Accepts the file's keys (`base_model.model.<module>.gradiend_<kind>.<param>`), the same without the prefix (as
     transformers hands them over) and keys carrying an adapter name (`...gradiend_<kind>.<adapter>.<param>`). Keys
     that are not GRADIEND tensors are an error: a file mixing adapters is not a GRADIEND adapter."""
-    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in state_dict.items():
+    grouped: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in keys:
         body = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
         head, marker, tail = body.rpartition(".gradiend_")
         if not marker and body.startswith("gradiend_"):  # a parameter of the root module
@@ -88,14 +109,41 @@ def group_adapter_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, d
             raise ValueError(f"Adapter tensor {key!r} is not one of the GRADIEND kinds {list(KINDS)}; this is not a "
                              "GRADIEND adapter file.")
         local = rest.rpartition(".")[2]
-        grouped[f"{head}.{local}" if head else local][kind] = tensor
+        grouped[f"{head}.{local}" if head else local][kind] = key
     return dict(grouped)
 
 
+def group_adapter_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Base parameter name -> {kind: tensor} (keys as adapter_key_groups reads them)."""
+    return {name: {kind: state_dict[key] for kind, key in kinds.items()}
+            for name, kinds in adapter_key_groups(state_dict).items()}
+
+
+class FileTensors(Mapping[str, torch.Tensor]):
+    """One base parameter's adapter tensors by kind, read from the file when asked for (and not kept): loading an
+    adapter holds at most one parameter's tensors besides the bottleneck, and each process of a sharded bottleneck
+    copies its slice of one parameter at a time."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], keys: Mapping[str, str]):
+        self.read, self.keys_by_kind = read, dict(keys)
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        return self.read(self.keys_by_kind[kind])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_by_kind)
+
+    def __len__(self) -> int:
+        return len(self.keys_by_kind)
+
+
 def read_adapter(path_or_repo_id: str | os.PathLike, revision: Optional[str] = None, **hub_kwargs: Any):
-    """(config, tensors grouped by base parameter name and kind) of a saved adapter, local or on the Hub."""
+    """(config, tensors grouped by base parameter name and kind) of a saved adapter, local or on the Hub. The tensors
+    are FileTensors: each is read from the file when it is used."""
     config_file, weights_file = resolve_adapter_files(path_or_repo_id, revision=revision, **hub_kwargs)
-    return GradiendConfig.from_file(config_file), group_adapter_tensors(load_tensors(weights_file))
+    keys, read = tensor_reader(weights_file)
+    grouped = {name: FileTensors(read, kinds) for name, kinds in adapter_key_groups(keys).items()}
+    return GradiendConfig.from_file(config_file), grouped
 
 
 # --- validation: the one check that tensors fit a base model --------------------------------------------------------

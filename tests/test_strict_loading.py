@@ -163,3 +163,38 @@ def test_transformers_loader_reports_offsets_an_adapter_without_decoder_bias_doe
     path = tamper(save_adapter(bases, KIND, tmp_path / "adapter"), **change)
     info = fresh(bases, KIND).load_adapter(path)
     assert info.unexpected_keys and all(".gradiend_offset." in k for k in info.unexpected_keys)
+
+
+def test_loading_reads_one_parameter_at_a_time(bases, tmp_path, monkeypatch):
+    """from_pretrained holds at most one base parameter's file tensors at once besides the bottleneck (a sharded
+    bottleneck's processes copy their slices one parameter at a time): file tensors still alive at each read, by
+    weak reference, never sum to more than the largest parameter's."""
+    import weakref
+
+    from gradiend_hf import serialization
+
+    path = save_adapter(bases, KIND, tmp_path / "adapter", target_parameters=[r"model\.layers\."])
+    file_tensors = load_file(str(path / WEIGHTS_NAME))
+    per_parameter = serialization.group_adapter_tensors(file_tensors)
+    largest = max(sum(t.numel() * t.element_size() for t in kinds.values()) for kinds in per_parameter.values())
+    total = sum(t.numel() * t.element_size() for t in file_tensors.values())
+    assert len(per_parameter) > 3 and largest < total / 3  # a file where holding all of it would show
+    alive, peak = [], [0]
+    opened = serialization.tensor_reader
+
+    def watched(file):
+        keys, read = opened(file)
+
+        def counted(key):
+            tensor = read(key)
+            alive.append(weakref.ref(tensor))
+            peak[0] = max(peak[0], sum(r().numel() * r().element_size() for r in alive if r() is not None))
+            return tensor
+
+        return keys, counted
+
+    monkeypatch.setattr(serialization, "tensor_reader", watched)
+    loaded = GradiendModel.from_pretrained(fresh(bases, KIND), path)
+    assert alive and peak[0] <= largest
+    for name, kinds in per_parameter.items():  # and it loaded the file's values
+        torch.testing.assert_close(loaded.bottleneck.decoder(name).detach(), kinds["decoder"], rtol=0, atol=0)
