@@ -150,7 +150,8 @@ def run(model_name: str, variant: str, selection: str) -> dict:
             params = dict(candidate.named_parameters())
             with torch.no_grad():
                 for name in model.bottleneck.names:
-                    params[name].add_(model.bottleneck.edit_delta(name, ff, lr))
+                    b = model.bottleneck
+                    params[name].add_(b.to_full(name, b.edit_delta(name, ff, lr)).reshape(params[name].shape))
             t2 = time.perf_counter()
             probs = class_probabilities(word_probabilities(candidate, batches), words)
             lms = language_modelling_score(candidate, neutral, objective)
