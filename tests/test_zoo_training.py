@@ -13,9 +13,10 @@
   tokenise differently in context) exp(-NLL of the word) from a plain forward (oracle.row_nll); the grid's p_<class>,
   p_<class>@<factual class> and balance_product must match. Causal LMs: the neutral-text NLL (plain forward per text,
   shifted cross-entropy over all its tokens) must match the grid's nll too. The base is restored bit-exactly after.
-  Twice: with the default selection (embeddings included, so every candidate runs the whole model) and with the last
-  transformer layer only (the grid then replays that layer's recorded input, replay.py; ff +1 only there; ALBERT's
-  shared layer cannot be replayed and runs whole).
+  Three times: with the default selection (embeddings included, so every candidate runs the whole model), with the
+  last transformer layer only (the grid then replays that layer's recorded input, replay.py; ff +1 only there) and
+  with the last layer plus a few input-embedding rows, as a pruned adapter keeps them (the batch that looks none of
+  them up replays). Where a model's layers cannot be replayed (last_layer_pattern says why), it runs whole.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from test_zoo import CLASSES, LONG_ROWS, oracle_row_gradients, row
 from transformers import logging as hf_logging
 from zoo_models import SPECS, build, tokenizer_of
 
-from gradiend_hf import GradiendConfig, evaluate_decoder, get_gradiend_model
+from gradiend_hf import GradiendConfig, GradiendModel, evaluate_decoder, get_gradiend_model
 from gradiend_hf.evaluation import decoder as decoder_module
 from gradiend_hf.trainer import GradiendTrainer, GradiendTrainingArguments
 
@@ -173,13 +174,16 @@ def edited_copy(base, bottleneck, ff, lr):
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n in bottleneck.names:
-            params[n].copy_(params[n] + lr * (bottleneck.decoder(n)[0].detach() * ff + bottleneck.offset(n).detach()))
+            delta = lr * (bottleneck.decoder(n)[0].detach() * ff + bottleneck.offset(n).detach())
+            params[n].copy_(params[n] + bottleneck.to_full(n, delta).reshape(params[n].shape))
     return model
 
 
 def last_layer_pattern(name: str, model) -> tuple[str, bool]:
     """A pattern selecting the last of the model's transformer layers (the biggest ModuleList of one class), and
-    whether the grid can replay (ALBERT has one layer shared by every step: no replay, every candidate runs whole)."""
+    whether the grid can replay. Where it cannot, every candidate runs whole: ALBERT has one layer shared by every
+    step; Funnel's and SqueezeBERT's biggest ModuleLists are not what is called layer after layer, and XLM's holds
+    its FFNs only, so what one returns is not what the next receives (the recording pass checks both)."""
     if name == "albert":
         return r"\.albert_layer_groups\.0\.", False
     best, size = None, 0
@@ -188,7 +192,7 @@ def last_layer_pattern(name: str, model) -> tuple[str, bool]:
             total = sum(p.numel() for p in module.parameters())
             if total > size:
                 best, size = (path, len(module)), total
-    return rf"^{re.escape(best[0])}\.{best[1] - 1}\.", True
+    return rf"^{re.escape(best[0])}\.{best[1] - 1}\.", name not in ("funnel", "squeezebert", "xlm")
 
 
 class RecordingGridForward(decoder_module.GridForward):
@@ -199,16 +203,38 @@ class RecordingGridForward(decoder_module.GridForward):
         RecordingGridForward.made.append(self)
 
 
-@pytest.mark.parametrize("selection", ["default", "last_layer"])
+def rows_of_a_neutral_word(model, tokenizer) -> tuple[str, dict[str, torch.Tensor], str]:
+    """(pattern, indices, neutral text): the input embeddings' rows of tokens that only this extra neutral text holds
+    (no grid row), as a pruned adapter keeps a few rows: the rows' batch replays, the neutral texts' runs in full."""
+    weight = model.get_input_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is weight)
+    in_rows = {i for r in GRID_ROWS for text in (r["masked"], r["factual"], r["alternative"]) + tuple(NEUTRAL)
+               for i in tokenizer(text)["input_ids"]}
+    for word in ("jazz", "fjord", "kiwi", "vox", "gym", "pub", "wolf"):
+        ids = [i for i in tokenizer(f" {word}", add_special_tokens=False)["input_ids"] if i not in in_rows]
+        if ids:
+            break
+    assert ids, "no word outside the grid rows and neutral texts"
+    width = weight.shape[1]
+    indices = {name: (torch.tensor(sorted(set(ids)))[:, None] * width + torch.arange(width)).reshape(-1)}
+    return rf"^{re.escape(name)}$", indices, f"the {word} was good"
+
+
+@pytest.mark.parametrize("selection", ["default", "last_layer", "last_layer_and_embedding_rows"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_zoo_decoder_grid_probabilities_equal_naive_forwards(name, selection, monkeypatch):
-    """The default selection (embeddings included: every candidate runs the whole model) and the last layer only
-    (the grid replays the recorded input of that layer: replay.py)."""
+    """The default selection (embeddings included: every candidate runs the whole model), the last layer only (the
+    grid replays the recorded input of that layer: replay.py) and the last layer with a few input-embedding rows (a
+    pruned adapter's shape: batches without those tokens replay, the others run in full)."""
     model, tokenizer = build(name), tokenizer_of(name)
     pristine = copy.deepcopy(model)
     pattern, replays = last_layer_pattern(name, model)
-    targets = None if selection == "default" else [pattern]
-    gradiend = get_gradiend_model(model, GradiendConfig(feature_classes=CLASSES, target_parameters=targets))
+    targets, indices, neutral = None if selection == "default" else [pattern], None, NEUTRAL
+    if selection == "last_layer_and_embedding_rows":
+        rows_pattern, indices, extra = rows_of_a_neutral_word(model, tokenizer)
+        targets, neutral = targets + [rows_pattern], NEUTRAL + [extra]
+    config = GradiendConfig(feature_classes=CLASSES, target_parameters=targets)
+    gradiend = GradiendModel(model, config, indices=indices) if indices else get_gradiend_model(model, config)
     monkeypatch.setattr(decoder_module, "GridForward", RecordingGridForward)
     RecordingGridForward.made = []
     b, objective = gradiend.bottleneck, gradiend.objective
@@ -220,12 +246,13 @@ def test_zoo_decoder_grid_probabilities_equal_naive_forwards(name, selection, mo
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     factors = FEATURE_FACTORS if selection == "default" else FEATURE_FACTORS[:1]  # replay: 2 candidates suffice
-    result = evaluate_decoder(gradiend, GRID_ROWS, tokenizer, neutral_texts=NEUTRAL, feature_factors=factors,
+    result = evaluate_decoder(gradiend, GRID_ROWS, tokenizer, neutral_texts=neutral, feature_factors=factors,
                               learning_rates=LEARNING_RATES, progress=False, search="grid")  # every candidate
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # every candidate was reverted
     grid = result.grid
     (forward,) = RecordingGridForward.made
-    assert (forward.start > 0) == (selection == "last_layer" and replays)  # the last layer only: the grid replays
+    # the last layer (and rows): the grid replays (structure seen by replay_plan, calls by the recording pass)
+    assert bool(forward.records) == (selection != "default" and replays)
     assert len(grid) == 1 + len(factors) * len(LEARNING_RATES) and not grid["skipped"].any()
 
     factual = [CLASSES.index(r["factual_class"]) for r in GRID_ROWS]
@@ -243,7 +270,7 @@ def test_zoo_decoder_grid_probabilities_equal_naive_forwards(name, selection, mo
         product = float((4 * probs[CLASSES[0]] * probs[CLASSES[1]]).mean())
         assert record["balance_product"] == pytest.approx(product, rel=PROB_TOLERANCE, abs=1e-12), where
         if objective == "causal_lm":
-            assert record["nll"] == pytest.approx(naive_causal_nll(candidate, tokenizer, NEUTRAL), rel=1e-5), where
+            assert record["nll"] == pytest.approx(naive_causal_nll(candidate, tokenizer, neutral), rel=1e-5), where
         if record["is_base"]:
             base_probs = probs
         else:  # the candidate really differs from the base (else the comparison could not tell edits apart)

@@ -248,7 +248,8 @@ class GridForward:
         # selected modules only after the last layer
         expected = (["embedding"] if self.plan.embedding is not None else []) + list(range(len(self.layers)))
         if "after" in calls[: len(expected)]:  # a selected module outside the layers runs before their end
-            self.start, self.plan = 0, ReplayPlan()
+            self.start, self.plan, self.cached_bytes = 0, ReplayPlan(), 0
+            self.records.clear()
             return logits
         ordered = [c for c in calls if c != "after"] == expected and seen.get("ids", True)
         if ordered and size and handed_over is seen.get("input") and self.cached_bytes + size <= self.cache_bytes:
