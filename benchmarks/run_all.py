@@ -23,7 +23,7 @@ SUITE = {
     "per_row": "Per-row encodings: forward-mode vs one backward pass per row (item 3)",
     "decoder_grid": "Decoder grid: in-place apply/revert vs a deep copy per candidate (item 4)",
     "data_creation": "Data creation throughput through the spaCy filters (item 5)",
-    "sharded_memory": "Sharded training: memory per process at N = 1, 2, 4 (gloo on CPU)",
+    "sharded_memory": "Sharded training: memory per process at N = 1, 2, 4, 8 (gloo on CPU)",
 }
 
 

@@ -1,4 +1,4 @@
-"""Sharded training memory per process: bytes per selected weight on each rank at N = 1, 2 and 4 CPU processes.
+"""Sharded training memory per process: bytes per selected weight on each rank at N = 1, 2, 4 and 8 CPU processes.
 
 A randomly initialised Llama with a tiny word-level vocabulary (built here, nothing downloaded) and ~50M selected
 weights (the default selection: every backbone weight, fp32), GRADIEND rows of one transition (32 rows per step,
@@ -15,10 +15,10 @@ The projection tables give GB per rank for Llama-3.2-1B/3B and Llama-3.1-8B from
 as measured; a fit bytes/weight/rank = a / N + c over the sharded runs for N > 1); their selected weights are counted
 on meta-device models built from the published configs (no download).
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sharded_memory.py [--processes 1 2 4] [--steps 3] [--warmup 1]
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sharded_memory.py [--processes 1 2 4 8] [--steps 3] [--warmup 1]
      [--state-dtypes float32 bfloat16] [--malloc-mmap-threshold 131072 (glibc; writes sharded_memory_mmap.*)]
      [--tables-only (the tables again from the saved JSON)]
-Writes benchmarks/results/sharded_memory.json and .md (about 6 minutes on 2 cores; part of `make bench`). Memory is not
+Writes benchmarks/results/sharded_memory.json and .md (about 9 minutes on 2 cores; part of `make bench`). Memory is not
 timed, so other work on the machine does not change the numbers much; the step seconds in the table are informational.
 """
 
@@ -288,7 +288,7 @@ def projection_table(projected: list[dict], counts: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--state-dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
