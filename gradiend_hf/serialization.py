@@ -122,7 +122,8 @@ def group_adapter_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, d
 class FileTensors(Mapping[str, torch.Tensor]):
     """One base parameter's adapter tensors by kind, read from the file when asked for (and not kept): loading an
     adapter holds at most one parameter's tensors besides the bottleneck, and each process of a sharded bottleneck
-    copies its slice of one parameter at a time."""
+    copies its slice of one parameter at a time. Loading reads each tensor twice from the memory map (check_fits checks
+    the whole file before anything is copied, then the copy), the price of never holding the file."""
 
     def __init__(self, read: Callable[[str], torch.Tensor], keys: Mapping[str, str]):
         self.read, self.keys_by_kind = read, dict(keys)

@@ -110,8 +110,7 @@ def replay_plan(
                 rows = edited_rows(tensor, indices)
                 if rows is None:
                     return ReplayPlan()
-                plan.embedding = module
-                plan.rows = rows if plan.rows is None else torch.unique(torch.cat([plan.rows, rows]))
+                plan.embedding, plan.rows = module, rows
             elif all(module is not seen for seen in plan.after):
                 plan.after.append(module)
     # nothing in the layers selected: only the last layer and what follows run (its recorded input is checked)
@@ -140,7 +139,6 @@ class GridForward:
         self.cut = cut  # a row's columns after its last scored position cannot change it (layout_rules(...).cut)
         self.layers = layer_stack(model)
         self.plan = replay_plan(model, self.layers, list(selected), edited)
-        self.start = self.plan.start
         self.cache_bytes = cache_bytes
         self.cached_bytes = 0
         self.records: dict[Any, Any] = {}
@@ -155,6 +153,11 @@ class GridForward:
         self.extra = {"use_cache": False} if "use_cache" in parameters else {}
 
     # --- public -------------------------------------------------------------------------------------------------
+    @property
+    def start(self) -> int:
+        """The first layer every pass computes (0: every pass runs in full)."""
+        return self.plan.start
+
     @property
     def replays(self) -> bool:
         return self.start > 0
@@ -248,7 +251,7 @@ class GridForward:
         # selected modules only after the last layer
         expected = (["embedding"] if self.plan.embedding is not None else []) + list(range(len(self.layers)))
         if "after" in calls[: len(expected)]:  # a selected module outside the layers runs before their end
-            self.start, self.plan, self.cached_bytes = 0, ReplayPlan(), 0
+            self.plan, self.cached_bytes = ReplayPlan(), 0
             self.records.clear()
             return logits
         ordered = [c for c in calls if c != "after"] == expected and seen.get("ids", True)
